@@ -1,0 +1,42 @@
+"""lorafuse: merge, fuse, route, compress and serve many LoRA adapters on one frozen base LLM.
+
+The public API (see README.md):
+
+- adapters: :class:`LoRA`, :class:`LoRAModule`, :class:`Delta`, :func:`load_lora`,
+  :func:`save_lora`, :func:`check_compatible`;
+- runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
+  may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``.
+"""
+
+from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
+from lorafuse.errors import (
+    AdapterFormatError,
+    CompatibilityError,
+    LorafuseError,
+    PickleRefusedError,
+    UnsupportedAdapterError,
+)
+from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError",
+    "AttachedBank",
+    "CompatibilityError",
+    "Delta",
+    "LoRA",
+    "LoRABank",
+    "LoRAModule",
+    "LorafuseError",
+    "PickleRefusedError",
+    "StaticWeights",
+    "UnsupportedAdapterError",
+    "WeightSource",
+    "__version__",
+    "attach",
+    "check_compatible",
+    "detach",
+    "load_lora",
+    "save_lora",
+]

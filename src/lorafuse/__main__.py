@@ -1,0 +1,3 @@
+from lorafuse.cli import main
+
+main()

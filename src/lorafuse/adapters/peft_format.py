@@ -1,0 +1,278 @@
+"""Read and write LoRA adapters in PEFT's folder format.
+
+A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` (``(r, in)``) and ``...lora_B.weight``
+(``(out, r)``). Per module, the rank comes from ``rank_pattern`` (else ``r``), alpha from
+``alpha_pattern`` (else ``lora_alpha``) and the scale is ``α / r``, or ``α / √r`` with
+``use_rslora``. Patterns match like PEFT's ``get_pattern_key``: ``(.*\\.)?(pattern)$`` against the
+module path, first match wins.
+
+``save_lora`` writes a folder ``PeftModel.from_pretrained`` loads unchanged: one default rank and
+alpha, the modules that differ in ``rank_pattern``/``alpha_pattern`` under their full path, and
+``use_rslora: false`` (the scale is carried by alpha).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorafuse._io import (
+    atomic_output_dir,
+    read_pickle_weights,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
+from lorafuse.adapters.lora import LoRA, LoRAModule
+from lorafuse.errors import AdapterFormatError, UnsupportedAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
+KEY_PREFIX = "base_model.model."
+# Source config fields carried over when saving; the rest (layers_to_transform, exclude_modules,
+# ...) could make PEFT skip modules the tensors hold.
+_PRESERVED = ("task_type", "fan_in_fan_out", "revision")
+_KEY_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+# Config fields lorafuse interprets; every other field is kept in LoRA.metadata.
+_INTERPRETED = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "target_modules",
+}
+
+
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """The first key of ``patterns`` matching ``path`` as PEFT matches it, or ``None``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """Read and sanity-check ``adapter_config.json`` of a PEFT folder."""
+    config_path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise AdapterFormatError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}")
+    if not config_path.is_file():
+        raise AdapterFormatError(f"{config_path}: missing; is {folder} a PEFT adapter folder?")
+    text = config_path.read_text()
+    if not text.strip():
+        raise AdapterFormatError(f"{config_path}: the file is empty")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{config_path}: invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+        )
+    if config.get("use_dora"):
+        raise UnsupportedAdapterError(
+            f"{config_path}: use_dora is true. DoRA rescales each output column by a learned "
+            "magnitude, so it is not a sum of low-rank terms and cannot join a LoRA bank. Merge "
+            "it into the base with PEFT (merge_and_unload) and treat the result as a fine-tune."
+        )
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapterError(
+            f"{config_path}: modules_to_save={config['modules_to_save']!r} is not supported: "
+            "those modules are full trained copies, not low-rank factors. Merge the adapter into "
+            "the base with PEFT, or retrain it without modules_to_save."
+        )
+    for field in ("target_parameters", "layer_replication", "trainable_token_indices"):
+        if config.get(field):
+            raise UnsupportedAdapterError(
+                f"{config_path}: {field}={config[field]!r} is not supported; lorafuse handles "
+                "LoRAs on linear layers given by target_modules only"
+            )
+    for field in ("r", "lora_alpha"):
+        value = config.get(field, 8)
+        if not isinstance(value, int | float) or value <= 0:
+            raise AdapterFormatError(f"{config_path}: {field} must be a positive number, got {value!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise AdapterFormatError(f"{config_path}: {field} must be an object")
+    return config
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, Tensor]]:
+    weights_path = folder / WEIGHTS_NAME
+    if weights_path.is_file():
+        return weights_path, read_safetensors(weights_path)
+    for name in PICKLE_NAMES:
+        if (folder / name).is_file():
+            state = read_pickle_weights(folder / name, allow_pickle=allow_pickle)
+            bad = [k for k, v in state.items() if not v.is_floating_point()]
+            if bad:
+                raise AdapterFormatError(
+                    f"{folder / name}: expected floating-point tensors, found {bad[0]} "
+                    f"({state[bad[0]].dtype})"
+                )
+            return folder / name, state
+    raise AdapterFormatError(f"{folder}: no {WEIGHTS_NAME} (nor adapter_model.bin) in the folder")
+
+
+def load_lora(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, name: str | None = None
+) -> LoRA:
+    """Load a PEFT LoRA folder into a :class:`LoRA`, validating it.
+
+    Errors name the file and say what is wrong: missing or empty files, truncated safetensors,
+    non-float or non-finite tensors, unpaired ``lora_A``/``lora_B``, ranks that disagree with the
+    config, and features lorafuse does not support (DoRA, ``modules_to_save``, embedding LoRAs).
+    ``.bin`` (pickle) weights load only with ``allow_pickle=True``, and then with
+    ``weights_only=True``.
+    """
+    folder = Path(path)
+    config = read_adapter_config(folder)
+    weights_path, state = _read_weights(folder, allow_pickle)
+    if not state:
+        raise AdapterFormatError(f"{weights_path}: holds no tensors")
+
+    factors: dict[str, dict[str, Tensor]] = {}
+    adapters: set[str] = set()
+    unsupported: list[str] = []
+    for key, tensor in state.items():
+        match = _KEY_RE.match(key.removeprefix(KEY_PREFIX))
+        if match is None:
+            unsupported.append(key)
+            continue
+        if match["adapter"]:
+            adapters.add(match["adapter"])
+        factors.setdefault(match["path"], {})[match["ab"]] = tensor
+    if unsupported:
+        shown = ", ".join(unsupported[:4]) + (f" and {len(unsupported) - 4} more" if len(unsupported) > 4 else "")
+        raise UnsupportedAdapterError(
+            f"{weights_path}: tensors that are not plain LoRA factors: {shown}. lorafuse handles "
+            "lora_A/lora_B weights of linear layers only (no embedding LoRAs, LoRA biases, "
+            "trainable tokens or DoRA magnitudes)."
+        )
+    if len(adapters) > 1:
+        raise AdapterFormatError(f"{weights_path}: holds several adapters {sorted(adapters)}; save one")
+
+    rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
+    alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoRAModule] = {}
+    for module_path in sorted(factors):
+        pair = factors[module_path]
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterFormatError(f"{weights_path}: {module_path} has no {missing}.weight")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(
+                f"{weights_path}: {module_path}: lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)} are not (r, in) and (out, r) with the same r"
+            )
+        for ab, tensor in pair.items():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                raise AdapterFormatError(
+                    f"{weights_path}: {module_path}.lora_{ab}.weight {tuple(tensor.shape)} has "
+                    f"{int((~finite).sum())} non-finite values (NaN/inf); the adapter is corrupt "
+                    "or its training diverged"
+                )
+        key = pattern_key(rank_pattern, module_path)
+        expected_r = int(rank_pattern[key]) if key is not None else int(config.get("r", 8))
+        if expected_r != a.shape[0]:
+            source = f"rank_pattern[{key!r}]" if key is not None else "r"
+            raise AdapterFormatError(
+                f"{folder}: the config disagrees with the tensors: {module_path} has rank "
+                f"{a.shape[0]} in {weights_path.name} (lora_A {tuple(a.shape)}) but "
+                f"{CONFIG_NAME} says {source}={expected_r}"
+            )
+        key = pattern_key(alpha_pattern, module_path)
+        alpha = float(alpha_pattern[key]) if key is not None else float(config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(expected_r) if use_rslora else alpha / expected_r
+        modules[module_path] = LoRAModule(a, b, scale)
+
+    metadata = {k: v for k, v in config.items() if k not in _INTERPRETED}
+    metadata["source"] = str(folder)
+    return LoRA(
+        modules,
+        base_model=config.get("base_model_name_or_path"),
+        name=name or folder.name,
+        metadata=metadata,
+    )
+
+
+def _alpha_of(module: LoRAModule) -> float:
+    alpha = module.scale * module.rank
+    return float(f"{alpha:.12g}")
+
+
+def peft_config_for(lora: LoRA) -> dict[str, Any]:
+    """The ``adapter_config.json`` content that reproduces ``lora``'s ranks and scales in PEFT."""
+    ranks = {p: m.rank for p, m in lora.modules.items()}
+    alphas = {p: _alpha_of(m) for p, m in lora.modules.items()}
+    default_r = Counter(ranks.values()).most_common(1)[0][0]
+    default_alpha = Counter(alphas.values()).most_common(1)[0][0]
+    keep = {k: lora.metadata[k] for k in _PRESERVED if k in lora.metadata}
+    config: dict[str, Any] = {
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        **keep,
+        "peft_type": "LORA",
+        "base_model_name_or_path": lora.base_model,
+        "r": default_r,
+        "lora_alpha": int(default_alpha) if float(default_alpha).is_integer() else default_alpha,
+        "rank_pattern": {p: r for p, r in ranks.items() if r != default_r},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != default_alpha},
+        "target_modules": lora.module_kinds,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    return config
+
+
+def save_lora(
+    lora: LoRA,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``lora`` as a PEFT folder (atomically) and return its path.
+
+    ``dtype`` converts the factors (default: keep theirs). ``extra`` is written beside the
+    adapter as ``lorafuse.json`` (recipes, versions), never into PEFT's config.
+    """
+    out = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for module_path, module in lora.modules.items():
+        tensors[f"{KEY_PREFIX}{module_path}.lora_A.weight"] = module.A.to(dtype or module.A.dtype)
+        tensors[f"{KEY_PREFIX}{module_path}.lora_B.weight"] = module.B.to(dtype or module.B.dtype)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        write_json(peft_config_for(lora), tmp / CONFIG_NAME)
+        if extra is not None:
+            write_json(extra, tmp / "lorafuse.json")
+    return out

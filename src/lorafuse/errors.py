@@ -1,0 +1,27 @@
+"""Errors lorafuse raises on bad input.
+
+Every error says which file, module and shapes are involved and what to do; callers never see a
+stack trace from deep inside torch or safetensors for input problems.
+"""
+
+from __future__ import annotations
+
+
+class LorafuseError(Exception):
+    """Base class of every error lorafuse raises on purpose."""
+
+
+class AdapterFormatError(LorafuseError, ValueError):
+    """An adapter folder or file cannot be read: missing, empty, truncated, inconsistent."""
+
+
+class UnsupportedAdapterError(LorafuseError, ValueError):
+    """The adapter is valid PEFT but uses a feature lorafuse does not handle (DoRA, ...)."""
+
+
+class CompatibilityError(LorafuseError, ValueError):
+    """An adapter does not fit a base model (missing modules, shape mismatches)."""
+
+
+class PickleRefusedError(AdapterFormatError):
+    """A pickle-based file (.bin/.pt) was found and the caller did not opt in."""

@@ -1,0 +1,101 @@
+"""Pure tensor maths of the LoRA bank (no transformers, no modules).
+
+A bank of k LoRAs on one linear layer stacks their factors (DESIGN.md, "one bank, many ways to
+weight it")::
+
+    A = [s_1 A_1; …; s_k A_k]   (R × in),  R = Σ r_i
+    B = [B_1 … B_k]             (out × R)
+    Δy = ((x Aᵀ) ⊙ expand(w)) Bᵀ
+
+where ``expand`` repeats LoRA i's weight over its r_i ranks. ``w`` is ``(k,)`` (one weight per
+LoRA), ``(batch, k)`` (per row) or ``(batch, seq, k)`` (per token). With ``w = e_i`` this is
+exactly LoRA i; with any ``w`` it equals the ``cat`` merge ``Σ w_i s_i B_i A_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def stack_factors(
+    factors: Sequence[tuple[Tensor, Tensor, float] | None], in_features: int, out_features: int
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Stack ``(A_i, B_i, s_i)`` into ``A (R, in)``, ``B (out, R)``; ``None`` = LoRA i is absent.
+
+    The scale is folded into ``A``. Returns the ranks ``r_i`` (0 for absent LoRAs).
+    """
+    a_blocks: list[Tensor] = []
+    b_blocks: list[Tensor] = []
+    ranks: list[int] = []
+    for item in factors:
+        if item is None:
+            ranks.append(0)
+            continue
+        a, b, scale = item
+        a_blocks.append(a.float() * scale)  # (r_i, in)
+        b_blocks.append(b.float())  # (out, r_i)
+        ranks.append(int(a.shape[0]))
+    if not a_blocks:
+        return torch.zeros(0, in_features), torch.zeros(out_features, 0), ranks
+    return torch.cat(a_blocks, 0), torch.cat(b_blocks, 1), ranks  # (R, in), (out, R)
+
+
+def rank_index(ranks: Sequence[int]) -> Tensor:
+    """``(R,)`` index of the LoRA that owns each stacked rank: ``[0]*r_0 + [1]*r_1 + …``."""
+    return torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks, dtype=torch.long))
+
+
+def check_weights(weights: Tensor, k: int) -> Tensor:
+    """Validate bank weights: ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``, finite, float."""
+    if not isinstance(weights, Tensor):
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+    if not weights.is_floating_point():
+        weights = weights.float()
+    if weights.ndim not in (1, 2, 3) or weights.shape[-1] != k:
+        raise ValueError(
+            f"bank weights must have shape (k,), (batch, k) or (batch, seq, k) with k={k} "
+            f"LoRAs, got {tuple(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"bank weights contain NaN or inf: {weights}")
+    return weights
+
+
+def expand_weights(weights: Tensor, index: Tensor, x_shape: torch.Size, where: str = "") -> Tensor:
+    """Broadcastable per-rank weights for an input of shape ``x_shape = (..., in)``.
+
+    ``(k,)`` → ``(R,)``; ``(b, k)`` → ``(b, 1, …, 1, R)``; ``(b, s, k)`` → ``(b, s, R)``.
+    """
+    w = weights.index_select(-1, index)  # (..., R)
+    if weights.ndim == 1:
+        return w
+    lead = tuple(x_shape[:-1])
+    at = f" at {where}" if where else ""
+    if weights.ndim == 2:
+        if not lead or lead[0] != weights.shape[0]:
+            raise ValueError(
+                f"per-row bank weights have batch {weights.shape[0]} but the layer input{at} is "
+                f"{tuple(x_shape)}; give one row per sequence (repeat rows for "
+                "num_return_sequences or beams)"
+            )
+        return w.view(weights.shape[0], *([1] * (len(lead) - 1)), w.shape[-1])
+    if lead != tuple(weights.shape[:2]):
+        raise ValueError(
+            f"per-token bank weights have (batch, seq) = {tuple(weights.shape[:2])} but the layer "
+            f"input{at} is {tuple(x_shape)}. Static per-token weights fit one forward pass of that "
+            "length; during generation use per-row weights or a weight source that computes "
+            "weights per step (LoRA-Flow gates, routers)."
+        )
+    return w
+
+
+def bank_delta(x: Tensor, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
+    """``Δy = ((x Aᵀ) ⊙ w) Bᵀ`` for stacked factors ``A (R, in)``, ``B (out, R)``.
+
+    ``x`` is ``(..., in)`` and ``w`` broadcasts against ``(..., R)`` (see :func:`expand_weights`).
+    """
+    h = x @ A.T  # (..., R)
+    return (h * w) @ B.T  # (..., out)
