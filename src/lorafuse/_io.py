@@ -43,7 +43,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
+            raise AdapterFormatError(
+                f"{path}: not a safetensors file (bad header: {exc})"
+            ) from None
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
     needed = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
@@ -91,7 +93,9 @@ def read_pickle_weights(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     return state
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory)."""
     save_file(
         {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},

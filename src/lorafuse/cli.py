@@ -33,7 +33,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """lorafuse: merge, fuse, route, compress and serve LoRA adapters on one base model."""
@@ -41,11 +44,17 @@ def _root(
 
 @app.command()
 def inspect(
-    paths: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run (a list).")] = False,
+    paths: Annotated[
+        list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per run (a list).")
+    ] = False,
     allow_pickle: Annotated[
         bool,
-        typer.Option("--allow-pickle", help="Also read adapter_model.bin (loaded with weights_only=True)."),
+        typer.Option(
+            "--allow-pickle", help="Also read adapter_model.bin (loaded with weights_only=True)."
+        ),
     ] = False,
 ) -> None:
     """Describe adapters: base model, ranks, alpha, scale, targets, size and ‖ΔW‖_F per module kind.
@@ -75,10 +84,14 @@ def inspect(
 def demo(
     out_dir: Annotated[
         Path | None,
-        typer.Option("--dir", help="Where to build the demo models [default: $LORAFUSE_HOME/demo]."),
+        typer.Option(
+            "--dir", help="Where to build the demo models [default: $LORAFUSE_HOME/demo]."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the base model, adapters and inputs.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
 ) -> None:
     """Build a small Llama and three PEFT adapters, and check the bank against PEFT.
 

@@ -99,7 +99,11 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> di
         bank.set_weights(torch.eye(len(names)))  # row i uses adapter i: (B, k)
         ours = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
         theirs = peft.generate(
-            input_ids=prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, adapter_names=names
+            input_ids=prompt,
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+            adapter_names=names,
         )
         mismatched = float((ours != theirs).sum().item())
         steps.update()
@@ -125,7 +129,9 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> di
             "threads": torch.get_num_threads(),
         },
         "adapters": {name: rank for name, rank in ADAPTERS.items()},
-        "checks": [{"name": c.name, "value": c.value, "threshold": c.threshold, "ok": c.ok} for c in checks],
+        "checks": [
+            {"name": c.name, "value": c.value, "threshold": c.threshold, "ok": c.ok} for c in checks
+        ],
         "ok": all(c.ok for c in checks),
     }
 
@@ -134,9 +140,13 @@ def format_demo(result: dict[str, Any]) -> str:
     lines = [f"lorafuse demo — tiny Llama + 3 PEFT adapters in {result['dir']}", ""]
     for check in result["checks"]:
         status = "ok  " if check["ok"] else "FAIL"
-        lines.append(f"  [{status}] {check['name']:<55} {check['value']:.3g} (≤ {check['threshold']:g})")
+        lines.append(
+            f"  [{status}] {check['name']:<55} {check['value']:.3g} (≤ {check['threshold']:g})"
+        )
     lines.append("")
-    lines.append(f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'} in {result['seconds']} s")
+    lines.append(
+        f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'} in {result['seconds']} s"
+    )
     return "\n".join(lines)
 
 

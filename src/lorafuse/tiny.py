@@ -48,7 +48,9 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 128) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 128
+) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 (``Conv1D`` layers named ``c_attn``, ``c_proj``, ``c_fc``)."""
     torch.manual_seed(seed)
     config = GPT2Config(

@@ -71,7 +71,9 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """Read and sanity-check ``adapter_config.json`` of a PEFT folder."""
     config_path = folder / CONFIG_NAME
     if not folder.is_dir():
-        raise AdapterFormatError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}")
+        raise AdapterFormatError(
+            f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}"
+        )
     if not config_path.is_file():
         raise AdapterFormatError(f"{config_path}: missing; is {folder} a PEFT adapter folder?")
     text = config_path.read_text()
@@ -82,11 +84,14 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{config_path}: invalid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        raise AdapterFormatError(
+            f"{config_path}: expected a JSON object, got {type(config).__name__}"
+        )
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
+            "are supported"
         )
     if config.get("use_dora"):
         raise UnsupportedAdapterError(
@@ -109,7 +114,9 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     for field in ("r", "lora_alpha"):
         value = config.get(field, 8)
         if not isinstance(value, int | float) or value <= 0:
-            raise AdapterFormatError(f"{config_path}: {field} must be a positive number, got {value!r}")
+            raise AdapterFormatError(
+                f"{config_path}: {field} must be a positive number, got {value!r}"
+            )
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(field) or {}, dict):
             raise AdapterFormatError(f"{config_path}: {field} must be an object")
@@ -162,14 +169,18 @@ def load_lora(
             adapters.add(match["adapter"])
         factors.setdefault(match["path"], {})[match["ab"]] = tensor
     if unsupported:
-        shown = ", ".join(unsupported[:4]) + (f" and {len(unsupported) - 4} more" if len(unsupported) > 4 else "")
+        shown = ", ".join(unsupported[:4]) + (
+            f" and {len(unsupported) - 4} more" if len(unsupported) > 4 else ""
+        )
         raise UnsupportedAdapterError(
             f"{weights_path}: tensors that are not plain LoRA factors: {shown}. lorafuse handles "
             "lora_A/lora_B weights of linear layers only (no embedding LoRAs, LoRA biases, "
             "trainable tokens or DoRA magnitudes)."
         )
     if len(adapters) > 1:
-        raise AdapterFormatError(f"{weights_path}: holds several adapters {sorted(adapters)}; save one")
+        raise AdapterFormatError(
+            f"{weights_path}: holds several adapters {sorted(adapters)}; save one"
+        )
 
     rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}

@@ -23,7 +23,7 @@ class LinearShape:
 
 
 def linear_shape(module: nn.Module) -> LinearShape | None:
-    """Shape of ``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (weight ``(in, out)``), else None."""
+    """Shape of ``nn.Linear`` or GPT-2's ``Conv1D`` (weight ``(in, out)``), else None."""
     if isinstance(module, nn.Linear):
         return LinearShape(module.in_features, module.out_features)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -33,7 +33,7 @@ def linear_shape(module: nn.Module) -> LinearShape | None:
 
 
 def check_compatible(lora: LoRA, model: nn.Module, *, source: str | None = None) -> None:
-    """Raise :class:`CompatibilityError` listing every module of ``lora`` that does not fit ``model``.
+    """Raise :class:`CompatibilityError` listing every module of ``lora`` not fitting ``model``.
 
     Module paths are looked up with ``model.get_submodule``; each must be an ``nn.Linear`` (or a
     GPT-2 ``Conv1D``) with ``in_features == A.shape[1]`` and ``out_features == B.shape[0]``.
@@ -58,7 +58,9 @@ def check_compatible(lora: LoRA, model: nn.Module, *, source: str | None = None)
             )
     if problems:
         who = source or lora.metadata.get("source") or lora.name or "the LoRA"
-        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        model_name = (
+            getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        )
         raise CompatibilityError(
             f"{who} does not fit the base model {model_name} ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}; adapter trained for "

@@ -47,7 +47,7 @@ class AttachedBank:
         return torch.as_tensor(weights, dtype=torch.float32)
 
     def set_weights(self, weights: WeightsLike) -> None:
-        """Static weights ``(k,)``, per row ``(batch, k)``, per token ``(batch, seq, k)``, or by name."""
+        """Static weights `(k,)`, per row `(batch, k)`, per token `(batch, seq, k)`, or by name."""
         self.static.set(self.weight_vector(weights))
         self.set_source(self.static)
 
@@ -124,7 +124,9 @@ def attach(
         shape = linear_shape(base)
         assert shape is not None  # checked by check_compatible
         factors = [
-            (lo.modules[path].A, lo.modules[path].B, lo.modules[path].scale) if path in lo.modules else None
+            (lo.modules[path].A, lo.modules[path].B, lo.modules[path].scale)
+            if path in lo.modules
+            else None
             for lo in lora_list
         ]
         a, b, ranks = stack_factors(factors, shape.in_features, shape.out_features)
@@ -148,7 +150,7 @@ def attach(
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Put back every original layer a bank wraps; the model is then exactly as before ``attach``."""
+    """Put back every original layer a bank wraps: the model is exactly as before ``attach``."""
     for path, module in list(model.named_modules()):
         if isinstance(module, LoRABank):
             parent_path, _, child = path.rpartition(".")

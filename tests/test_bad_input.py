@@ -1,0 +1,230 @@
+"""Every bad input gets a clear error that names the file, module and shapes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import load
+from lorafuse import (
+    AdapterFormatError,
+    CompatibilityError,
+    LoRA,
+    LoRAModule,
+    PickleRefusedError,
+    UnsupportedAdapterError,
+    attach,
+    check_compatible,
+    load_lora,
+)
+from lorafuse.tiny import random_peft_adapter, tiny_llama
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@pytest.fixture()
+def adapter(llama_adapters: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of a valid adapter to break."""
+    return Path(shutil.copytree(llama_adapters["plain"], tmp_path / "broken"))
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    config.update(changes)
+    (folder / CONFIG).write_text(json.dumps(config))
+
+
+def edit_tensors(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    state = load_file(folder / WEIGHTS)
+    fn(state)
+    save_file(state, str(folder / WEIGHTS))
+
+
+def test_missing_folder_and_config(tmp_path: Path, adapter: Path) -> None:
+    with pytest.raises(AdapterFormatError, match="not a folder"):
+        load_lora(tmp_path / "nope")
+    (adapter / CONFIG).unlink()
+    with pytest.raises(AdapterFormatError, match=rf"{CONFIG}: missing"):
+        load_lora(adapter)
+
+
+def test_empty_and_invalid_config(adapter: Path) -> None:
+    (adapter / CONFIG).write_text("")
+    with pytest.raises(AdapterFormatError, match=rf"{CONFIG}: the file is empty"):
+        load_lora(adapter)
+    (adapter / CONFIG).write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="invalid JSON"):
+        load_lora(adapter)
+
+
+def test_not_lora(adapter: Path) -> None:
+    edit_config(adapter, peft_type="IA3")
+    with pytest.raises(UnsupportedAdapterError, match="peft_type is 'IA3'"):
+        load_lora(adapter)
+
+
+def test_dora_refused(llama_dir: Path, tmp_path: Path) -> None:
+    folder = random_peft_adapter(load(llama_dir), tmp_path / "dora", seed=0, use_dora=True)
+    with pytest.raises(UnsupportedAdapterError, match="use_dora is true"):
+        load_lora(folder)
+
+
+def test_modules_to_save_reported(llama_dir: Path, tmp_path: Path) -> None:
+    folder = random_peft_adapter(
+        load(llama_dir), tmp_path / "mts", seed=0, modules_to_save=["lm_head"]
+    )
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] is not supported"
+    ):
+        load_lora(folder)
+
+
+def test_embedding_lora_refused(llama_dir: Path, tmp_path: Path) -> None:
+    folder = random_peft_adapter(
+        load(llama_dir), tmp_path / "emb", seed=0, target_modules=["embed_tokens", "q_proj"]
+    )
+    with pytest.raises(UnsupportedAdapterError, match="lora_embedding_A"):
+        load_lora(folder)
+
+
+def test_empty_weights_file(adapter: Path) -> None:
+    (adapter / WEIGHTS).write_bytes(b"")
+    with pytest.raises(AdapterFormatError, match=rf"{WEIGHTS}: the file is empty \(0 bytes\)"):
+        load_lora(adapter)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 20 / 10_000])
+def test_truncated_weights_file(adapter: Path, keep: float) -> None:
+    data = (adapter / WEIGHTS).read_bytes()
+    (adapter / WEIGHTS).write_bytes(data[: max(9, int(len(data) * keep))])
+    with pytest.raises(AdapterFormatError, match=rf"{WEIGHTS}: truncated safetensors file"):
+        load_lora(adapter)
+
+
+def test_garbage_weights_file(adapter: Path) -> None:
+    (adapter / WEIGHTS).write_bytes((12).to_bytes(8, "little") + b"not a header")
+    with pytest.raises(AdapterFormatError, match="not a safetensors file"):
+        load_lora(adapter)
+
+
+def test_missing_weights_file(adapter: Path) -> None:
+    (adapter / WEIGHTS).unlink()
+    with pytest.raises(AdapterFormatError, match=f"no {WEIGHTS}"):
+        load_lora(adapter)
+
+
+def test_non_finite_values(adapter: Path) -> None:
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+
+    def poison(state: dict[str, torch.Tensor]) -> None:
+        state[key][3, 1] = float("nan")
+        state[key][0, 0] = float("inf")
+
+    edit_tensors(adapter, poison)
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"model.layers.1.mlp.up_proj.lora_B.weight \(64, 4\) has 2 non-finite",
+    ):
+        load_lora(adapter)
+
+
+def test_wrong_dtype(adapter: Path) -> None:
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+    edit_tensors(adapter, lambda s: s.__setitem__(key, s[key].to(torch.int32)))
+    with pytest.raises(
+        AdapterFormatError, match=r"expected floating-point tensors .*k_proj.lora_A.weight \(I32\)"
+    ):
+        load_lora(adapter)
+
+
+def test_config_disagrees_with_tensors(adapter: Path) -> None:
+    edit_config(adapter, r=16)
+    with pytest.raises(
+        AdapterFormatError,
+        match=r"config disagrees with the tensors: model.layers.0.mlp.down_proj has rank 4 .* r=16",
+    ):
+        load_lora(adapter)
+
+
+def test_unpaired_factor(adapter: Path) -> None:
+    key = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+    edit_tensors(adapter, lambda s: s.pop(key))
+    with pytest.raises(
+        AdapterFormatError, match=r"model.layers.0.self_attn.o_proj has no lora_B.weight"
+    ):
+        load_lora(adapter)
+
+
+def test_inconsistent_factor_shapes(adapter: Path) -> None:
+    key = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+    edit_tensors(adapter, lambda s: s.__setitem__(key, torch.zeros(32, 3)))
+    with pytest.raises(AdapterFormatError, match=r"o_proj: lora_A \(4, 32\) and lora_B \(32, 3\)"):
+        load_lora(adapter)
+
+
+def test_pickle_refused_unless_opted_in(adapter: Path) -> None:
+    state = load_file(adapter / WEIGHTS)
+    (adapter / WEIGHTS).unlink()
+    torch.save(state, adapter / "adapter_model.bin")
+    with pytest.raises(
+        PickleRefusedError, match=r"adapter_model.bin: pickle-based weights are refused"
+    ):
+        load_lora(adapter)
+    lora = load_lora(adapter, allow_pickle=True)
+    assert len(lora) == 14
+
+
+def test_pickle_opt_in_still_refuses_code(adapter: Path) -> None:
+    (adapter / WEIGHTS).unlink()
+    torch.save({"x": torch.zeros(1), "obj": object.__new__(Exploit)}, adapter / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match="weights_only=True"):
+        load_lora(adapter, allow_pickle=True)
+
+
+class Exploit:
+    pass
+
+
+def test_check_compatible_lists_every_problem(llama_adapters: dict[str, Path]) -> None:
+    lora = load_lora(llama_adapters["plain"])
+    other = tiny_llama(0, hidden_size=48, num_layers=1, num_heads=4, num_kv_heads=2)
+    with pytest.raises(CompatibilityError) as info:
+        check_compatible(lora, other)
+    message = str(info.value)
+    assert "missing module model.layers.1.self_attn.q_proj" in message
+    assert (
+        "shape mismatch at model.layers.0.self_attn.q_proj: the model's layer is (out, in) = "
+        "(48, 48), the LoRA gives (32, 32)" in message
+    )
+    assert message.count("missing module") == 7 and message.count("shape mismatch") == 7
+    assert "plain" in message
+
+
+def test_check_compatible_rejects_non_linear(llama: torch.nn.Module) -> None:
+    lora = LoRA(
+        {"model.embed_tokens": LoRAModule(torch.zeros(2, 128), torch.zeros(32, 2), 1.0)}, name="emb"
+    )
+    with pytest.raises(
+        CompatibilityError, match="model.embed_tokens is a Embedding, not a linear layer"
+    ):
+        check_compatible(lora, llama)
+
+
+def test_failed_attach_leaves_model_untouched(
+    llama: torch.nn.Module, llama_adapters: dict[str, Path]
+) -> None:
+    good = load_lora(llama_adapters["plain"])
+    bad = LoRA(
+        {"model.layers.9.mlp.up_proj": LoRAModule(torch.zeros(1, 32), torch.zeros(64, 1), 1.0)},
+        name="bad",
+    )
+    before = {n: id(m) for n, m in llama.named_modules()}
+    with pytest.raises(CompatibilityError, match="missing module model.layers.9.mlp.up_proj"):
+        attach(llama, [good, bad])
+    assert {n: id(m) for n, m in llama.named_modules()} == before
