@@ -168,6 +168,21 @@ def test_inconsistent_factor_shapes(adapter: Path) -> None:
         load_lora(adapter)
 
 
+def test_keys_with_adapter_name_segment(adapter: Path) -> None:
+    """Older PEFT versions saved ``...lora_A.default.weight``; both spellings load the same."""
+    plain = load_lora(adapter)
+    state = load_file(adapter / WEIGHTS)
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
+    save_file(renamed, str(adapter / WEIGHTS))
+    again = load_lora(adapter)
+    assert again.ranks == plain.ranks
+    assert all(torch.equal(again[p].A, m.A) for p, m in plain.modules.items())
+    two = {**renamed, **{k.replace(".default.", ".other."): v.clone() for k, v in renamed.items()}}
+    save_file(two, str(adapter / WEIGHTS))
+    with pytest.raises(AdapterFormatError, match=r"holds several adapters \['default', 'other'\]"):
+        load_lora(adapter)
+
+
 def test_pickle_refused_unless_opted_in(adapter: Path) -> None:
     state = load_file(adapter / WEIGHTS)
     (adapter / WEIGHTS).unlink()

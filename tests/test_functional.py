@@ -100,3 +100,20 @@ def test_fro_norm_factored_equals_dense() -> None:
 def test_lora_module_rejects_mismatched_factors() -> None:
     with pytest.raises(ValueError, match=r"A is \(3, 12\).*B is \(10, 4\)"):
         LoRAModule(torch.zeros(3, IN), torch.zeros(OUT, 4), 1.0)
+
+
+def test_delta_from_lora_and_state_dicts() -> None:
+    from lorafuse import Delta, LoRA
+
+    modules = random_modules([2, 3])
+    lora = LoRA({"a.q": modules[0], "a.v": modules[1]}, name="x")
+    delta = Delta.from_lora(lora)
+    torch.testing.assert_close(delta["a.q"], modules[0].delta())
+    base = {"a.q.weight": torch.randn(OUT, IN)}
+    tuned = {"a.q.weight": base["a.q.weight"] + delta["a.q"]}
+    again = Delta.from_state_dicts(base, tuned, ["a.q.weight"])
+    torch.testing.assert_close(again["a.q"], delta["a.q"])
+    with pytest.raises(
+        ValueError, match=r"a.q.weight: base has shape \(10, 12\), fine-tuned has \(12, 10\)"
+    ):
+        Delta.from_state_dicts(base, {"a.q.weight": torch.zeros(IN, OUT)}, ["a.q.weight"])

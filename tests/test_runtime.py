@@ -206,6 +206,13 @@ def test_half_precision_close_to_peft(
         ours = (got.float() - want).abs().max().item()
         theirs = (peft(ids).logits.float() - want).abs().max().item()
         assert ours <= 2 * theirs + 0.05, (factor_dtype, ours, theirs)
+        bank.set_weights([[1.0], [0.0], [0.5]])  # per row, generating in half precision
+        out = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert out.shape == (3, 10)
+        row_1 = load(llama_dir, dtype).generate(
+            ids[1:2, :4], max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+        assert torch.equal(out[1:2], row_1), "a zero-weight row generates like the base"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -110,6 +111,8 @@ def demo(
 
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2."""
+    # Deprecation chatter between transformers and peft releases is not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except LorafuseError as exc:

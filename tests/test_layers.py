@@ -1,0 +1,58 @@
+"""Architecture rules from DESIGN.md: imports point downward; tensor maths skips transformers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lorafuse"
+
+# layer → lorafuse packages it may import (besides itself and the shared bottom modules).
+ALLOWED = {
+    "adapters": set(),
+    "runtime": {"adapters"},
+    "merge": {"adapters"},
+    "compress": {"adapters"},
+    "fuse": {"adapters", "runtime"},
+    "route": {"adapters", "runtime"},
+    "eval": {"adapters", "runtime"},
+    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval"},
+    "serve": {"adapters", "runtime", "compress", "fuse"},
+}
+BOTTOM = {"errors", "_io"}  # shared by every layer, import nothing of lorafuse themselves
+PURE_MATHS = ["adapters/lora.py", "runtime/functional.py"]
+
+
+def lorafuse_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorafuse"):
+            parts = node.module.split(".")
+            found.add(parts[1] if len(parts) > 1 else "")
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lorafuse.")}
+    return found
+
+
+@pytest.mark.parametrize(
+    "layer", sorted(p.name for p in SRC.iterdir() if p.is_dir() and p.name in ALLOWED)
+)
+def test_imports_point_downward(layer: str) -> None:
+    for path in (SRC / layer).rglob("*.py"):
+        illegal = lorafuse_imports(path) - ALLOWED[layer] - BOTTOM - {layer}
+        assert not illegal, f"{path.relative_to(SRC)} imports {sorted(illegal)}, above its layer"
+
+
+def test_bottom_modules_import_no_layer() -> None:
+    for name in BOTTOM:
+        assert lorafuse_imports(SRC / f"{name}.py") <= BOTTOM
+
+
+@pytest.mark.parametrize("relative", PURE_MATHS)
+def test_tensor_maths_imports_no_transformers(relative: str) -> None:
+    tree = ast.parse((SRC / relative).read_text())
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in modules if m.split(".")[0] in {"transformers", "peft"}}
