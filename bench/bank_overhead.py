@@ -72,15 +72,11 @@ def main() -> None:
     )
     k, rank, batch, seq, new_tokens = 4, 16, 8, 128, 16
     workdir = Path(tempfile.mkdtemp(prefix="lorafuse-bench-"))
-    base_dir = save_model(
-        tiny_llama(args.seed, num_heads=8, num_kv_heads=4, **shape), workdir / "base"
-    )
+    base_dir = save_model(tiny_llama(args.seed, num_heads=8, num_kv_heads=4, **shape), workdir / "base")
     cpu_model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     names = [f"a{i}" for i in range(k)]
     paths = [
-        random_peft_adapter(
-            cpu_model, workdir / n, seed=args.seed + 1 + i, r=rank, lora_alpha=2 * rank
-        )
+        random_peft_adapter(cpu_model, workdir / n, seed=args.seed + 1 + i, r=rank, lora_alpha=2 * rank)
         for i, n in enumerate(names)
     ]
 
@@ -111,9 +107,7 @@ def main() -> None:
 
     rows: dict[str, dict[str, list[float]]] = {}
     with torch.inference_mode():
-        rows["base forward (no adapter)"] = {
-            "ours": timed(lambda: plain(ids), args.reps, args.device)
-        }
+        rows["base forward (no adapter)"] = {"ours": timed(lambda: plain(ids), args.reps, args.device)}
 
         peft_model.set_adapter(names[0])
         single = base_model()
@@ -133,9 +127,7 @@ def main() -> None:
         bank.set_weights(one_hot)
         rows[f"mixed: generate {new_tokens} tokens, {k} adapters in a batch of {batch}"] = {
             "peft": timed(
-                lambda: peft_model.generate(
-                    input_ids=prompt, adapter_names=row_adapters, **gen_kwargs
-                ),
+                lambda: peft_model.generate(input_ids=prompt, adapter_names=row_adapters, **gen_kwargs),
                 args.reps,
                 args.device,
             ),
@@ -158,9 +150,7 @@ def main() -> None:
     record = {
         "question": "latency of the LoRA bank vs PEFT on the same model and adapters",
         "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else platform.processor(),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

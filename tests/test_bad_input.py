@@ -76,12 +76,8 @@ def test_dora_refused(llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_modules_to_save_reported(llama_dir: Path, tmp_path: Path) -> None:
-    folder = random_peft_adapter(
-        load(llama_dir), tmp_path / "mts", seed=0, modules_to_save=["lm_head"]
-    )
-    with pytest.raises(
-        UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] is not supported"
-    ):
+    folder = random_peft_adapter(load(llama_dir), tmp_path / "mts", seed=0, modules_to_save=["lm_head"])
+    with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] is not supported"):
         load_lora(folder)
 
 
@@ -155,9 +151,7 @@ def test_config_disagrees_with_tensors(adapter: Path) -> None:
 def test_unpaired_factor(adapter: Path) -> None:
     key = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
     edit_tensors(adapter, lambda s: s.pop(key))
-    with pytest.raises(
-        AdapterFormatError, match=r"model.layers.0.self_attn.o_proj has no lora_B.weight"
-    ):
+    with pytest.raises(AdapterFormatError, match=r"model.layers.0.self_attn.o_proj has no lora_B.weight"):
         load_lora(adapter)
 
 
@@ -187,9 +181,7 @@ def test_pickle_refused_unless_opted_in(adapter: Path) -> None:
     state = load_file(adapter / WEIGHTS)
     (adapter / WEIGHTS).unlink()
     torch.save(state, adapter / "adapter_model.bin")
-    with pytest.raises(
-        PickleRefusedError, match=r"adapter_model.bin: pickle-based weights are refused"
-    ):
+    with pytest.raises(PickleRefusedError, match=r"adapter_model.bin: pickle-based weights are refused"):
         load_lora(adapter)
     lora = load_lora(adapter, allow_pickle=True)
     assert len(lora) == 14
@@ -222,12 +214,8 @@ def test_check_compatible_lists_every_problem(llama_adapters: dict[str, Path]) -
 
 
 def test_check_compatible_rejects_non_linear(llama: torch.nn.Module) -> None:
-    lora = LoRA(
-        {"model.embed_tokens": LoRAModule(torch.zeros(2, 128), torch.zeros(32, 2), 1.0)}, name="emb"
-    )
-    with pytest.raises(
-        CompatibilityError, match="model.embed_tokens is a Embedding, not a linear layer"
-    ):
+    lora = LoRA({"model.embed_tokens": LoRAModule(torch.zeros(2, 128), torch.zeros(32, 2), 1.0)}, name="emb")
+    with pytest.raises(CompatibilityError, match="model.embed_tokens is a Embedding, not a linear layer"):
         check_compatible(lora, llama)
 
 

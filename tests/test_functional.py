@@ -25,9 +25,7 @@ def random_modules(ranks: list[int], seed: int = 0) -> list[LoRAModule]:
     ]
 
 
-def dense_reference(
-    x: torch.Tensor, modules: list[LoRAModule | None], w: torch.Tensor
-) -> torch.Tensor:
+def dense_reference(x: torch.Tensor, modules: list[LoRAModule | None], w: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i · x ΔW_iᵀ with dense ΔW_i, weights broadcast per (batch, seq) position."""
     out = torch.zeros(*x.shape[:-1], OUT)
     for i, module in enumerate(modules):
@@ -41,9 +39,7 @@ def dense_reference(
 
 
 def bank(modules: list[LoRAModule | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, b, ranks = stack_factors(
-        [None if m is None else (m.A, m.B, m.scale) for m in modules], IN, OUT
-    )
+    a, b, ranks = stack_factors([None if m is None else (m.A, m.B, m.scale) for m in modules], IN, OUT)
     return a, b, rank_index(ranks)
 
 
@@ -92,9 +88,7 @@ def test_weight_errors_name_shapes() -> None:
 
 def test_fro_norm_factored_equals_dense() -> None:
     for module in random_modules([1, 4, 7], seed=3):
-        assert module.fro_norm() == pytest.approx(
-            torch.linalg.norm(module.delta()).item(), rel=1e-5
-        )
+        assert module.fro_norm() == pytest.approx(torch.linalg.norm(module.delta()).item(), rel=1e-5)
 
 
 def test_lora_module_rejects_mismatched_factors() -> None:
@@ -113,7 +107,5 @@ def test_delta_from_lora_and_state_dicts() -> None:
     tuned = {"a.q.weight": base["a.q.weight"] + delta["a.q"]}
     again = Delta.from_state_dicts(base, tuned, ["a.q.weight"])
     torch.testing.assert_close(again["a.q"], delta["a.q"])
-    with pytest.raises(
-        ValueError, match=r"a.q.weight: base has shape \(10, 12\), fine-tuned has \(12, 10\)"
-    ):
+    with pytest.raises(ValueError, match=r"a.q.weight: base has shape \(10, 12\), fine-tuned has \(12, 10\)"):
         Delta.from_state_dicts(base, {"a.q.weight": torch.zeros(IN, OUT)}, ["a.q.weight"])

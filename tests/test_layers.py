@@ -36,9 +36,7 @@ def lorafuse_imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    "layer", sorted(p.name for p in SRC.iterdir() if p.is_dir() and p.name in ALLOWED)
-)
+@pytest.mark.parametrize("layer", sorted(p.name for p in SRC.iterdir() if p.is_dir() and p.name in ALLOWED))
 def test_imports_point_downward(layer: str) -> None:
     for path in (SRC / layer).rglob("*.py"):
         illegal = lorafuse_imports(path) - ALLOWED[layer] - BOTTOM - {layer}

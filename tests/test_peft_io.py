@@ -83,9 +83,7 @@ def test_round_trip_is_exact(llama_adapters: dict[str, Path], tmp_path: Path) ->
 
 def test_save_in_other_dtype(llama_adapters: dict[str, Path], tmp_path: Path) -> None:
     saved = save_lora(load_lora(llama_adapters["plain"]), tmp_path / "bf16", dtype=torch.bfloat16)
-    assert {t.dtype for t in load_file(saved / "adapter_model.safetensors").values()} == {
-        torch.bfloat16
-    }
+    assert {t.dtype for t in load_file(saved / "adapter_model.safetensors").values()} == {torch.bfloat16}
 
 
 def test_save_is_atomic(
@@ -108,9 +106,7 @@ def test_save_is_atomic(
 
 
 def test_extra_metadata_goes_to_side_file(llama_adapters: dict[str, Path], tmp_path: Path) -> None:
-    out = save_lora(
-        load_lora(llama_adapters["plain"]), tmp_path / "x", extra={"recipe": {"method": "cat"}}
-    )
+    out = save_lora(load_lora(llama_adapters["plain"]), tmp_path / "x", extra={"recipe": {"method": "cat"}})
     assert json.loads((out / "lorafuse.json").read_text()) == {"recipe": {"method": "cat"}}
     assert "recipe" not in json.loads((out / "adapter_config.json").read_text())
 

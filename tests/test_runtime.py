@@ -57,9 +57,7 @@ def test_weighted_equals_peft_cat_merge(
 class DenseReference(nn.Module):
     """``base(x) + Σ_i w_i(b, t) · x ΔW_iᵀ`` with dense ``ΔW_i``: an independent implementation."""
 
-    def __init__(
-        self, base: nn.Module, deltas: list[torch.Tensor | None], weights: torch.Tensor
-    ) -> None:
+    def __init__(self, base: nn.Module, deltas: list[torch.Tensor | None], weights: torch.Tensor) -> None:
         super().__init__()
         self.base, self.deltas, self.weights = base, deltas, weights
 
@@ -217,9 +215,7 @@ def test_half_precision_close_to_peft(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
-def test_cuda_bf16_generate(
-    llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor
-) -> None:
+def test_cuda_bf16_generate(llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor) -> None:
     model = load(llama_dir, torch.bfloat16).cuda()
     attach(model, [load_lora(llama_adapters[n]) for n in LLAMA], torch.eye(3))
     out = model.generate(ids[:, :5].cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)

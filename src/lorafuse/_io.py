@@ -14,7 +14,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -43,9 +43,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(
-                f"{path}: not a safetensors file (bad header: {exc})"
-            ) from None
+            raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
     needed = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
@@ -93,15 +91,25 @@ def read_pickle_weights(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     return state
 
 
-def write_safetensors(
-    tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
+def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory)."""
     save_file(
         {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
         str(path),
         metadata=metadata,
     )
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries results depend on, for records beside outputs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("lorafuse", "torch", "transformers", "peft", "safetensors"):
+        with suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return found
 
 
 def write_json(obj: object, path: Path) -> None:

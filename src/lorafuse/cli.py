@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -35,9 +36,7 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """lorafuse: merge, fuse, route, compress and serve LoRA adapters on one base model."""
@@ -45,17 +44,11 @@ def _root(
 
 @app.command()
 def inspect(
-    paths: Annotated[
-        list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)
-    ],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object per run (a list).")
-    ] = False,
+    paths: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run (a list).")] = False,
     allow_pickle: Annotated[
         bool,
-        typer.Option(
-            "--allow-pickle", help="Also read adapter_model.bin (loaded with weights_only=True)."
-        ),
+        typer.Option("--allow-pickle", help="Also read adapter_model.bin (loaded with weights_only=True)."),
     ] = False,
 ) -> None:
     """Describe adapters: base model, ranks, alpha, scale, targets, size and ‖ΔW‖_F per module kind.
@@ -81,13 +74,147 @@ def inspect(
         raise typer.Exit(2)
 
 
+def _parse_floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _parse_settings(pairs: list[str]) -> dict[str, object]:
+    import yaml
+
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
+        settings[key.replace("-", "_")] = yaml.safe_load(value)
+    return settings
+
+
+@app.command()
+def merge(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="PEFT adapter folders to merge, or one recipe .yaml.", show_default=False),
+    ],
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="cat | linear | svd | ties | dare_linear | dare_ties | magnitude_prune | lego.",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output PEFT folder.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated weight per adapter, any sign [default: all 1]."),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(help="Output rank K [default: Σr for cat, exact for linear, max r otherwise]."),
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option(help="Fraction of each ΔW kept (ties, dare_*, magnitude_prune).")
+    ] = None,
+    majority_sign_method: Annotated[
+        str | None, typer.Option(help="total | frequency (ties, dare_ties).")
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Other method settings, KEY=VALUE (repeatable)."),
+    ] = None,
+    union: Annotated[
+        bool, typer.Option(help="Merge LoRAs that adapt different modules (missing = ΔW 0).")
+    ] = False,
+    allow_different_bases: Annotated[
+        bool, typer.Option(help="Merge LoRAs whose configs name different base models.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for DARE masks, randomized SVD, k-means.")] = 0,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 | float16 | bfloat16 [default: the inputs' dtype].")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Read adapter_model.bin (weights_only=True).")
+    ] = False,
+) -> None:
+    """Merge several LoRAs into one PEFT adapter, without training.
+
+    Methods work on ΔW = Σ w_i s_i B_i A_i (never on A and B separately, so negative weights are
+    exact), one module at a time; rank reduction uses a factored or randomized SVD, never a full
+    SVD of a dense matrix. The recipe and versions are written to OUT/lorafuse.json.
+
+    Examples:
+
+      lorafuse merge --method svd --rank 16 --weights 1,0.5 --out merged math zh
+
+      lorafuse merge --method ties --density 0.3 --out merged a b c
+
+      lorafuse merge recipe.yaml
+    """
+    import torch
+
+    from lorafuse.adapters import load_lora, save_lora
+    from lorafuse.merge import load_recipe
+    from lorafuse.merge import merge as run_merge
+
+    if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
+        recipe = load_recipe(inputs[0])
+        adapters = [Path(m.adapter) for m in recipe.models]
+        weight_list: list[float] | None = [m.weight for m in recipe.models]
+        method_name, params = recipe.merge_method, dict(recipe.parameters)
+        rank, union, seed = recipe.rank, recipe.union, recipe.seed
+        allow_different_bases = recipe.allow_different_bases
+        dtype = dtype or recipe.dtype
+        out = out or (Path(recipe.out) if recipe.out else None)
+    else:
+        if method is None:
+            raise typer.BadParameter("--method is required unless a recipe .yaml is given")
+        adapters, method_name = inputs, method
+        weight_list = _parse_floats(weights, "--weights")
+        params = _parse_settings(settings or [])
+        if density is not None:
+            params["density"] = density
+        if majority_sign_method is not None:
+            params["majority_sign_method"] = majority_sign_method
+    if out is None:
+        raise typer.BadParameter("--out is required (or `out:` in the recipe)")
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    if out.resolve() in {a.resolve() for a in adapters}:
+        raise typer.BadParameter(f"{out} is one of the inputs; inputs are never modified")
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    loras = [load_lora(a, allow_pickle=allow_pickle) for a in adapters]
+    try:
+        merged = run_merge(
+            loras,
+            method_name,
+            weight_list,
+            rank,
+            union=union,
+            allow_different_bases=allow_different_bases,
+            seed=seed,
+            dtype=torch_dtype,
+            **params,
+        )
+    except ValueError as exc:  # bad settings, incompatible LoRAs: one clear line
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    save_lora(merged, out)
+    ranks = sorted({m.rank for m in merged.modules.values()})
+    typer.echo(f"wrote {out} ({method_name}, {len(merged)} modules, rank {', '.join(map(str, ranks))})")
+
+
 @app.command()
 def demo(
     out_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--dir", help="Where to build the demo models [default: $LORAFUSE_HOME/demo]."
-        ),
+        typer.Option("--dir", help="Where to build the demo models [default: $LORAFUSE_HOME/demo]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the base model, adapters and inputs.")] = 0,
     json_out: Annotated[

@@ -129,9 +129,7 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> di
             "threads": torch.get_num_threads(),
         },
         "adapters": {name: rank for name, rank in ADAPTERS.items()},
-        "checks": [
-            {"name": c.name, "value": c.value, "threshold": c.threshold, "ok": c.ok} for c in checks
-        ],
+        "checks": [{"name": c.name, "value": c.value, "threshold": c.threshold, "ok": c.ok} for c in checks],
         "ok": all(c.ok for c in checks),
     }
 
@@ -140,13 +138,9 @@ def format_demo(result: dict[str, Any]) -> str:
     lines = [f"lorafuse demo — tiny Llama + 3 PEFT adapters in {result['dir']}", ""]
     for check in result["checks"]:
         status = "ok  " if check["ok"] else "FAIL"
-        lines.append(
-            f"  [{status}] {check['name']:<55} {check['value']:.3g} (≤ {check['threshold']:g})"
-        )
+        lines.append(f"  [{status}] {check['name']:<55} {check['value']:.3g} (≤ {check['threshold']:g})")
     lines.append("")
-    lines.append(
-        f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'} in {result['seconds']} s"
-    )
+    lines.append(f"{'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'} in {result['seconds']} s")
     return "\n".join(lines)
 
 

@@ -29,8 +29,7 @@ class LoRAModule:
     def __post_init__(self) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2:
             raise ValueError(
-                f"LoRA factors must be matrices, got A {tuple(self.A.shape)}, "
-                f"B {tuple(self.B.shape)}"
+                f"LoRA factors must be matrices, got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}"
             )
         if self.A.shape[0] != self.B.shape[1]:
             raise ValueError(
@@ -106,14 +105,10 @@ class LoRA:
         """Sorted distinct last path components (``q_proj``, ``c_attn``, ...)."""
         return sorted({module_kind(p) for p in self.modules})
 
-    def to(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> LoRA:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoRA:
         """A copy with every factor moved to ``dtype``/``device``."""
         modules = {
-            p: LoRAModule(
-                m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scale
-            )
+            p: LoRAModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.scale)
             for p, m in self.modules.items()
         }
         return LoRA(modules, self.base_model, self.name, dict(self.metadata))

@@ -71,9 +71,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """Read and sanity-check ``adapter_config.json`` of a PEFT folder."""
     config_path = folder / CONFIG_NAME
     if not folder.is_dir():
-        raise AdapterFormatError(
-            f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}"
-        )
+        raise AdapterFormatError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}")
     if not config_path.is_file():
         raise AdapterFormatError(f"{config_path}: missing; is {folder} a PEFT adapter folder?")
     text = config_path.read_text()
@@ -84,14 +82,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{config_path}: invalid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise AdapterFormatError(
-            f"{config_path}: expected a JSON object, got {type(config).__name__}"
-        )
+        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
-            "are supported"
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
         )
     if config.get("use_dora"):
         raise UnsupportedAdapterError(
@@ -114,9 +109,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     for field in ("r", "lora_alpha"):
         value = config.get(field, 8)
         if not isinstance(value, int | float) or value <= 0:
-            raise AdapterFormatError(
-                f"{config_path}: {field} must be a positive number, got {value!r}"
-            )
+            raise AdapterFormatError(f"{config_path}: {field} must be a positive number, got {value!r}")
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(field) or {}, dict):
             raise AdapterFormatError(f"{config_path}: {field} must be an object")
@@ -140,9 +133,7 @@ def _read_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, Ten
     raise AdapterFormatError(f"{folder}: no {WEIGHTS_NAME} (nor adapter_model.bin) in the folder")
 
 
-def load_lora(
-    path: str | os.PathLike[str], *, allow_pickle: bool = False, name: str | None = None
-) -> LoRA:
+def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name: str | None = None) -> LoRA:
     """Load a PEFT LoRA folder into a :class:`LoRA`, validating it.
 
     Errors name the file and say what is wrong: missing or empty files, truncated safetensors,
@@ -178,9 +169,7 @@ def load_lora(
             "trainable tokens or DoRA magnitudes)."
         )
     if len(adapters) > 1:
-        raise AdapterFormatError(
-            f"{weights_path}: holds several adapters {sorted(adapters)}; save one"
-        )
+        raise AdapterFormatError(f"{weights_path}: holds several adapters {sorted(adapters)}; save one")
 
     rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
@@ -273,8 +262,9 @@ def save_lora(
 ) -> Path:
     """Write ``lora`` as a PEFT folder (atomically) and return its path.
 
-    ``dtype`` converts the factors (default: keep theirs). ``extra`` is written beside the
-    adapter as ``lorafuse.json`` (recipes, versions), never into PEFT's config.
+    ``dtype`` converts the factors (default: keep theirs). ``extra`` (default
+    ``lora.metadata["lorafuse"]``: merge recipes, versions) is written beside the adapter as
+    ``lorafuse.json``, never into PEFT's config.
     """
     out = Path(path)
     tensors: dict[str, Tensor] = {}
@@ -284,6 +274,7 @@ def save_lora(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_json(peft_config_for(lora), tmp / CONFIG_NAME)
-        if extra is not None:
-            write_json(extra, tmp / "lorafuse.json")
+        side = extra if extra is not None else lora.metadata.get("lorafuse")
+        if side is not None:
+            write_json(side, tmp / "lorafuse.json")
     return out

@@ -58,9 +58,7 @@ def check_compatible(lora: LoRA, model: nn.Module, *, source: str | None = None)
             )
     if problems:
         who = source or lora.metadata.get("source") or lora.name or "the LoRA"
-        model_name = (
-            getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        )
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         raise CompatibilityError(
             f"{who} does not fit the base model {model_name} ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}; adapter trained for "

@@ -124,9 +124,7 @@ def attach(
         shape = linear_shape(base)
         assert shape is not None  # checked by check_compatible
         factors = [
-            (lo.modules[path].A, lo.modules[path].B, lo.modules[path].scale)
-            if path in lo.modules
-            else None
+            (lo.modules[path].A, lo.modules[path].B, lo.modules[path].scale) if path in lo.modules else None
             for lo in lora_list
         ]
         a, b, ranks = stack_factors(factors, shape.in_features, shape.out_features)
