@@ -275,3 +275,12 @@ def test_recipe_validation(tmp_path: Path) -> None:
         load_recipe(path)
     path.write_text("merge_method: cat\nmodels: [{adapter: sub/a, weight: 2}]\n")
     assert load_recipe(path).models[0].adapter == str((tmp_path / "sub" / "a").resolve())
+
+
+def test_package_level_api() -> None:
+    import lorafuse
+    import lorafuse.merge.ties as ties_module
+
+    merged = lorafuse.merge(LORAS, "cat", WEIGHTS, progress=False)
+    assert rel_err(merged["m.0.q"].delta(), exact_sum(LORAS, WEIGHTS)) < 1e-5
+    assert ties_module.SparsifyParams().density == 0.5

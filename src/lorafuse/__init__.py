@@ -4,10 +4,12 @@ The public API (see README.md):
 
 - adapters: :class:`LoRA`, :class:`LoRAModule`, :class:`Delta`, :func:`load_lora`,
   :func:`save_lora`, :func:`check_compatible`;
+- merging: :func:`merge` (methods in :data:`MERGE_METHODS`), :func:`load_recipe`;
 - runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
   may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``.
 """
 
+from lorafuse import merge  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
 from lorafuse.errors import (
     AdapterFormatError,
@@ -16,11 +18,13 @@ from lorafuse.errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
+from lorafuse.merge import MERGE_METHODS, load_recipe
 from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MERGE_METHODS",
     "AdapterFormatError",
     "AttachedBank",
     "CompatibilityError",
@@ -38,5 +42,7 @@ __all__ = [
     "check_compatible",
     "detach",
     "load_lora",
+    "load_recipe",
+    "merge",
     "save_lora",
 ]

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 from lorafuse.merge.registry import FactorTriple, MergeMethod, register
@@ -84,6 +83,8 @@ def merge_lego(
         labels = torch.arange(a.shape[0])
         k = a.shape[0]
     else:
+        from sklearn.cluster import KMeans  # imported here: scikit-learn is slow to import
+
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         kmeans = KMeans(
             k, init="k-means++", n_init=params.n_init, max_iter=params.max_iter, random_state=seed
