@@ -236,6 +236,68 @@ def demo(
         raise typer.Exit(1)
 
 
+world_app = typer.Typer(
+    help="The built-in skill world: a small base model, skill LoRAs and composite tasks, built on a CPU.",
+    no_args_is_help=True,
+)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("build")
+def world_build(
+    profile: Annotated[str, typer.Option(help="default (the study) | tiny (for tests).")] = "default",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="World folder [default: $LORAFUSE_HOME/world/<profile>-seed<seed>]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of everything in the world.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete build exists.")] = False,
+) -> None:
+    """Build the skill world deterministically (reusing a complete build), with progress.
+
+    Writes data (train/dev/test per task), a word-level tokenizer, a pretrained LlamaForCausalLM,
+    one PEFT LoRA per skill and pool task, one oracle LoRA per composite task, and manifest.json
+    (seed, versions, SHA-256 of every file).
+    """
+    from lorafuse.skillworld import build_world, is_complete
+    from lorafuse.skillworld.build import default_world_dir, read_manifest
+
+    root = out_dir or default_world_dir(profile, seed)
+    reused = not force and is_complete(root, profile, seed)
+    path = build_world(root, profile=profile, seed=seed, force=force)
+    manifest = read_manifest(path) or {}
+    how = "reused" if reused else f"built in {manifest.get('build_seconds', '?')} s"
+    typer.echo(f"world {profile} (seed {seed}) {how}: {path}")
+
+
+@world_app.command("eval")
+def world_eval(
+    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    out_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the matrix as JSON here.")
+    ] = None,
+) -> None:
+    """Print the accuracy matrix (exact match, %): base, each skill LoRA and each oracle on every task.
+
+    Builds the world first if needed; the matrix is also recorded in the world's manifest.json.
+    """
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.skillworld.evaluate import accuracy_matrix, format_matrix, record_eval
+
+    root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    result = accuracy_matrix(root, limit=limit)
+    record_eval(root, result)
+    typer.echo(format_matrix(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2."""
     # Deprecation chatter between transformers and peft releases is not the user's concern.

@@ -1,0 +1,94 @@
+"""Batched greedy generation (left padding, KV cache) and scoring on ``{"prompt", ...}`` rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorafuse._data import collate, encode_examples
+from lorafuse.eval.metrics import exact_match
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,  # type: ignore[no-untyped-def]
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of space-tokenized ``prompts`` (``<s>`` prepended), cut at ``</s>``."""
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+        chunk = [
+            [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(p.split())]
+            for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros_like(ids)
+        for i, c in enumerate(chunk):
+            ids[i, width - len(c) :] = torch.tensor(c)
+            mask[i, width - len(c) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            outputs.append(" ".join(tokenizer.convert_ids_to_tokens(row)))
+    return outputs
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,  # type: ignore[no-untyped-def]
+    rows: Sequence[dict[str, str]],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """Exact match (in %) of greedy generations on ``rows``."""
+    if max_new_tokens is None:
+        max_new_tokens = max(len(r["completion"].split()) for r in rows) + 4
+    generated = generate(
+        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    hits = sum(exact_match(g, r["answer"], r["completion"]) for g, r in zip(generated, rows, strict=True))
+    return {"exact_match": 100.0 * hits / len(rows), "n": len(rows)}
+
+
+@torch.no_grad()
+def response_loss(model: nn.Module, tokenizer, rows: Sequence[dict[str, str]], batch_size: int = 64) -> float:  # type: ignore[no-untyped-def]
+    """Mean cross-entropy per completion token (``</s>`` included), over all rows."""
+    encoded = encode_examples(tokenizer, rows)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(encoded), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += loss.item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
