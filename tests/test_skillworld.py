@@ -59,6 +59,7 @@ def test_task_files_and_sizes(tiny_world: Path) -> None:
 def test_artefacts_load_with_plain_hf_and_peft(tiny_world: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_world / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(tiny_world / "base")
+    assert model.config.vocab_size == len(tokenizer)
     row = read_jsonl(tiny_world / "data" / "math" / "test.jsonl")[0]
     ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
     assert tokenizer.unk_token_id not in ids[0].tolist()
@@ -102,3 +103,13 @@ def test_accuracy_matrix_shape(tiny_world: Path) -> None:
     assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(SKILLS) + len(COMPOSITES)
     assert all(0.0 <= v <= 100.0 for row in result["matrix"].values() for v in row.values())
     assert json.dumps(result)
+
+
+def test_merge_study_runs_every_method(tiny_world: Path) -> None:
+    from lorafuse.skillworld.merge_study import METHODS, format_study, merge_study
+
+    result = merge_study(tiny_world, limit=2, progress=False)
+    assert set(result["results"]) == {*COMPOSITES, "pool"}
+    assert set(result["results"]["math_zorb"]) == set(METHODS)
+    assert set(result["results"]["math_zorb"]["ties"]) == {"math_zorb", "math", "lang_zorb"}
+    assert "| lego |" in format_study(result)

@@ -298,6 +298,35 @@ def world_eval(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@world_app.command("merge-study")
+def world_merge_study(
+    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    out_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world (and of the merges).")] = 0,
+    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = 100,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Merge each (language, task) LoRA pair and the whole pool with every method; score every task.
+
+    Prints Markdown tables: per composite, accuracy on the composite / the task skill / the
+    language skill for each method next to the single LoRAs; and the pool merge on every task.
+    """
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir, read_manifest
+    from lorafuse.skillworld.merge_study import format_study, merge_study
+
+    root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    result = merge_study(root, limit=limit, seed=seed)
+    matrix = (read_manifest(root) or {}).get("eval", {}).get("matrix")
+    typer.echo(format_study(result, matrix))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2."""
     # Deprecation chatter between transformers and peft releases is not the user's concern.

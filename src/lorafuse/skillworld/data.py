@@ -98,24 +98,44 @@ def read_jsonl(path: Path) -> list[tasks.Example]:
 
 
 def pretrain_corpus(rng: random.Random, langs: dict[str, Language], lines: int) -> list[str]:
-    """Generic text: stories, arithmetic facts, list operations, monolingual foreign sentences."""
+    """Generic text made of the world's building blocks, never a task's question/answer format.
+
+    Stories, arithmetic facts, list operations and item look-ups, copies of word sequences,
+    monolingual foreign sentences, and bilingual dictionary entries (``zorb tiko means apples .``)
+    for every foreign word and number word.
+    """
+    entries = [
+        f"{name} {foreign} means {tasks.split_digits(english)} ."
+        for name, lang in sorted(langs.items())
+        for english, foreign in [*lang.lexicon.items(), *((str(n), w) for n, w in lang.numbers.items())]
+    ]
     out = []
     for _ in range(lines):
         kind = rng.random()
-        if kind < 0.25:
-            problem = tasks.math_problem(rng).text
-            out.append(tasks.split_digits(problem))
-        elif kind < 0.45:
+        if kind < 0.15:
+            out.append(tasks.split_digits(tasks.math_problem(rng).text))
+        elif kind < 0.30:
             a, b = rng.randint(0, 19), rng.randint(0, 9)
             fact = f"{a} + {b} = {a + b} ." if rng.random() < 0.5 or a < b else f"{a} - {b} = {a - b} ."
             out.append(tasks.split_digits(fact))
-        elif kind < 0.6:
+        elif kind < 0.40:
             items = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
             op = rng.choice(["sort", "reverse"])
             result = sorted(items) if op == "sort" else items[::-1]
             out.append(f"{op} {' '.join(map(str, items))} gives {' '.join(map(str, result))} .")
-        elif kind < 0.7:
+        elif kind < 0.48:
+            items = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+            which, index = rng.choice([("first", 0), ("second", 1), ("last", -1)])
+            out.append(f"the {which} item of {' '.join(map(str, items))} is {items[index]} .")
+        elif kind < 0.53:
             out.append(tasks.list_problem(rng).text)
+        elif kind < 0.60:
+            words = " ".join(
+                rng.choice(tasks.FILLER + tasks.NAMES + tasks.ITEMS) for _ in range(rng.randint(2, 6))
+            )
+            out.append(f"{words} . {words} .")
+        elif kind < 0.75:
+            out.append(rng.choice(entries))
         else:
             lang = rng.choice(sorted(langs))
             make = rng.choice([tasks.math_problem, tasks.list_problem])
