@@ -100,7 +100,9 @@ def test_exact_match_cases(generated: str, answer: str, completion: str, hit: bo
 
 def test_accuracy_matrix_shape(tiny_world: Path) -> None:
     result = accuracy_matrix(tiny_world, limit=4, progress=False)
-    assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(SKILLS) + len(COMPOSITES)
+    assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(SKILLS) + len(POOL) + len(
+        COMPOSITES
+    )
     assert all(0.0 <= v <= 100.0 for row in result["matrix"].values() for v in row.values())
     assert json.dumps(result)
 

@@ -1,4 +1,4 @@
-"""The skill world's accuracy matrix: rows = base, each skill LoRA, each oracle; columns = tasks.
+"""The skill world's accuracy matrix: rows = base, each skill and pool LoRA, each oracle; columns = tasks.
 
 All LoRAs are attached once as one bank; each row is a one-hot weighting of it (the base is all
 zeros), so the matrix costs one model load. Exact match (%) on each task's test set.
@@ -30,10 +30,10 @@ def load_world(root: Path) -> tuple[Any, Any]:
 
 
 def accuracy_matrix(root: Path, *, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Exact match of base, skill LoRAs and oracles on every task's test split."""
+    """Exact match of the base, the skill and pool LoRAs and the oracles on every task's test split."""
     started = time.perf_counter()
     tokenizer, model = load_world(root)
-    rows = ["base", *SKILLS, *(f"oracle_{c}" for c in COMPOSITES)]
+    rows = ["base", *SKILLS, *POOL, *(f"oracle_{c}" for c in COMPOSITES)]
     loras = {name: load_lora(root / "loras" / name) for name in rows[1:]}
     bank = attach(model, loras)
     columns = [*SKILLS, *COMPOSITES, *POOL]
