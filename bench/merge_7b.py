@@ -7,7 +7,7 @@ process, which reports:
 
 - time per merge (lorafuse: 1 warm-up + ``--reps``; PEFT: ``--peft-reps`` without warm-up, since
   one PEFT ``svd`` merge of a 7B layer takes minutes here and its cost does not warm up);
-- peak extra resident memory during the merges (``ru_maxrss`` after − resident before, MiB);
+- peak extra resident memory during the timed merges (sampled every 2 ms, minus the start), MiB;
 - the relative ``ΔW`` error ``‖ΔW_merged − T‖_F / ‖T‖_F`` against the target ``T`` (the exact
   ``Σ w_i ΔW_i`` for svd; the dense TIES result for ties), and the optimum (Eckart–Young) for svd.
 
@@ -23,8 +23,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -47,14 +47,40 @@ def make_factors(out_dim: int, in_dim: int, seed: int) -> list[tuple[torch.Tenso
     ]
 
 
-def peak_mib() -> float:
-    """Highest resident memory of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def resident_mib() -> float:
     """Resident memory of this process now, MiB."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakSampler:
+    """Samples this process's resident memory every 2 ms in a thread; ``extra`` = peak − start.
+
+    (``ru_maxrss`` cannot be used: a spawned child inherits its parent's high-water mark.)
+    """
+
+    def __init__(self) -> None:
+        self.start = resident_mib()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_mib())
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_mib())
+
+    @property
+    def extra(self) -> float:
+        return self.peak - self.start
 
 
 def target(factors: list, method: str) -> torch.Tensor:
@@ -85,14 +111,18 @@ def run_peft(out_dim: int, in_dim: int, method: str, reps: int, seed: int, queue
     names = [f"a{i}" for i in range(N_LORAS)]
     combination = "svd" if method == "svd" else "ties_svd"
     extra = {} if method == "svd" else {"density": DENSITY}
-    before, times = resident_mib(), []
-    for _ in range(reps):
-        start = time.perf_counter()
-        model.add_weighted_adapter(names, WEIGHTS, "m", combination_type=combination, svd_rank=RANK, **extra)
-        times.append(time.perf_counter() - start)
-        merged = layer.get_delta_weight("m").detach().clone()
-        model.delete_adapter("m")
-    queue.put({"times": times, "peak_extra_mib": peak_mib() - before, "merged": merged.numpy()})
+    times = []
+    with PeakSampler() as memory:
+        for rep in range(reps):
+            if rep:
+                model.delete_adapter("m")
+            start = time.perf_counter()
+            model.add_weighted_adapter(
+                names, WEIGHTS, "m", combination_type=combination, svd_rank=RANK, **extra
+            )
+            times.append(time.perf_counter() - start)
+    merged = layer.get_delta_weight("m").detach().clone()
+    queue.put({"times": times, "peak_extra_mib": memory.extra, "merged": merged.numpy()})
 
 
 def run_ours(out_dim: int, in_dim: int, method: str, reps: int, seed: int, queue: mp.Queue) -> None:
@@ -103,16 +133,14 @@ def run_ours(out_dim: int, in_dim: int, method: str, reps: int, seed: int, queue
     loras = [LoRA({"proj": LoRAModule(A, B, s)}, name=f"a{i}") for i, (A, B, s) in enumerate(factors)]
     ours = "svd" if method == "svd" else "ties"
     extra = {} if method == "svd" else {"density": DENSITY}
-    before = resident_mib()
     merge(loras, ours, WEIGHTS, RANK, progress=False, **extra)  # warm-up
     times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        merged = merge(loras, ours, WEIGHTS, RANK, progress=False, **extra)
-        times.append(time.perf_counter() - start)
-    queue.put(
-        {"times": times, "peak_extra_mib": peak_mib() - before, "merged": merged["proj"].delta().numpy()}
-    )
+    with PeakSampler() as memory:
+        for _ in range(reps):
+            start = time.perf_counter()
+            merged = merge(loras, ours, WEIGHTS, RANK, progress=False, **extra)
+            times.append(time.perf_counter() - start)
+    queue.put({"times": times, "peak_extra_mib": memory.extra, "merged": merged["proj"].delta().numpy()})
 
 
 def measure(system: str, shape: tuple[int, int], method: str, reps: int, seed: int) -> dict:
