@@ -85,6 +85,14 @@ def gpt2_adapters(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The skill world's ``tiny`` profile (hidden 32, 2 layers), built once per test session."""
+    from lorafuse.skillworld import build_world
+
+    return build_world(tmp_path_factory.mktemp("world") / "tiny", profile="tiny", seed=0, progress=False)
+
+
 @pytest.fixture()
 def ids() -> torch.Tensor:
     return torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))  # (B, T)

@@ -67,9 +67,8 @@ def test_inspect_bad_adapter_exits_2_and_shows_the_others(
     assert "rank(s)" in result.output
 
 
-def test_demo_runs(tmp_path: Path) -> None:
-    out = tmp_path / "demo.json"
-    result = runner.invoke(app, ["demo", "--dir", str(tmp_path / "d"), "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(out.read_text())
+def test_bank_check_passes(tmp_path: Path) -> None:
+    from lorafuse.demo import run_demo
+
+    data = run_demo(tmp_path / "d", 0)
     assert data["ok"] and len(data["checks"]) == 4

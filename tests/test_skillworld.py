@@ -19,11 +19,6 @@ from lorafuse.skillworld.evaluate import accuracy_matrix
 from lorafuse.skillworld.language import Language
 
 
-@pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_world(tmp_path_factory.mktemp("world") / "tiny", profile="tiny", seed=0, progress=False)
-
-
 def test_two_builds_give_identical_data(tiny_world: Path, tmp_path: Path) -> None:
     again = build_world(tmp_path / "again", profile="tiny", seed=0, progress=False)
     first, second = read_manifest(tiny_world)["files"], read_manifest(again)["files"]

@@ -14,12 +14,29 @@ from torch import Tensor
 Encoded = tuple[list[int], list[int]]  # (input ids, labels)
 
 
+def tokenize(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of ``text`` without special tokens (for the world's tokenizer: one id per word)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:  # type: ignore[no-untyped-def]
+    """Text of ``ids`` without special tokens; word-level vocabularies are joined with spaces."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "WordLevel":
+        special = set(tokenizer.all_special_ids)
+        return " ".join(tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]))
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
 def encode_examples(tokenizer, rows: Iterable[dict[str, str]]) -> list[Encoded]:  # type: ignore[no-untyped-def]
-    """``<s> prompt completion </s>`` with labels on ``completion </s>`` only."""
+    """``<s> prompt completion </s>`` with labels on ``completion </s>`` only.
+
+    Prompt and completion are tokenized apart, so the boundary is exact for any tokenizer.
+    """
     out = []
     for row in rows:
-        prompt = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(row["prompt"].split())]
-        completion = [*tokenizer.convert_tokens_to_ids(row["completion"].split()), tokenizer.eos_token_id]
+        prompt = [tokenizer.bos_token_id, *tokenize(tokenizer, row["prompt"])]
+        completion = [*tokenize(tokenizer, row["completion"]), tokenizer.eos_token_id]
         out.append((prompt + completion, [-100] * len(prompt) + completion))
     return out
 
@@ -28,7 +45,7 @@ def encode_text(tokenizer, lines: Iterable[str]) -> list[Encoded]:  # type: igno
     """Plain language-model lines: loss on every token after ``<s>``."""
     out = []
     for line in lines:
-        ids = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(line.split()), tokenizer.eos_token_id]
+        ids = [tokenizer.bos_token_id, *tokenize(tokenizer, line), tokenizer.eos_token_id]
         out.append((ids, [-100, *ids[1:]]))
     return out
 

@@ -212,28 +212,75 @@ def merge(
 
 @app.command()
 def demo(
-    out_dir: Annotated[
-        Path | None,
-        typer.Option("--dir", help="Where to build the demo models [default: $LORAFUSE_HOME/demo]."),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One seed and 100 test examples per task (about 5 minutes).")
+    ] = False,
+    profile: Annotated[str, typer.Option(help="Skill world: default | tiny (for tests).")] = "default",
+    world_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: $LORAFUSE_HOME/world/...].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the base model, adapters and inputs.")] = 0,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    world_seed: Annotated[int, typer.Option(help="Seed of the skill world.")] = 0,
+    seeds: Annotated[int, typer.Option(help="Training seeds per learned method (mean ± std).")] = 3,
+    limit: Annotated[
+        int | None, typer.Option(help="Test examples per task [default: 200, 100 with --quick].")
     ] = None,
+    composites: Annotated[
+        str | None, typer.Option(help="Comma-separated composite tasks [default: all four].")
+    ] = None,
+    epochs: Annotated[float, typer.Option(help="Training epochs of the learned methods.")] = 5,
+    report: Annotated[Path, typer.Option(help="Report folder (study.md, study.json, study.png).")] = Path(
+        "lorafuse-report"
+    ),
+    skip_check: Annotated[
+        bool, typer.Option("--skip-check", help="Skip the bank-vs-PEFT check that runs first.")
+    ] = False,
 ) -> None:
-    """Build a small Llama and three PEFT adapters, and check the bank against PEFT.
+    """The main job: LoRA-Flow against task-level fusion, merges and controls on the skill world.
 
-    Checks: one adapter at weight 1 equals PEFT; weights w equal PEFT's cat merge; a mixed batch
-    (one adapter per row) generates PEFT's tokens with the KV cache; detach restores the base.
+    Builds the skill world if it is missing, checks the bank against PEFT, then for every
+    composite task trains and evaluates: base, each single LoRA, average, LoraHub, learned CAT,
+    the best training-free merge, LoRA-Flow, a fresh LoRA and LoRA-Flow on random LoRAs (the two
+    controls), and the oracle. Prints the table and writes it as Markdown, JSON and a bar chart.
     """
-    from lorafuse.demo import format_demo, run_demo, write_json
+    import time
 
-    result = run_demo(out_dir, seed)
-    typer.echo(format_demo(result))
-    if json_out:
-        write_json(result, json_out)
-    if not result["ok"]:
-        raise typer.Exit(1)
+    import torch
+
+    from lorafuse.demo import format_demo, run_demo
+    from lorafuse.skillworld import COMPOSITES, build_world
+    from lorafuse.skillworld.build import PROFILES, default_world_dir
+    from lorafuse.skillworld.report import format_table, write_report
+    from lorafuse.skillworld.study import composition_study
+
+    started = time.perf_counter()
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"--profile must be one of {sorted(PROFILES)}")
+    chosen = [c.strip() for c in composites.split(",")] if composites else list(COMPOSITES)
+    unknown = sorted(set(chosen) - set(COMPOSITES))
+    if unknown:
+        raise typer.BadParameter(f"unknown composite task(s) {unknown}; choose from {COMPOSITES}")
+    if not skip_check:
+        check = run_demo(None, 0)
+        typer.echo(format_demo(check))
+        if not check["ok"]:
+            raise typer.Exit(1)
+    root = build_world(world_dir or default_world_dir(profile, world_seed), profile=profile, seed=world_seed)
+    typer.echo(f"skill world: {root}")
+    torch.set_num_threads(PROFILES[profile].threads)
+    result = composition_study(
+        root,
+        seeds=tuple(range(1 if quick else seeds)),
+        limit=limit or (100 if quick else 200),
+        composites=chosen,
+        epochs=epochs,
+        log=typer.echo,
+    )
+    result["command"] = "lorafuse demo" + (" --quick" if quick else "")
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_report(result, report)
+    typer.echo("")
+    typer.echo(format_table(result))
+    typer.echo(f"\nreport: {report}/study.md, study.json, study.png ({result['total_seconds']} s in all)")
 
 
 world_app = typer.Typer(
@@ -325,6 +372,9 @@ def world_merge_study(
     typer.echo(format_study(result, matrix))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+from lorafuse import cli_fuse  # noqa: E402, F401  (registers fuse, generate, explain)
 
 
 def main() -> None:

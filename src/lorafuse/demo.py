@@ -135,7 +135,7 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> di
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    lines = [f"lorafuse demo — tiny Llama + 3 PEFT adapters in {result['dir']}", ""]
+    lines = [f"bank check: the LoRA bank vs PEFT on a tiny Llama + 3 PEFT adapters in {result['dir']}", ""]
     for check in result["checks"]:
         status = "ok  " if check["ok"] else "FAIL"
         lines.append(f"  [{status}] {check['name']:<55} {check['value']:.3g} (≤ {check['threshold']:g})")

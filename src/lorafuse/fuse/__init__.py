@@ -1,6 +1,32 @@
-"""Learned composition. For now: the one training loop shared by every learned method."""
+"""Learned composition of LoRAs: LoRA-Flow gates, task-level baselines, and the shared training loop."""
 
-from lorafuse._data import encode_examples, encode_text
-from lorafuse.fuse.loop import TrainConfig, train_loop
+from lorafuse.fuse.api import FUSION_METHODS, FuseSettings, fit_on_bank, fuse, train_fresh_lora
+from lorafuse.fuse.cat_weights import CatWeights
+from lorafuse.fuse.controls import random_like
+from lorafuse.fuse.flow import LoRAFlow, flow_for
+from lorafuse.fuse.fusion import Fusion, FusionFormatError, load_fusion, save_fusion
+from lorafuse.fuse.gate import FlowGates, GateConfig, gate_weights
+from lorafuse.fuse.loop import TrainConfig, TrainResult, train, train_loop
 
-__all__ = ["TrainConfig", "encode_examples", "encode_text", "train_loop"]
+__all__ = [
+    "FUSION_METHODS",
+    "CatWeights",
+    "FlowGates",
+    "FuseSettings",
+    "Fusion",
+    "FusionFormatError",
+    "GateConfig",
+    "LoRAFlow",
+    "TrainConfig",
+    "TrainResult",
+    "fit_on_bank",
+    "flow_for",
+    "fuse",
+    "gate_weights",
+    "load_fusion",
+    "random_like",
+    "save_fusion",
+    "train",
+    "train_fresh_lora",
+    "train_loop",
+]

@@ -54,7 +54,7 @@ class AttachedBank:
     def set_source(self, source: WeightSource) -> None:
         """Feed every bank from ``source`` (LoRA-Flow gates, routers, ...)."""
         for bank in self.banks.values():
-            bank.source = source
+            bank.set_source(source)
 
     @contextmanager
     def weights(self, weights: WeightsLike) -> Iterator[None]:
@@ -67,7 +67,7 @@ class AttachedBank:
         finally:
             self.static.set(previous)
             for path, bank in self.banks.items():
-                bank.source = previous_sources[path]
+                bank.set_source(previous_sources[path])
 
     def detach(self) -> nn.Module:
         """Restore the original layers (see :func:`detach`)."""

@@ -68,7 +68,7 @@ class LoRABank(nn.Module):
         self.register_buffer("B", B, persistent=False)  # (out, R)
         self.register_buffer("rank_index", rank_index(ranks).to(A.device), persistent=False)  # (R,)
         self.ranks = list(ranks)
-        self.source = source
+        self.set_source(source)
         self.path = path
         match = _LAYER_RE.search(f".{path}.")
         self.layer_index: int | None = int(match.group(1)) if match else None
@@ -76,6 +76,11 @@ class LoRABank(nn.Module):
     @property
     def k(self) -> int:
         return len(self.ranks)
+
+    def set_source(self, source: WeightSource) -> None:
+        """Feed this bank from ``source``. A source that is an ``nn.Module`` (gates, routers) is not
+        registered as a submodule: it stays out of the model's parameters and state dict."""
+        object.__setattr__(self, "source", source)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, ranks={self.ranks}, dtype={self.A.dtype}"

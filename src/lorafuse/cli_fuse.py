@@ -1,0 +1,236 @@
+"""``lorafuse fuse``, ``generate`` and ``explain``: learned composition on the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lorafuse.cli import app
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{what} takes NAME=DIR, got {item!r}")
+        if name in out:
+            raise typer.BadParameter(f"{what}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def load_base(
+    base: Path, tokenizer: Path | None, dtype: str = "float32", device: str = "auto"
+) -> tuple[Any, Any]:
+    """The base model (``AutoModelForCausalLM``) and its tokenizer (from ``tokenizer``, the base
+    folder, or a ``tokenizer/`` folder beside it as in the skill world)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not base.is_dir():
+        raise typer.BadParameter(f"--base {base}: no such folder")
+    candidates = [tokenizer] if tokenizer else [base, base.parent / "tokenizer"]
+    found = next((c for c in candidates if c and (c / "tokenizer_config.json").is_file()), None)
+    if found is None:
+        raise typer.BadParameter(f"no tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype)).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(found))
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"{path}:{i}: not JSON ({exc})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("completion"), str)
+        ):
+            raise typer.BadParameter(f'{path}:{i}: each line needs string fields "prompt" and "completion"')
+        rows.append(row)
+    if not rows:
+        raise typer.BadParameter(f"{path}: no examples")
+    return rows
+
+
+@app.command()
+def fuse(
+    base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).")],
+    lora: Annotated[list[str], typer.Option(help="NAME=DIR of a PEFT LoRA; repeat, task LoRA last.")],
+    train: Annotated[Path, typer.Option(help='Training examples, JSON lines {"prompt", "completion"}.')],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output fusion folder.")],
+    dev: Annotated[
+        Path | None, typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="lora-flow | cat | lorahub | average.")] = "lora-flow",
+    epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 5,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [default: 1e-3 lora-flow, 1e-2 cat].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (over all processes).")] = 4,
+    granularity: Annotated[str, typer.Option(help="lora-flow gates: layer | module | step.")] = "layer",
+    bias_in_softmax: Annotated[bool, typer.Option(help="Ablation: w = softmax(Wx/T + b).")] = False,
+    temperature: Annotated[float, typer.Option(help="Gate softmax temperature T.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and the search.")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder: resume from it after an interruption.")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: the base's].")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Learn how to combine existing LoRAs for a new task from a few examples (base and LoRAs frozen).
+
+    lora-flow trains LoRA-Flow's per-layer gates (per-token weights); cat learns one softmax
+    weight per LoRA per module (LoRA Soups); lorahub searches one weight per LoRA with nevergrad;
+    average uses 1/k. Runs under `accelerate launch` on several processes unchanged.
+
+    Example:
+
+      lorafuse fuse --base world/base --lora zorb=world/loras/lang_zorb --lora math=world/loras/math
+        --train data/math_zorb/train.jsonl --dev data/math_zorb/dev.jsonl --out fusions/math_zorb
+    """
+    from dataclasses import replace
+
+    from lorafuse.fuse import FuseSettings, save_fusion
+    from lorafuse.fuse import fuse as run_fuse
+    from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    loras = _pairs(lora, "--lora")
+    if not loras:
+        raise typer.BadParameter("give at least one --lora NAME=DIR")
+    model, tok = load_base(base, tokenizer, dtype, device)
+    train_config = CAT_TRAIN if method == "cat" else FLOW_TRAIN
+    train_config = replace(train_config, epochs=epochs, batch_size=batch_size, lr=lr or train_config.lr)
+    settings = FuseSettings(
+        method=method,  # type: ignore[arg-type]
+        train=train_config,
+        granularity=granularity,  # type: ignore[arg-type]
+        temperature=temperature,
+        bias_in_softmax=bias_in_softmax,
+        seed=seed,
+    )
+    if method not in ("lora-flow", "cat", "lorahub", "average"):
+        raise typer.BadParameter(f"--method must be lora-flow, cat, lorahub or average, got {method!r}")
+    fusion = run_fuse(
+        model, tok, loras, _rows(train), _rows(dev) if dev else None, settings, checkpoint_dir=checkpoint
+    )
+    fusion.info["tokenizer"] = str((tokenizer or base).resolve())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        save_fusion(fusion, out)
+        if fusion.gate is not None:
+            g = fusion.gate
+            typer.echo(
+                f"gate parameters: {fusion.num_params:,} = {g.num_gates} gates × ({g.hidden_size} hidden × "
+                f"{g.k} LoRAs + {g.k} bias)"
+            )
+        result = fusion.info.get("result", {})
+        if result.get("best_dev_loss") is not None:
+            typer.echo(f"best dev loss {result['best_dev_loss']:.4f} at step {result['best_step']}")
+        if fusion.method == "static":
+            typer.echo(
+                "weights: "
+                + ", ".join(
+                    f"{n} {float(w):.3f}"
+                    for n, w in zip(fusion.lora_names, fusion.tensors["weights"], strict=True)
+                )
+            )
+        typer.echo(f"wrote {out} ({fusion.method}, {fusion.k} LoRAs)")
+
+
+def _attached(
+    base: Path | None,
+    fusion_dir: Path,
+    lora: list[str] | None,
+    tokenizer: Path | None,
+    dtype: str,
+    device: str,
+):  # type: ignore[no-untyped-def]
+    from lorafuse.fuse import load_fusion
+
+    fusion = load_fusion(fusion_dir)
+    base = base or (Path(fusion.info["base_model"]) if fusion.info.get("base_model") else None)
+    if base is None:
+        raise typer.BadParameter("the fusion does not record its base model; pass --base DIR")
+    if tokenizer is None and fusion.info.get("tokenizer"):
+        tokenizer = Path(fusion.info["tokenizer"])
+        tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").is_file() else None
+    model, tok = load_base(base, tokenizer, dtype, device)
+    handle = fusion.attach(model, fusion.load_loras(_pairs(lora, "--lora")))
+    return fusion, model, tok, handle
+
+
+@app.command()
+def generate(
+    fusion: Annotated[Path, typer.Option(help="A fusion folder (lorafuse fuse --out).")],
+    prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for a batch.")],
+    base: Annotated[
+        Path | None, typer.Option(help="Base model folder [default: the one recorded in the fusion].")
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option(help="NAME=DIR: where a LoRA of the fusion now lives.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Generate greedily with a saved fusion attached (per-token gates, KV cache on).
+
+    The fusion's LoRAs are loaded from their recorded paths and checked against their SHA-256.
+    """
+    from lorafuse.eval import generate as run_generate
+
+    _, model, tok, _ = _attached(base, fusion, lora, tokenizer, dtype, device)
+    for text in run_generate(model, tok, prompt, max_new_tokens=max_new_tokens):
+        typer.echo(text)
+
+
+@app.command()
+def explain(
+    fusion: Annotated[Path, typer.Option(help="A LoRA-Flow fusion folder.")],
+    prompt: Annotated[str, typer.Option(help="The prompt to answer.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write (+ OUT_heatmap.png).")],
+    base: Annotated[
+        Path | None, typer.Option(help="Base model folder [default: recorded in the fusion].")
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option(help="NAME=DIR: where a LoRA of the fusion now lives.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].")
+    ] = None,
+) -> None:
+    """Show the gate: the answer with every token coloured by its fusion weights (layer selectable),
+    and a layers × tokens heatmap PNG."""
+    from lorafuse.fuse import LoRAFlow
+    from lorafuse.fuse.explain import explain as run_explain
+    from lorafuse.fuse.explain import write_explanation
+
+    loaded, model, tok, handle = _attached(base, fusion, lora, tokenizer, "float32", "auto")
+    flow = handle.fusion_source
+    if not isinstance(flow, LoRAFlow):
+        raise typer.BadParameter(f"{fusion} is a {loaded.method} fusion; explain needs a lora-flow fusion")
+    explanation = run_explain(model, tok, flow, loaded.lora_names, prompt, max_new_tokens=max_new_tokens)
+    page, png = write_explanation(explanation, out)
+    typer.echo(f"answer: {explanation.answer}")
+    typer.echo(f"wrote {page} and {png}")

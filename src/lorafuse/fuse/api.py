@@ -1,0 +1,280 @@
+"""Learned composition of existing LoRAs on a few examples: ``lorafuse.fuse(...)``.
+
+Every method weights one bank of the given LoRAs (base and LoRAs frozen) and returns a
+:class:`~lorafuse.fuse.fusion.Fusion`:
+
+| method        | what is learned                                          | trained by            |
+| ------------- | -------------------------------------------------------- | --------------------- |
+| ``lora-flow`` | per-layer gates, per-token weights (LoRA-Flow)           | the shared loop       |
+| ``cat``       | one softmax-normalised weight per LoRA per module (Soups)| the shared loop       |
+| ``lorahub``   | one weight per LoRA in [-1.5, 1.5], + 0.05·mean|w|       | nevergrad, 40 evals   |
+| ``average``   | nothing: ``w_i = 1/k``                                   | —                     |
+
+``train_fresh_lora`` trains a new PEFT LoRA on the same examples (the recycling study's control).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lorafuse._data import Encoded, encode_examples
+from lorafuse.adapters import LoRA, load_lora
+from lorafuse.fuse.cat_weights import CatWeights
+from lorafuse.fuse.flow import flow_for
+from lorafuse.fuse.fusion import Fusion, adapter_hashes
+from lorafuse.fuse.gate import Granularity
+from lorafuse.fuse.loop import TrainConfig, TrainResult, dev_loss, train
+from lorafuse.fuse.lorahub import LoraHubConfig, lorahub_search
+from lorafuse.runtime import AttachedBank, attach, detach
+
+FUSION_METHODS = ("lora-flow", "cat", "lorahub", "average")
+
+# LoRA-Flow's recipe (paper code): 5 epochs, AdamW β (0.9, 0.95), eps 1e-5, weight decay 0.1, cosine
+# with 20 % warm-up, clip 1.0, lr 1e-3, batch 4.
+FLOW_TRAIN = TrainConfig(epochs=5, batch_size=4, lr=1e-3, warmup=0.2, weight_decay=0.1, eps=1e-5)
+# CAT: the same budget; scalars per module need a larger step (the recycling study uses 5e-2).
+CAT_TRAIN = replace(FLOW_TRAIN, lr=1e-2, weight_decay=0.0)
+
+
+@dataclass(frozen=True)
+class FuseSettings:
+    """Settings of :func:`fuse`; the defaults follow each method's paper (see the module table)."""
+
+    method: Literal["lora-flow", "cat", "lorahub", "average"] = "lora-flow"
+    train: TrainConfig | None = None  # default FLOW_TRAIN / CAT_TRAIN
+    granularity: Granularity = "layer"
+    temperature: float = 1.0
+    bias_in_softmax: bool = False
+    start: int | None = -1  # gate starts on this LoRA (the last, the task LoRA); None = uniform
+    lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        base = self.train or (CAT_TRAIN if self.method == "cat" else FLOW_TRAIN)
+        return replace(base, seed=self.seed)
+
+
+def _frozen(model: nn.Module) -> dict[str, bool]:
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    return flags
+
+
+def _restore(model: nn.Module, flags: dict[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, p.requires_grad))
+
+
+def _summary(result: TrainResult, seconds: float) -> dict[str, Any]:
+    return {
+        "steps": len(result.losses),
+        "final_train_loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 5),
+        "dev_losses": result.dev,
+        "best_step": result.best_step,
+        "best_dev_loss": result.best_dev_loss,
+        "resumed_from": result.resumed_from,
+        "seconds": round(seconds, 2),
+    }
+
+
+def fit_on_bank(
+    handle: AttachedBank,
+    train_data: Sequence[Encoded],
+    dev_data: Sequence[Encoded] | None,
+    settings: FuseSettings,
+    *,
+    pad_id: int,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Fusion:
+    """Learn ``settings.method``'s weights for the bank ``handle`` (the model's parameters stay frozen)."""
+    model, started = handle.model, time.perf_counter()
+    if settings.method not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion method {settings.method!r}; choose one of {FUSION_METHODS}")
+    flags = _frozen(model)
+    try:
+        if settings.method == "average":
+            weights = torch.full((handle.k,), 1.0 / handle.k)
+            handle.set_weights(weights)
+            return Fusion("static", list(handle.names), {"weights": weights}, info={"fusion": "average"})
+        if settings.method == "lorahub":
+
+            def loss_of(w: torch.Tensor) -> float:
+                with handle.weights(w):
+                    return dev_loss(model, train_data, pad_id)
+
+            cfg = replace(settings.lorahub, seed=settings.seed)
+            weights, history = lorahub_search(loss_of, handle.k, cfg, progress=progress)
+            handle.set_weights(weights)
+            info = {
+                "fusion": "lorahub",
+                "config": asdict(cfg),
+                "objective": history,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            return Fusion("static", list(handle.names), {"weights": weights}, info=info)
+        config = settings.train_config()
+        if settings.method == "cat":
+            source: nn.Module = CatWeights(list(handle.banks), handle.k)
+            source.to(next(iter(handle.banks.values())).A.device)
+            handle.set_source(source)  # type: ignore[arg-type]
+        else:
+            source = flow_for(
+                handle,
+                granularity=settings.granularity,
+                temperature=settings.temperature,
+                bias_in_softmax=settings.bias_in_softmax,
+                start=settings.start,
+            )
+        result = train(
+            model,
+            source.parameters(),
+            train_data,
+            config,
+            pad_id=pad_id,
+            dev_data=dev_data,
+            checkpoint_dir=checkpoint_dir,
+            desc=settings.method,
+            progress=progress,
+        )
+        info = {
+            "fusion": settings.method,
+            "train": asdict(config),
+            "result": _summary(result, time.perf_counter() - started),
+        }
+        if settings.method == "cat":
+            assert isinstance(source, CatWeights)
+            return Fusion(
+                "cat-weights",
+                list(handle.names),
+                {"logits": source.logits.detach().cpu()},
+                module_paths=source.module_paths,
+                info=info,
+            )
+        return Fusion(
+            "lora-flow",
+            list(handle.names),
+            {
+                "gate.weight": source.gates.weight.detach().cpu(),
+                "gate.bias": source.gates.bias.detach().cpu(),
+            },
+            gate=source.config,
+            info=info,
+        )
+    finally:
+        _restore(model, flags)
+
+
+def fuse(
+    model: nn.Module,
+    tokenizer: Any,
+    loras: Mapping[str, LoRA | str | Path],
+    train_rows: Sequence[Mapping[str, str]],
+    dev_rows: Sequence[Mapping[str, str]] | None = None,
+    settings: FuseSettings | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    keep_attached: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Fusion:
+    """Learn how to combine ``loras`` (``{name: LoRA or PEFT folder}``, in bank order) for a task.
+
+    ``train_rows``/``dev_rows`` are ``{"prompt", "completion"}`` rows; the loss covers completion
+    tokens only. ``options`` override :class:`FuseSettings` fields (``method="cat"``, ...).
+    The LoRA order matters for LoRA-Flow's start: the gate starts on the last LoRA (put the task
+    LoRA last, as in the paper). Returns the fusion; the model is left as it was unless
+    ``keep_attached``.
+    """
+    settings = replace(settings or FuseSettings(), **options)
+    loaded: dict[str, LoRA] = {}
+    paths: dict[str, str] = {}
+    hashes: dict[str, dict[str, str]] = {}
+    for name, item in loras.items():
+        if isinstance(item, LoRA):
+            loaded[name] = item
+            source = item.metadata.get("source")
+            if source and Path(source).is_dir():
+                paths[name], hashes[name] = str(Path(source).resolve()), adapter_hashes(Path(source))
+        else:
+            loaded[name] = load_lora(item)
+            paths[name], hashes[name] = str(Path(item).resolve()), adapter_hashes(Path(item))
+    train_data = encode_examples(tokenizer, train_rows)
+    dev_data = encode_examples(tokenizer, dev_rows) if dev_rows else None
+    handle = attach(model, loaded)
+    try:
+        fusion = fit_on_bank(
+            handle,
+            train_data,
+            dev_data,
+            settings,
+            pad_id=_pad_id(tokenizer),
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+        )
+    finally:
+        if not keep_attached:
+            detach(model)
+    fusion.lora_paths, fusion.lora_hashes = paths, hashes
+    fusion.info.update(
+        {"examples": {"train": len(train_data), "dev": len(dev_data or [])}, "seed": settings.seed}
+    )
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if base:
+        fusion.info["base_model"] = base
+    return fusion
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def train_fresh_lora(
+    model: nn.Module,
+    train_data: Sequence[Encoded],
+    dev_data: Sequence[Encoded] | None,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    rank: int = 16,
+    alpha: int = 32,
+    target_modules: Sequence[str] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
+    progress: bool = True,
+) -> nn.Module:
+    """A new PEFT LoRA trained on the same few examples (a copy of ``model``; the original is untouched)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0),
+    )
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    train(
+        peft_model,
+        trainable,
+        train_data,
+        config,
+        pad_id=pad_id,
+        dev_data=dev_data,
+        desc="fresh lora",
+        progress=progress,
+    )
+    return peft_model.eval()

@@ -1,0 +1,238 @@
+"""The composition study (the main job): LoRA-Flow against task-level fusion, merges and controls.
+
+For every composite task ``<skill>_<language>`` of the skill world, with the language LoRA and the
+task LoRA (in that order, as in LoRA-Flow) and the task's 200 training / 100 dev examples:
+
+| row | what | seeds |
+| --- | --- | --- |
+| base, language LoRA, task LoRA | weights (0,0), (1,0), (0,1) | — |
+| average | (1/2, 1/2) | — |
+| LoraHub | nevergrad search of (w_lang, w_task), loss + 0.05·mean|w| | each |
+| learned CAT | LoRA Soups: softmax weights per module, trained | each |
+| best merge | every training-free merge at weights (1,1) and (½,½), chosen on dev | — |
+| LoRA-Flow | per-layer, per-token gates, trained | each |
+| fresh LoRA (control) | a new rank-16 LoRA trained on the same 200 examples | each |
+| LoRA-Flow, random LoRAs (control) | the gates trained over LoRAs redrawn with matching std | each |
+| oracle | the world's LoRA trained on 5,000 composite examples | — |
+
+Exact match (%) on the test split; trained rows give mean ± std over the seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lorafuse._data import encode_examples
+from lorafuse.adapters import LoRA, load_lora
+from lorafuse.eval import evaluate
+from lorafuse.fuse import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
+from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
+from lorafuse.fuse.flow import mean_weights
+from lorafuse.merge import merge
+from lorafuse.runtime import attach, detach
+from lorafuse.skillworld.data import COMPOSITES, read_jsonl
+from lorafuse.skillworld.evaluate import load_world
+
+ROWS = [
+    "base",
+    "language LoRA",
+    "task LoRA",
+    "average",
+    "LoraHub",
+    "learned CAT",
+    "best merge",
+    "LoRA-Flow",
+    "fresh LoRA (control)",
+    "LoRA-Flow, random LoRAs (control)",
+    "oracle",
+]
+SEEDED = {"LoraHub", "learned CAT", "LoRA-Flow", "fresh LoRA (control)", "LoRA-Flow, random LoRAs (control)"}
+MERGES: dict[str, dict[str, Any]] = {
+    "linear": {},
+    "svd": {"rank": 16},
+    "ties": {"rank": 16, "density": 0.5},
+    "dare_ties": {"rank": 16, "density": 0.5},
+    "magnitude_prune": {"rank": 16, "density": 0.5},
+    "lego": {"rank": 16},
+}
+MERGE_WEIGHTS = [(1.0, 1.0), (0.5, 0.5)]
+
+
+def _score(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
+    return round(evaluate(model, tokenizer, rows)["exact_match"], 2)
+
+
+def _best_merge(
+    model: torch.nn.Module, tokenizer: Any, loras: list[LoRA], dev: list[dict[str, str]], seed: int
+) -> tuple[LoRA, dict[str, Any]]:
+    """Every merge method × weighting, scored on ``dev``; the best (first on ties) and all dev scores."""
+    scores: dict[str, float] = {}
+    best: tuple[float, str, LoRA] | None = None
+    for method, settings in MERGES.items():
+        for weights in MERGE_WEIGHTS:
+            settings = dict(settings)
+            rank = settings.pop("rank", None)
+            merged = merge(loras, method, list(weights), rank, seed=seed, progress=False, **settings)
+            attach(model, [merged])
+            name = f"{method} w={weights[0]:g},{weights[1]:g}"
+            scores[name] = _score(model, tokenizer, dev)
+            detach(model)
+            if best is None or scores[name] > best[0]:
+                best = (scores[name], name, merged)
+    assert best is not None
+    return best[2], {"chosen": best[1], "dev_scores": scores}
+
+
+def composition_study(
+    root: Path,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    limit: int | None = None,
+    merge_dev_limit: int | None = 50,
+    composites: Sequence[str] = COMPOSITES,
+    epochs: float = 5.0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the study on the world at ``root``; returns scores, gate statistics and timings (JSON-able)."""
+    started = time.perf_counter()
+    tokenizer, model = load_world(root)
+    pad = tokenizer.pad_token_id
+    results: dict[str, dict[str, list[float]]] = {}
+    details: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    per_composite = 5 + len(seeds) * len(SEEDED)
+    bar = tqdm(
+        total=len(composites) * per_composite, desc="composition study", unit="run", disable=not progress
+    )
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update()
+
+    for composite in composites:
+        t0 = time.perf_counter()
+        skill, language = composite.split("_")
+        data = root / "data" / composite
+        train_rows, dev_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
+        test_rows = read_jsonl(data / "test.jsonl")[:limit]
+        train_data, dev_data = encode_examples(tokenizer, train_rows), encode_examples(tokenizer, dev_rows)
+        lang, task = load_lora(root / "loras" / f"lang_{language}"), load_lora(root / "loras" / skill)
+        scores: dict[str, list[float]] = {row: [] for row in ROWS}
+        info: dict[str, Any] = {
+            "loras": [f"lang_{language}", skill],
+            "train": len(train_rows),
+            "dev": len(dev_rows),
+            "test": len(test_rows),
+            "flow_gate_mean": {},
+        }
+
+        merged, info["merge"] = _best_merge(
+            model, tokenizer, [lang, task], dev_rows[:merge_dev_limit], seed=0
+        )
+        attach(model, [merged])
+        scores["best merge"].append(_score(model, tokenizer, test_rows))
+        detach(model)
+        tick(f"{composite}: merges")
+        attach(model, [load_lora(root / "loras" / f"oracle_{composite}")])
+        scores["oracle"].append(_score(model, tokenizer, test_rows))
+        detach(model)
+        tick(f"{composite}: oracle")
+
+        handle = attach(model, {"lang": lang, "task": task})
+        for row, weights in [("base", [0.0, 0.0]), ("language LoRA", [1.0, 0.0]), ("task LoRA", [0.0, 1.0])]:
+            handle.set_weights(weights)
+            scores[row].append(_score(model, tokenizer, test_rows))
+        tick(f"{composite}: singles")
+        fusion = fit_on_bank(
+            handle, train_data, dev_data, FuseSettings(method="average"), pad_id=pad, progress=False
+        )
+        scores["average"].append(_score(model, tokenizer, test_rows))
+        tick(f"{composite}: average")
+        for seed in seeds:
+            for row, method in [("LoraHub", "lorahub"), ("learned CAT", "cat"), ("LoRA-Flow", "lora-flow")]:
+                fusion = fit_on_bank(
+                    handle, train_data, dev_data, _settings(method, seed, epochs), pad_id=pad, progress=False
+                )
+                scores[row].append(_score(model, tokenizer, test_rows))
+                if method == "lorahub":
+                    info.setdefault("lorahub_weights", []).append(
+                        [round(float(w), 4) for w in fusion.tensors["weights"]]
+                    )
+                if method == "lora-flow":
+                    info["flow_gate_mean"][seed] = _gate_mean(handle.banks, dev_rows, model, tokenizer)
+                    info.setdefault("flow_best_step", []).append(fusion.info["result"]["best_step"])
+                tick(f"{composite}: {row} seed {seed}")
+        detach(model)
+        timings[f"{composite}_fusions_s"] = round(time.perf_counter() - t0, 1)
+
+        for seed in seeds:
+            fresh_config = replace(FLOW_TRAIN, lr=4e-3, weight_decay=0.0, eps=1e-8, seed=seed, epochs=epochs)
+            fresh = train_fresh_lora(model, train_data, dev_data, fresh_config, pad_id=pad, progress=False)
+            scores["fresh LoRA (control)"].append(_score(fresh, tokenizer, test_rows))
+            del fresh
+            tick(f"{composite}: fresh LoRA seed {seed}")
+            randoms = {"lang": random_like(lang, 10_000 + seed), "task": random_like(task, 20_000 + seed)}
+            handle = attach(model, randoms)
+            settings = _settings("lora-flow", seed, epochs)
+            fit_on_bank(handle, train_data, dev_data, settings, pad_id=pad, progress=False)
+            scores["LoRA-Flow, random LoRAs (control)"].append(_score(model, tokenizer, test_rows))
+            detach(model)
+            tick(f"{composite}: random-LoRA flow seed {seed}")
+        results[composite] = scores
+        details[composite] = info
+        timings[f"{composite}_s"] = round(time.perf_counter() - t0, 1)
+        if log:
+            log(f"{composite}: " + ", ".join(f"{r} {statistics.mean(v):.1f}" for r, v in scores.items()))
+    bar.close()
+    return {
+        "metric": "exact match (%) on the test split",
+        "rows": ROWS,
+        "seeded_rows": sorted(SEEDED),
+        "composites": list(composites),
+        "seeds": list(seeds),
+        "limit": limit,
+        "results": results,
+        "details": details,
+        "train": {
+            "lora-flow": asdict(FLOW_TRAIN),
+            "cat": asdict(CAT_TRAIN),
+            "epochs": epochs,
+            "fresh LoRA": "as lora-flow with lr 4e-3, no weight decay, eps 1e-8",
+        },
+        "timings": timings,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _settings(method: str, seed: int, epochs: float) -> FuseSettings:
+    """Each method's default recipe (lorafuse.fuse.api) with ``epochs`` passes over the 200 examples."""
+    train = CAT_TRAIN if method == "cat" else FLOW_TRAIN
+    return FuseSettings(method=method, train=replace(train, epochs=epochs), seed=seed)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def _gate_mean(
+    banks: dict[str, Any], rows: list[dict[str, str]], model: torch.nn.Module, tokenizer: Any
+) -> list[list[float]]:
+    """Mean LoRA-Flow weights per layer ``(layers, k)`` over the dev sequences (teacher-forced)."""
+    from lorafuse._data import collate
+
+    source = next(iter(banks.values())).source
+    assert isinstance(source, LoRAFlow)
+    source.record = []
+    batch = collate(encode_examples(tokenizer, rows), tokenizer.pad_token_id)
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    real = batch["attention_mask"].bool()  # (B, T): padding left out of the mean
+    source.record = [(layer, w[real]) for layer, w in source.record]
+    mean = mean_weights(source)  # (layers, k)
+    source.record = None
+    return [[round(float(v), 4) for v in row] for row in mean]
