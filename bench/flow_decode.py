@@ -122,7 +122,8 @@ def main() -> None:
         tps = batch * args.new_tokens / statistics.median(times)
         rows.append({"case": case, "batch": batch, "system": system, "seconds": times, "tokens_per_s": tps})
         print(
-            f"{case:>16} batch {batch:>2} {system:>8}: {tps:8.1f} tok/s  (median {statistics.median(times):.3f} s)"
+            f"{case:>16} batch {batch:>2} {system:>8}: {tps:8.1f} tok/s"
+            f"  (median {statistics.median(times):.3f} s)"
         )
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -203,7 +204,8 @@ def main() -> None:
     stem = RESULTS / f"flow_decode-{device}-{args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(record_json, indent=2) + "\n")
     lines = [
-        f"Decoding throughput, {device} {args.dtype}, {torch.get_num_threads()} threads, {args.layers} layers × "
+        f"Decoding throughput, {device} {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.layers} layers × "
         f"{args.hidden} hidden, LoRAs rank {rank}, prompt {args.prompt} + {args.new_tokens} new tokens; "
         f"median of {args.reps}",
         "",

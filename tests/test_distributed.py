@@ -1,4 +1,5 @@
-"""The shared training loop under `accelerate launch` with 2 CPU processes gives the gate of 1 process.
+"""The shared training loop on 2 CPU processes (torchrun, as under `accelerate launch --multi_gpu`)
+gives the gate of 1 process.
 
 Each process takes every second example of the same seeded global batches; losses are weighted
 by each process's share of completion tokens and gradients summed, so the two runs agree up to
@@ -24,21 +25,15 @@ def test_two_processes_train_the_same_gate_as_one(tiny_world: Path, tmp_path: Pa
     launch = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
+        "torch.distributed.run",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
+        "--master_port",
         "29517",
     ]
     subprocess.run([*launch, str(SCRIPT), str(tiny_world), str(two)], check=True, env=env, timeout=300)
     a, b = load_file(str(one)), load_file(str(two))
+    assert int(a["processes"]) == 1 and int(b["processes"]) == 2
     assert a["weight"].abs().max() > 1e-3  # the gate moved
     for key in ("weight", "bias", "losses"):
         assert (a[key] - b[key]).abs().max() < 1e-4, (key, (a[key] - b[key]).abs().max())

@@ -22,7 +22,13 @@ ALLOWED = {
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
 BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
-PURE_MATHS = ["adapters/lora.py", "runtime/functional.py"]
+PURE_MATHS = [
+    "adapters/lora.py",
+    "runtime/functional.py",
+    "fuse/gate.py",
+    "fuse/lorahub.py",
+    "fuse/controls.py",
+]
 
 
 def lorafuse_imports(path: Path) -> set[str]:

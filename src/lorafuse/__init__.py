@@ -6,10 +6,15 @@ The public API (see README.md):
   :func:`save_lora`, :func:`check_compatible`;
 - merging: :func:`merge` (methods in :data:`MERGE_METHODS`), :func:`load_recipe`;
 - runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
-  may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``.
+  may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``;
+- learned composition: :func:`fuse` (LoRA-Flow, learned CAT, LoraHub, average), :class:`Fusion`,
+  :func:`save_fusion`, :func:`load_fusion`.
 """
 
-from lorafuse import merge  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
+from lorafuse import (
+    fuse,  # a callable package: lorafuse.fuse(...) and lorafuse.fuse.flow
+    merge,  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
+)
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
 from lorafuse.errors import (
     AdapterFormatError,
@@ -18,6 +23,7 @@ from lorafuse.errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
+from lorafuse.fuse import FuseSettings, Fusion, TrainConfig, load_fusion, save_fusion
 from lorafuse.merge import MERGE_METHODS, load_recipe
 from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
 
@@ -29,20 +35,26 @@ __all__ = [
     "AttachedBank",
     "CompatibilityError",
     "Delta",
+    "FuseSettings",
+    "Fusion",
     "LoRA",
     "LoRABank",
     "LoRAModule",
     "LorafuseError",
     "PickleRefusedError",
     "StaticWeights",
+    "TrainConfig",
     "UnsupportedAdapterError",
     "WeightSource",
     "__version__",
     "attach",
     "check_compatible",
     "detach",
+    "fuse",
+    "load_fusion",
     "load_lora",
     "load_recipe",
     "merge",
+    "save_fusion",
     "save_lora",
 ]

@@ -37,8 +37,10 @@ def load_base(
     found = next((c for c in candidates if c and (c / "tokenizer_config.json").is_file()), None)
     if found is None:
         raise typer.BadParameter(f"no tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # under torchrun / `accelerate launch`, each process its own device
+        from lorafuse.fuse.loop import process_state
+
+        device = str(process_state().device)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype)).to(device).eval()
     return model, AutoTokenizer.from_pretrained(str(found))
 
@@ -130,9 +132,9 @@ def fuse(
         model, tok, loras, _rows(train), _rows(dev) if dev else None, settings, checkpoint_dir=checkpoint
     )
     fusion.info["tokenizer"] = str((tokenizer or base).resolve())
-    from accelerate import PartialState
+    from lorafuse.fuse.loop import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         save_fusion(fusion, out)
         if fusion.gate is not None:
             g = fusion.gate

@@ -1,5 +1,6 @@
 """Train LoRA-Flow gates on the tiny world and save them: run by test_distributed.py with 1 process
-(plain python) and with 2 processes (`accelerate launch --cpu --num_processes 2`)."""
+(plain python) and with 2 processes (`torchrun --nproc_per_node 2`, the launcher under
+`accelerate launch --multi_gpu`; the script's Accelerator joins the gloo process group)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def main(world: Path, out: Path) -> None:
         pad_id=tokenizer.pad_token_id,
         progress=False,
     )
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         save_file(
             {
+                "processes": torch.tensor(state.num_processes),
                 "weight": flow.gates.weight.detach(),
                 "bias": flow.gates.bias.detach(),
                 "losses": torch.tensor(result.losses),

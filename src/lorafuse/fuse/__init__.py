@@ -1,4 +1,11 @@
-"""Learned composition of LoRAs: LoRA-Flow gates, task-level baselines, and the shared training loop."""
+"""Learned composition of LoRAs: LoRA-Flow gates, task-level baselines, and the shared training loop.
+
+The package is callable: ``lorafuse.fuse(model, tokenizer, loras, train_rows, ...)`` is
+:func:`lorafuse.fuse.api.fuse`, while ``lorafuse.fuse.flow`` etc. stay importable modules.
+"""
+
+import sys
+import types
 
 from lorafuse.fuse.api import FUSION_METHODS, FuseSettings, fit_on_bank, fuse, train_fresh_lora
 from lorafuse.fuse.cat_weights import CatWeights
@@ -30,3 +37,11 @@ __all__ = [
     "train_fresh_lora",
     "train_loop",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fuse(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

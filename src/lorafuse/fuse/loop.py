@@ -75,6 +75,15 @@ def lr_at(step: int, config: TrainConfig, total: int | None = None) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def process_state(cpu: bool | None = None):  # type: ignore[no-untyped-def]
+    """accelerate's process state (rank, world size, device). On a machine without CUDA it must be
+    created with ``cpu=True`` to join a multi-process CPU run (torchrun); doing it here first, before
+    anything else asks, keeps every caller in the same process group."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+
+
 def default_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy on the labelled (completion) tokens: the HF model's own ``loss``."""
     return model(**batch).loss
@@ -206,6 +215,7 @@ def train(
     """
     from accelerate import Accelerator
 
+    process_state(cpu=_device_of(model).type == "cpu")
     accelerator = Accelerator(cpu=_device_of(model).type == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     params = [p for p in params if p.requires_grad]
