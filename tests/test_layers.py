@@ -18,11 +18,16 @@ ALLOWED = {
     "fuse": {"adapters", "runtime"},
     "route": {"adapters", "runtime"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval"},
+    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress"},
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
 BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
-PURE_MATHS = ["adapters/lora.py", "runtime/functional.py"]
+PURE_MATHS = [
+    "adapters/lora.py",
+    "runtime/functional.py",
+    *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),
+    *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry")),
+]
 
 
 def lorafuse_imports(path: Path) -> set[str]:
