@@ -327,6 +327,11 @@ def world_merge_study(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+from lorafuse.cli_compress import register as _register_compress  # noqa: E402
+
+_register_compress(app, world_app)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2."""
     # Deprecation chatter between transformers and peft releases is not the user's concern.
