@@ -65,11 +65,14 @@ def factors_nbytes(
 ) -> int:
     """Exact bytes of quantized factors with ``segments`` ``[(vectors, bits)]``."""
     total = 0
-    for n, bits in segments:
+    for i, (n, bits) in enumerate(segments):
         if n == 0:
             continue
         total += 4 * n  # S
-        total += quant_nbytes(n, in_, bits, min(group_size, in_), "float16", act_order)  # Vᵀ rows
+        shared_perm = act_order and i > 0  # Vᵀ segments share one act-order permutation
+        total += quant_nbytes(n, in_, bits, min(group_size, in_), "float16", act_order) - (
+            in_ * (2 if in_ <= 32767 else 4) if shared_perm else 0
+        )  # Vᵀ rows
         total += quant_nbytes(out, n, bits, min(group_size, n), "float16", act_order)  # U columns
     return total
 
@@ -194,6 +197,16 @@ def auto_allocate(
         err_ = estimate(segs)
         if err_ < best_err:
             best, best_err = segs, err_
+    for bits in widths:  # single-width allocations: a fallback where λ skips over them
+        try:
+            segs = fit_schedule(
+                [(bits, None)], out, in_, budget, max_rank=S.numel(), group_size=group_size,
+                act_order=act_order, path=path,
+            )  # fmt: skip
+        except BudgetError:
+            continue
+        if estimate(segs) < best_err:
+            best, best_err = segs, estimate(segs)
     if not best:
         one = min(factors_nbytes(out, in_, [(1, b)], group_size, act_order) for b in widths)
         raise _too_small(path, out, in_, budget, one)

@@ -58,7 +58,7 @@ class QuantFactors:
 
     @property
     def nbytes(self) -> int:
-        return self.S.numel() * 4 + sum(q.nbytes for q in (*self.V, *self.U))
+        return sum(t.nbytes for t in self.to_tensors("m").values())
 
     def factors(self) -> tuple[Tensor, Tensor]:
         A = torch.cat([v.dequantize() for v in self.V], dim=0)  # (r, in)
@@ -72,7 +72,10 @@ class QuantFactors:
     def to_tensors(self, prefix: str) -> dict[str, Tensor]:
         tensors = {f"{prefix}.S": self.S.float()}
         for i, (v, u) in enumerate(zip(self.V, self.U, strict=True)):
-            tensors |= v.to_tensors(f"{prefix}.V{i}") | u.to_tensors(f"{prefix}.U{i}")
+            v_tensors = v.to_tensors(f"{prefix}.V{i}")
+            if i and self.V[0].perm is not None:  # every Vᵀ segment shares H_x's act-order: stored once
+                v_tensors.pop(f"{prefix}.V{i}.perm")
+            tensors |= v_tensors | u.to_tensors(f"{prefix}.U{i}")
         return tensors
 
     def meta(self) -> dict[str, Any]:
@@ -85,6 +88,10 @@ class QuantFactors:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], prefix: str, meta: dict[str, Any]) -> QuantFactors:
+        tensors = dict(tensors)
+        if f"{prefix}.V0.perm" in tensors:
+            for i in range(1, len(meta["V"])):
+                tensors[f"{prefix}.V{i}.perm"] = tensors[f"{prefix}.V0.perm"]
         V = tuple(QuantizedMatrix.from_tensors(tensors, f"{prefix}.V{i}", m) for i, m in enumerate(meta["V"]))
         U = tuple(QuantizedMatrix.from_tensors(tensors, f"{prefix}.U{i}", m) for i, m in enumerate(meta["U"]))
         return cls(tensors[f"{prefix}.S"], V, U, meta.get("estimated_error"))
