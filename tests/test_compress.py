@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -19,6 +20,7 @@ from lorafuse.compress import (
     collect_hessians,
     compress_checkpoint,
     decompress,
+    distill_scales,
     gptq_quantize,
     load_compressed,
     pack_bits,
@@ -29,6 +31,7 @@ from lorafuse.compress import (
 )
 from lorafuse.compress.budget import factors_nbytes
 from lorafuse.compress.deltacome import DeltaCoMeParams, compress_delta_come
+from lorafuse.compress.types import SignDelta
 from lorafuse.errors import BudgetError, CompressError
 from lorafuse.skillworld.tokenizer import build_tokenizer
 from lorafuse.tiny import save_model, tiny_gpt2, tiny_llama
@@ -207,6 +210,30 @@ def test_other_tensors_reported_and_stored_on_request(pair: tuple[Path, Path], t
         load(tmp_path / "m").model.embed_tokens.weight, load(ft).model.embed_tokens.weight, atol=1e-6, rtol=0
     )
     assert set(stored.other) == set(changed)
+
+
+def test_bitdelta_scale_distillation_recovers_the_scales(llama_dir: Path, tmp_path: Path) -> None:
+    # A fine-tune that is exactly α·sign on every projection (α = 0.03); start distillation from α/4.
+    ft = load(llama_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if p.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                p.add_(0.03 * torch.randn(p.shape, generator=g).sign())
+    save_model(ft, tmp_path / "ft")
+    cd = compress_checkpoint(llama_dir, tmp_path / "ft", method="bitdelta", budget="1/4", progress=False)
+    assert all(abs(m.alpha - 0.03) < 1e-6 for m in cd.modules.values())
+    shrunk = dataclasses.replace(
+        cd, modules={p: SignDelta(m.signs, m.alpha / 4) for p, m in cd.modules.items()}
+    )
+    student = load(llama_dir)
+    before = {n: p.clone() for n, p in student.state_dict().items()}
+    seqs = [torch.randint(3, 128, (12,), generator=g) for _ in range(8)]
+    tuned = distill_scales(student, ft, shrunk, seqs, steps=60, lr=2e-3, progress=False)
+    record = tuned.info["scale_distillation"]
+    assert record["logit_mse_after"] < 0.2 * record["logit_mse_before"]
+    assert all(m.alpha > 0.02 for m in tuned.modules.values())  # from 0.0075 towards 0.03
+    assert all(torch.equal(before[n], p) for n, p in student.state_dict().items())  # student untouched
 
 
 def test_bad_inputs_clear_errors_and_no_output(pair: tuple[Path, Path], tmp_path: Path) -> None:

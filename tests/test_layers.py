@@ -26,7 +26,7 @@ PURE_MATHS = [
     "adapters/lora.py",
     "runtime/functional.py",
     *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),
-    *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry")),
+    *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry", "distill")),
 ]
 
 

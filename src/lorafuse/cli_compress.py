@@ -94,6 +94,9 @@ def compress(
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
+    distill_steps: Annotated[
+        int, typer.Option(help="bitdelta: steps of scale distillation on --calib (BitDelta uses 200).")
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Compress FINETUNED − BASE: every attention/MLP projection at BUDGET of its fp16 size.
@@ -106,7 +109,7 @@ def compress(
     Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
     """
     from lorafuse.cli import _parse_settings
-    from lorafuse.compress import compress_checkpoint
+    from lorafuse.compress import compress_checkpoint, save_compressed
 
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to replace it")
@@ -115,11 +118,13 @@ def compress(
         params["schedule"] = schedule
     if quantizer is not None:
         params["quantizer"] = quantizer
+    if distill_steps and (method != "bitdelta" or calib is None):
+        raise typer.BadParameter("--distill-steps needs --method bitdelta and --calib")
     hessians = hessians_for(finetuned, calib, tokenizer, samples, max_tokens, seed) if calib else None
     result = compress_checkpoint(
         base,
         finetuned,
-        out,
+        None if distill_steps else out,
         method=method,
         budget=budget,
         hessians=hessians,
@@ -127,6 +132,9 @@ def compress(
         params=params,
         overwrite=force,
     )
+    if distill_steps:
+        result = _distill(result, base, finetuned, calib, tokenizer, samples, max_tokens, seed, distill_steps)
+        save_compressed(result, out, overwrite=force)
     report = result.info["modules"].values()
     mean = lambda key: sum(m[key] for m in report) / len(report)  # noqa: E731
     typer.echo(
@@ -141,6 +149,22 @@ def compress(
         typer.echo(
             f"{len(changed)} non-linear tensors changed and were {action}: {', '.join(sorted(changed)[:4])}"
         )
+
+
+def _distill(result, base, finetuned, calib, tokenizer_dir, samples, max_tokens, seed, steps):  # type: ignore[no-untyped-def]
+    """BitDelta scale distillation: student = base + plain deltas + α·sign, teacher = the fine-tune."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.compress import apply_delta, distill_scales
+
+    tokenizer = _tokenizer([p for p in (tokenizer_dir, finetuned) if p is not None])
+    sequences = calibration_sequences(tokenizer, calib, samples, max_tokens, seed)
+    student = apply_delta(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval(), result, linear=False
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
+    return distill_scales(student, teacher, result, sequences, steps=steps, seed=seed)
 
 
 def decompress(

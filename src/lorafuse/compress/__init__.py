@@ -7,6 +7,7 @@ from lorafuse.compress import bitdelta, deltacome, lowrank, rtn  # noqa: F401  (
 from lorafuse.compress.api import apply_delta, compress_checkpoint, decompress
 from lorafuse.compress.budget import budget_nbytes, parse_budget, parse_schedule
 from lorafuse.compress.calibrate import activation_error, collect_hessians
+from lorafuse.compress.distill import distill_scales
 from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
 from lorafuse.compress.packing import pack_bits, packed_nbytes, unpack_bits
 from lorafuse.compress.quantize import QuantizedMatrix, gptq_quantize, gptq_quantize_segments, rtn_quantize
@@ -23,6 +24,7 @@ __all__ = [
     "collect_hessians",
     "compress_checkpoint",
     "decompress",
+    "distill_scales",
     "get_method",
     "gptq_quantize",
     "gptq_quantize_segments",

@@ -4,7 +4,8 @@
 signs plus one fp32 scale, so the method is accepted when the sign bits fit the budget (ratio
 ``≥ 1/16``); its exact size (4 bytes over ``1/16`` per matrix) is reported, not hidden. The
 paper's optional scale distillation (training the ``α`` of every matrix so the compressed
-model's logits match the fine-tuned model's) is :func:`lorafuse.compress.distill.distill_scales`.
+model's logits match the fine-tuned model's) is :func:`lorafuse.compress.distill.distill_scales`
+(``lorafuse compress --method bitdelta --distill-steps 200 --calib FILE``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 from lorafuse._data import encode_examples
 from lorafuse._io import atomic_output_dir, versions
-from lorafuse.compress import apply_delta, collect_hessians, compress_checkpoint
+from lorafuse.compress import (
+    activation_error,
+    apply_delta,
+    collect_hessians,
+    compress_checkpoint,
+    distill_scales,
+)
 from lorafuse.errors import BudgetError
 from lorafuse.eval import evaluate
 from lorafuse.fuse.loop import TrainConfig, train_loop
@@ -33,14 +39,15 @@ from lorafuse.skillworld.build import world_home
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 
-# (row label, method, settings)
-VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("delta-come (8:2,3:32,2:*, GPTQ)", "delta-come", {}),
-    ("delta-come (auto, GPTQ)", "delta-come", {"schedule": "auto"}),
-    ("delta-come (8:2,3:32,2:*, RTN)", "delta-come", {"quantizer": "rtn"}),
-    ("low-rank (fp16)", "low-rank", {}),
-    ("bitdelta", "bitdelta", {}),
-    ("rtn (dense)", "rtn", {}),
+# (row label, method, settings, BitDelta scale-distillation steps)
+VARIANTS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("delta-come (8:2,3:32,2:*, GPTQ)", "delta-come", {}, 0),
+    ("delta-come (auto, GPTQ)", "delta-come", {"schedule": "auto"}, 0),
+    ("delta-come (8:2,3:32,2:*, RTN)", "delta-come", {"quantizer": "rtn"}, 0),
+    ("low-rank (fp16)", "low-rank", {}, 0),
+    ("bitdelta", "bitdelta", {}, 0),
+    ("bitdelta + scale distillation", "bitdelta", {}, 200),
+    ("rtn (dense)", "rtn", {}, 0),
 ]
 CALIB_SAMPLES = 128
 
@@ -111,7 +118,7 @@ def compress_study(
         sizes: dict[str, int] = {}
         bar = tqdm(total=len(budgets) * len(VARIANTS), desc=f"compress {skill}", disable=not progress)
         for budget in budgets:
-            for label, method, settings in VARIANTS:
+            for label, method, settings, distill_steps in VARIANTS:
                 bar.update()
                 t0 = time.perf_counter()
                 try:
@@ -128,6 +135,11 @@ def compress_study(
                 except BudgetError as exc:
                     rows[f"{label} @ {budget}"] = {"skipped": str(exc).split(": ", 1)[-1]}
                     continue
+                if distill_steps:  # BitDelta's recipe: 200 steps, batch 4, lr 1e-4
+                    student = apply_delta(copy.deepcopy(base), cd, linear=False)
+                    cd = distill_scales(
+                        student, ft, cd, calib, steps=distill_steps, seed=seed, progress=False
+                    )
                 seconds = time.perf_counter() - t0
                 sizes["fp16"] = cd.fp16_nbytes
                 sizes["other"] = sum(4 * t.numel() for t in cd.other.values())
@@ -137,13 +149,13 @@ def compress_study(
                     attach(model, [cd.to_lora()])
                 else:
                     apply_delta(model, cd, other=False)
-                report = cd.info["modules"].values()
+                weight_err, act_err = errors(cd, base, ft, hessians)
                 rows[f"{label} @ {budget}"] = {
                     "accuracy": score(model, tokenizer, tests),
                     "nbytes": cd.nbytes,
                     "ratio": cd.nbytes / cd.fp16_nbytes,
-                    "activation_error": sum(m["activation_error"] for m in report) / len(report),
-                    "weight_error": sum(m["weight_error"] for m in report) / len(report),
+                    "activation_error": act_err,
+                    "weight_error": weight_err,
                     "compress_seconds": round(seconds, 2),
                 }
                 detach(model)
@@ -173,6 +185,20 @@ def load_world_model(path: Path) -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32
     ).eval()
+
+
+@torch.no_grad()
+def errors(
+    cd: Any, base: torch.nn.Module, ft: torch.nn.Module, hessians: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """Mean over the projections of the weight and calibration-activation errors of ``ΔŴ``."""
+    weight, act = [], []
+    for path, module in cd.modules.items():
+        delta = ft.get_parameter(f"{path}.weight") - base.get_parameter(f"{path}.weight")  # (out, in)
+        approx = module.delta()
+        weight.append(float((approx - delta).norm() / delta.norm()))
+        act.append(activation_error(delta, approx, hessians[path]))
+    return sum(weight) / len(weight), sum(act) / len(act)
 
 
 def score(model: torch.nn.Module, tokenizer: Any, tests: list[dict[str, str]]) -> float:
