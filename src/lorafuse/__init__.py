@@ -6,11 +6,14 @@ The public API (see README.md):
   :func:`save_lora`, :func:`check_compatible`;
 - merging: :func:`merge` (methods in :data:`MERGE_METHODS`), :func:`load_recipe`;
 - runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
-  may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``.
+  may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``;
+- compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
+  :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``).
 """
 
 from lorafuse import merge  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
+from lorafuse.compress import COMPRESS_METHODS, compress_checkpoint, decompress, load_compressed
 from lorafuse.errors import (
     AdapterFormatError,
     CompatibilityError,
@@ -24,6 +27,7 @@ from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPRESS_METHODS",
     "MERGE_METHODS",
     "AdapterFormatError",
     "AttachedBank",
@@ -40,7 +44,10 @@ __all__ = [
     "__version__",
     "attach",
     "check_compatible",
+    "compress_checkpoint",
+    "decompress",
     "detach",
+    "load_compressed",
     "load_lora",
     "load_recipe",
     "merge",

@@ -191,7 +191,7 @@ def compress_study(
     seed: Annotated[int, typer.Option(help="Seed of the world and of the fine-tunes.")] = 0,
     skills: Annotated[str, typer.Option(help="Comma-separated task skills to fine-tune.")] = "math,list",
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "1/16,1/32",
-    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.")] = 300,
+    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.")] = 600,
     limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")

@@ -89,7 +89,7 @@ def compress_study(
     *,
     skills: list[str],
     budgets: list[str],
-    steps: int = 300,
+    steps: int = 600,
     seed: int = 0,
     limit: int | None = None,
     progress: bool = True,
