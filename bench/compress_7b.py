@@ -14,8 +14,10 @@ process, which reports:
 - exact bytes (scales, zero points, permutations counted) and their ratio to fp16;
 - errors: weight ``‖ΔŴ − ΔW‖_F / ‖ΔW‖_F`` and activation ``√(tr(E H Eᵀ) / tr(ΔW H ΔWᵀ))``.
 
-Usage: ``python bench/compress_7b.py [--reps 5] [--svd-reps 3] [--threads 1] [--quick]``;
-writes ``bench/results/compress_7b.json`` and ``.md``.
+Usage: ``python bench/compress_7b.py [--reps 5] [--svd-reps 3] [--threads 1] [--budgets 1/16,1/32]
+[--shapes attention,mlp] [--name compress_7b] [--slow-last LABELS] [--quick]``; writes
+``bench/results/<name>.json`` and ``.md`` after every measurement (the ``--slow-last`` variants,
+by default ``delta-come (auto, GPTQ)``, are measured after all the others).
 """
 
 from __future__ import annotations
@@ -142,38 +144,47 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", default="1/16,1/32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shapes", default="attention,mlp", help="attention and/or mlp")
+    parser.add_argument("--name", default="compress_7b", help="file name stem in bench/results/")
+    parser.add_argument(
+        "--slow-last",
+        default="delta-come (auto, GPTQ)",
+        help="variants measured after all the others (comma-separated labels)",
+    )
     parser.add_argument("--quick", action="store_true", help="1024×1024 and 2752×1024 instead (a smoke run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = (
         SHAPES if not args.quick else {"attention (1024×1024)": (1024, 1024), "mlp (2752×1024)": (2752, 1024)}
     )
+    shapes = {k: v for k, v in shapes.items() if k.split()[0] in args.shapes.split(",")}
     budgets = [b.strip() for b in args.budgets.split(",")]
-    rows = []
+    slow = [v.strip() for v in args.slow_last.split(",") if v.strip()]
+    passes = [[v for v in VARIANTS if v not in slow], [v for v in VARIANTS if v in slow]]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (out_dim, in_dim) in shapes.items():
-            path = str(Path(tmp) / "inputs.safetensors")
-            save_file(make_inputs(out_dim, in_dim, args.seed), path)
-            for budget in budgets:
-                for name, (method, settings) in VARIANTS.items():
-                    if method in ("bitdelta", "rtn") and Fraction(budget) < Fraction(1, 16):
-                        rows.append(
-                            {"shape": label, "budget": budget, "method": name, "skipped": "needs ≥ 1/16"}
-                        )
-                        continue
-                    reps = args.svd_reps if method in ("delta-come", "low-rank") else args.reps
-                    print(f"{label} {budget} {name} ...", flush=True)
-                    result = measure(path, method, settings, budget, reps, args.threads)
-                    rows.append(
-                        {
-                            "shape": label,
-                            "dims": [out_dim, in_dim],
-                            "budget": budget,
-                            "method": name,
-                            **result,
-                        }
-                    )
-                    print(f"  {result['median_s']:.2f} s, {result['activation_error']:.4f}", flush=True)
+        for names in passes:
+            for label, (out_dim, in_dim) in shapes.items():
+                path = str(Path(tmp) / f"{out_dim}x{in_dim}.safetensors")
+                if not Path(path).exists():
+                    save_file(make_inputs(out_dim, in_dim, args.seed), path)
+                for budget in budgets:
+                    for name in names:
+                        method, settings = VARIANTS[name]
+                        row = {"shape": label, "dims": [out_dim, in_dim], "budget": budget, "method": name}
+                        if method in ("bitdelta", "rtn") and Fraction(budget) < Fraction(1, 16):
+                            rows.append({**row, "skipped": "needs ≥ 1/16"})
+                            continue
+                        reps = args.svd_reps if method in ("delta-come", "low-rank") else args.reps
+                        print(f"{label} {budget} {name} ...", flush=True)
+                        result = measure(path, method, settings, budget, reps, args.threads)
+                        rows.append({**row, **result})
+                        print(f"  {result['median_s']:.2f} s, {result['activation_error']:.4f}", flush=True)
+                        write(args, rows)  # after every row: a long run leaves what it measured
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The JSON record and the Markdown table of the rows measured so far."""
     record = {
         "question": "compression time, peak memory and error per method, one Llama-2-7B-shaped layer",
         "threads": args.threads,
@@ -187,7 +198,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = "compress_7b" + ("-quick" if args.quick else "")
+    stem = args.name + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"Compressing one 7B-shaped layer, {args.threads} thread(s), CPU; median of {args.svd_reps} "
@@ -196,7 +207,8 @@ def main() -> None:
         "| layer | budget | method | time s | peak extra MiB | bytes | × fp16 | weight err | act. err |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    for r in sorted(rows, key=lambda r: (r["shape"], r["budget"], order[r["method"]])):
         if "skipped" in r:
             lines.append(
                 f"| {r['shape']} | {r['budget']} | {r['method']} | — | — | — | — | {r['skipped']} | |"
@@ -209,7 +221,6 @@ def main() -> None:
             f"{r['activation_error']:.4f} |"
         )
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
