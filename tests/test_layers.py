@@ -18,7 +18,7 @@ ALLOWED = {
     "fuse": {"adapters", "runtime"},
     "route": {"adapters", "runtime"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval"},
+    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress"},
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
 BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
@@ -28,6 +28,8 @@ PURE_MATHS = [
     "fuse/gate.py",
     "fuse/lorahub.py",
     "fuse/controls.py",
+    *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),
+    *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry", "distill")),
 ]
 
 

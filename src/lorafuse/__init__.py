@@ -8,7 +8,9 @@ The public API (see README.md):
 - runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
   may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``;
 - learned composition: :func:`fuse` (LoRA-Flow, learned CAT, LoraHub, average), :class:`Fusion`,
-  :func:`save_fusion`, :func:`load_fusion`.
+  :func:`save_fusion`, :func:`load_fusion`;
+- compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
+  :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``).
 """
 
 from lorafuse import (
@@ -16,6 +18,7 @@ from lorafuse import (
     merge,  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
 )
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
+from lorafuse.compress import COMPRESS_METHODS, compress_checkpoint, decompress, load_compressed
 from lorafuse.errors import (
     AdapterFormatError,
     CompatibilityError,
@@ -30,6 +33,7 @@ from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPRESS_METHODS",
     "MERGE_METHODS",
     "AdapterFormatError",
     "AttachedBank",
@@ -49,8 +53,11 @@ __all__ = [
     "__version__",
     "attach",
     "check_compatible",
+    "compress_checkpoint",
+    "decompress",
     "detach",
     "fuse",
+    "load_compressed",
     "load_fusion",
     "load_lora",
     "load_recipe",

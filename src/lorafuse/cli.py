@@ -375,6 +375,9 @@ def world_merge_study(
 
 
 from lorafuse import cli_fuse  # noqa: E402, F401  (registers fuse, generate, explain)
+from lorafuse.cli_compress import register as _register_compress  # noqa: E402
+
+_register_compress(app, world_app)
 
 
 def main() -> None:

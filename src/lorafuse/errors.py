@@ -25,3 +25,11 @@ class CompatibilityError(LorafuseError, ValueError):
 
 class PickleRefusedError(AdapterFormatError):
     """A pickle-based file (.bin/.pt) was found and the caller did not opt in."""
+
+
+class CompressError(LorafuseError, ValueError):
+    """A fine-tuning delta cannot be compressed or decompressed (shapes, shards, format)."""
+
+
+class BudgetError(CompressError):
+    """The byte budget is too small for the method (not even one singular vector fits, ...)."""

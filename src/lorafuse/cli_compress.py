@@ -1,0 +1,226 @@
+"""``lorafuse compress``, ``lorafuse decompress`` and ``lorafuse world compress-study``.
+
+Registered on the main app by :func:`register` (one call at the bottom of ``cli.py``). Model
+plumbing lives here: loading the fine-tuned model and a tokenizer to read the calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _tokenizer(candidates: list[Path]):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    for path in candidates:
+        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(path))
+    shown = ", ".join(map(str, candidates))
+    raise typer.BadParameter(f"--calib needs a tokenizer; none found in {shown}; pass --tokenizer DIR")
+
+
+def calibration_sequences(tokenizer, path: Path, samples: int, max_tokens: int, seed: int) -> list[Any]:  # type: ignore[no-untyped-def]
+    """Up to ``samples`` lines of ``path`` (seeded choice), tokenized, ``<s>`` first, cut at ``max_tokens``.
+
+    A ``.jsonl`` file gives ``prompt + " " + completion`` per row (the skill world's format);
+    any other file one sample per non-empty line.
+    """
+    import torch
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in lines]
+        lines = [f"{r.get('prompt', '')} {r.get('completion', r.get('text', ''))}".strip() for r in rows]
+    if not lines:
+        raise typer.BadParameter(f"{path}: no calibration text")
+    random.Random(seed).shuffle(lines)
+    out = []
+    for line in lines[:samples]:
+        ids = tokenizer(line, add_special_tokens=True)["input_ids"]
+        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [tokenizer.bos_token_id, *ids]
+        out.append(torch.tensor(ids[:max_tokens]))
+    return out
+
+
+def hessians_for(
+    finetuned: Path, calib: Path, tokenizer_dir: Path | None, samples: int, max_tokens: int, seed: int
+):  # type: ignore[no-untyped-def]
+    """Load the fine-tuned model and collect each linear layer's input Hessian on ``calib``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.compress import collect_hessians
+
+    tokenizer = _tokenizer([p for p in (tokenizer_dir, finetuned) if p is not None])
+    model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
+    return collect_hessians(model, calibration_sequences(tokenizer, calib, samples, max_tokens, seed))
+
+
+def compress(
+    base: Annotated[Path, typer.Option(help="Base model folder (HF, safetensors).", show_default=False)],
+    finetuned: Annotated[
+        Path, typer.Option(help="Fine-tuned model folder of the same base.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", show_default=False)],
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="delta-come | low-rank | bitdelta | rtn.")
+    ] = "delta-come",
+    budget: Annotated[
+        str, typer.Option(help="Bytes as a ratio of the fp16 delta: 1/16, 1/32, 0.05.")
+    ] = "1/16",
+    calib: Annotated[
+        Path | None,
+        typer.Option(help="Calibration text (one sample per line, or .jsonl) for GPTQ and errors."),
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="delta-come: BITS:COUNT,... (* = as many as fit), 'paper' or 'auto'.")
+    ] = None,
+    quantizer: Annotated[str | None, typer.Option(help="delta-come: gptq | rtn.")] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="Other method settings, KEY=VALUE.")
+    ] = None,
+    keep_other: Annotated[
+        str, typer.Option(help="Changed embeddings/norms/LM head: base (keep the base's) | delta (store).")
+    ] = "base",
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: the fine-tuned model's].")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
+    distill_steps: Annotated[
+        int, typer.Option(help="bitdelta: steps of scale distillation on --calib (BitDelta uses 200).")
+    ] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Compress FINETUNED − BASE: every attention/MLP projection at BUDGET of its fp16 size.
+
+    Streams both checkpoints one tensor at a time. With --calib, the fine-tuned model reads the
+    calibration text once to give each layer's input Hessian (GPTQ for delta-come; the
+    activation error of every method). Writes a versioned folder (packed ints in safetensors +
+    compressed.json) atomically.
+
+    Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
+    """
+    from lorafuse.cli import _parse_settings
+    from lorafuse.compress import compress_checkpoint, save_compressed
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    params: dict[str, object] = _parse_settings(settings or [])
+    if schedule is not None:
+        params["schedule"] = schedule
+    if quantizer is not None:
+        params["quantizer"] = quantizer
+    if distill_steps and (method != "bitdelta" or calib is None):
+        raise typer.BadParameter("--distill-steps needs --method bitdelta and --calib")
+    hessians = hessians_for(finetuned, calib, tokenizer, samples, max_tokens, seed) if calib else None
+    result = compress_checkpoint(
+        base,
+        finetuned,
+        None if distill_steps else out,
+        method=method,
+        budget=budget,
+        hessians=hessians,
+        keep_other=keep_other,  # type: ignore[arg-type]
+        params=params,
+        overwrite=force,
+    )
+    if distill_steps:
+        result = _distill(result, base, finetuned, calib, tokenizer, samples, max_tokens, seed, distill_steps)
+        save_compressed(result, out, overwrite=force)
+    report = result.info["modules"].values()
+    mean = lambda key: sum(m[key] for m in report) / len(report)  # noqa: E731
+    typer.echo(
+        f"wrote {out}: {method}, {len(result.modules)} modules, {result.nbytes:,} bytes = "
+        f"{result.nbytes / result.fp16_nbytes:.4f} of fp16 ({result.fp16_nbytes:,}); mean weight error "
+        f"{mean('weight_error'):.4f}"
+        + (f", mean activation error {mean('activation_error'):.4f}" if hessians else "")
+    )
+    changed = result.info["changed_other_tensors"]
+    if changed:
+        action = "stored as plain deltas" if keep_other == "delta" else "kept from the base"
+        typer.echo(
+            f"{len(changed)} non-linear tensors changed and were {action}: {', '.join(sorted(changed)[:4])}"
+        )
+
+
+def _distill(result, base, finetuned, calib, tokenizer_dir, samples, max_tokens, seed, steps):  # type: ignore[no-untyped-def]
+    """BitDelta scale distillation: student = base + plain deltas + α·sign, teacher = the fine-tune."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.compress import apply_delta, distill_scales
+
+    tokenizer = _tokenizer([p for p in (tokenizer_dir, finetuned) if p is not None])
+    sequences = calibration_sequences(tokenizer, calib, samples, max_tokens, seed)
+    student = apply_delta(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval(), result, linear=False
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
+    return distill_scales(student, teacher, result, sequences, steps=steps, seed=seed)
+
+
+def decompress(
+    compressed: Annotated[
+        Path, typer.Argument(help="A folder written by `lorafuse compress`.", show_default=False)
+    ],
+    base: Annotated[Path, typer.Option(help="The base model it was compressed against.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write BASE + the decompressed delta as a normal HF model folder (AutoModelForCausalLM loads it)."""
+    from lorafuse.compress import decompress as run
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    run(compressed, base, out, overwrite=force)
+    typer.echo(f"wrote {out}")
+
+
+def compress_study(
+    out_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of the fine-tunes.")] = 0,
+    skills: Annotated[str, typer.Option(help="Comma-separated task skills to fine-tune.")] = "math,list",
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "1/16,1/32",
+    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.")] = 600,
+    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Full fine-tunes of the world's base, compressed by every method at each budget; accuracy and errors.
+
+    Fine-tunes are cached in $LORAFUSE_HOME/compress-study/<world>-steps<N>/ (reused when complete).
+    """
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.skillworld.compress_study import compress_study as run
+    from lorafuse.skillworld.compress_study import format_compress_study
+
+    root = build_world(out_dir or default_world_dir("default", seed), profile="default", seed=seed)
+    result = run(
+        root,
+        skills=[s.strip() for s in skills.split(",") if s.strip()],
+        budgets=[b.strip() for b in budgets.split(",") if b.strip()],
+        steps=steps,
+        seed=seed,
+        limit=limit,
+    )
+    typer.echo(format_compress_study(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def register(app: typer.Typer, world_app: typer.Typer) -> None:
+    app.command("compress")(compress)
+    app.command("decompress")(decompress)
+    world_app.command("compress-study")(compress_study)

@@ -1,0 +1,182 @@
+"""Compress a fine-tuned checkpoint against its base, write it back as a model, apply it in place.
+
+``compress_checkpoint`` streams both checkpoints tensor by tensor (two tensors in memory, never
+two models), compresses each attention/MLP projection's ``ΔW = W_ft − W_base`` with a registered
+method at ``budget × 2·out·in`` bytes, reports every other tensor that changed (embeddings,
+norms, LM head: kept from the base, or stored as plain deltas with ``keep_other="delta"``), and
+writes the folder atomically — any error leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lorafuse._io import atomic_output_dir, write_json, write_safetensors
+from lorafuse.compress.budget import budget_nbytes, parse_budget
+from lorafuse.compress.calibrate import activation_error
+from lorafuse.compress.checkpoint import check_pair, is_linear, iter_pairs, iter_tensors, open_checkpoint
+from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
+from lorafuse.compress.registry import get_method
+from lorafuse.errors import CompressError
+
+
+def compress_checkpoint(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    method: str = "delta-come",
+    budget: str | float = "1/16",
+    hessians: Mapping[str, Tensor] | None = None,
+    keep_other: Literal["base", "delta"] = "base",
+    params: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CompressedDelta:
+    """Compress ``finetuned − base``; write it to ``out`` (if given) and return it.
+
+    Args:
+        method: ``delta-come``, ``low-rank``, ``bitdelta`` or ``rtn`` (``COMPRESS_METHODS``).
+        budget: a ratio of the fp16 delta's bytes, ``"1/16"``, ``"1/32"``, ``0.05``, per module.
+        hessians: ``{module path: H (in, in)}`` from :func:`collect_hessians` (GPTQ, errors).
+        keep_other: non-linear tensors that changed: ``base`` keeps the base's values (and reports
+            the change), ``delta`` stores their plain fp32 delta.
+        params: the method's settings (``schedule``, ``quantizer``, ``group_size``, ...).
+    """
+    spec = get_method(method)
+    try:
+        settings = spec.params(**dict(params or {}))
+    except ValidationError as exc:
+        raise CompressError(f"{method}: bad settings: {exc}") from None
+    ratio = parse_budget(budget)
+    if keep_other not in ("base", "delta"):
+        raise CompressError(f"keep_other must be 'base' or 'delta', got {keep_other!r}")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+    ck_base, ck_ft = open_checkpoint(base), open_checkpoint(finetuned)
+    check_pair(ck_base, ck_ft)
+    started = time.perf_counter()
+    modules, other, report = {}, {}, {}
+    kept: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(ck_ft.shapes), desc=f"compress ({method})", unit="tensor", disable=not progress)
+    for key, w_base, w_ft in iter_pairs(ck_base, ck_ft):
+        diff = w_ft.float() - w_base.float()
+        if is_linear(key, tuple(w_ft.shape)):
+            path = key.removesuffix(".weight")
+            H = hessians.get(path) if hessians is not None else None
+            allowed = budget_nbytes(*diff.shape, ratio)
+            module = spec.fn(diff, H, allowed, settings, path)
+            modules[path] = module
+            approx = module.delta()
+            entry = {
+                "shape": list(diff.shape),
+                "nbytes": module.nbytes,
+                "budget_nbytes": allowed,
+                "weight_error": float((approx - diff).norm() / diff.norm().clamp_min(1e-30)),
+            }
+            if H is not None:
+                entry["activation_error"] = activation_error(diff, approx, H)
+            report[path] = entry
+        elif bool(diff.any()):
+            kept[key] = {
+                "shape": list(diff.shape),
+                "relative_change": float(diff.norm() / w_ft.float().norm().clamp_min(1e-30)),
+                "action": "stored as a plain delta" if keep_other == "delta" else "kept from the base",
+            }
+            if keep_other == "delta":
+                other[key] = diff
+        bar.update()
+    bar.close()
+    info = {
+        "base": str(base),
+        "finetuned": str(finetuned),
+        "architecture": ck_ft.architecture,
+        "keep_other": keep_other,
+        "calibrated": hessians is not None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "modules": report,
+        "changed_other_tensors": kept,
+    }
+    result = CompressedDelta(method, settings.model_dump(), ratio, modules, other, info)
+    if out is not None:
+        save_compressed(result, out, overwrite=overwrite)
+        result.info["path"] = str(out)
+    return result
+
+
+def decompress(
+    compressed: str | os.PathLike[str] | CompressedDelta,
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``base + ΔŴ`` as a HuggingFace folder (the base's shards, config and other files)."""
+    delta = compressed if isinstance(compressed, CompressedDelta) else load_compressed(compressed)
+    ck = open_checkpoint(base)
+    problems = []
+    for path, m in delta.modules.items():
+        key = f"{path}.weight"
+        if ck.shapes.get(key) != tuple(m.shape):
+            problems.append(f"{key}: delta {tuple(m.shape)}, base {ck.shapes.get(key, 'missing')}")
+    for key, t in delta.other.items():
+        if ck.shapes.get(key) != tuple(t.shape):
+            problems.append(f"{key}: delta {tuple(t.shape)}, base {ck.shapes.get(key, 'missing')}")
+    if problems:
+        raise CompressError(f"{base} does not match the compressed delta:\n  " + "\n  ".join(problems[:12]))
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        for item in ck.root.iterdir():
+            if item.is_file() and item.suffix != ".safetensors":
+                shutil.copy2(item, tmp / item.name)
+        shards = list(iter_tensors(ck))
+        for shard, tensors in tqdm(shards, desc="decompress", unit="shard", disable=not progress):
+            for key, w in tensors.items():
+                path = key.removesuffix(".weight")
+                if path in delta.modules and key.endswith(".weight"):
+                    tensors[key] = (w.float() + delta.modules[path].delta()).to(w.dtype)
+                elif key in delta.other:
+                    tensors[key] = (w.float() + delta.other[key].float()).to(w.dtype)
+            write_safetensors(tensors, tmp / shard.name, metadata={"format": "pt"})
+        write_json(
+            {"decompressed_from": delta.info.get("path"), "method": delta.method, "base": str(base)},
+            tmp / "lorafuse.json",
+        )
+    return Path(out)
+
+
+@torch.no_grad()
+def apply_delta(
+    model: nn.Module, delta: CompressedDelta, *, linear: bool = True, other: bool = True
+) -> nn.Module:
+    """Add ``ΔŴ`` to ``model``'s weights in place, one module at a time (dense methods' serving path).
+
+    ``linear`` adds the compressed layers (materialising each ``ΔŴ``), ``other`` the plain
+    deltas of non-linear tensors. Parameter names are the checkpoint's tensor names.
+    """
+    params = dict(model.named_parameters())
+    targets = []
+    if linear:
+        targets += [(f"{p}.weight", m.delta) for p, m in delta.modules.items()]
+    if other:
+        targets += [(k, (lambda t=t: t)) for k, t in delta.other.items()]
+    for key, make in targets:
+        if key not in params:
+            raise CompressError(f"the model has no parameter {key} (from {delta.info.get('path')})")
+        d = make()
+        if tuple(d.shape) != tuple(params[key].shape):
+            raise CompressError(f"{key}: model {tuple(params[key].shape)}, delta {tuple(d.shape)}")
+        params[key].add_(d.to(params[key].dtype))
+    return model

@@ -1,0 +1,44 @@
+"""``low-rank``: fp16 truncated SVD at the byte budget, the baseline of Delta-CoMe (arXiv 2406.08903).
+
+``ΔŴ = U_k diag(S_k) V_kᵀ`` (Eckart–Young optimum of rank ``k``), stored as ``B = U_k diag(S_k)``
+``(out, k)`` and ``A = V_kᵀ`` ``(k, in)`` in fp16, with ``k = ⌊budget / (2 (out + in))⌋``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lorafuse.compress.registry import CompressMethod, Params, register
+from lorafuse.compress.types import HalfFactors
+from lorafuse.errors import BudgetError
+
+
+class NoParams(Params):
+    """A method without settings."""
+
+
+def compress_low_rank(
+    delta: Tensor, hessian: Tensor | None, budget: int, params: NoParams, path: str
+) -> HalfFactors:
+    out, in_ = delta.shape
+    k = min(budget // (2 * (out + in_)), min(out, in_))
+    if k < 1:
+        raise BudgetError(
+            f"{path}: a budget of {budget} bytes for a ({out}, {in_}) delta cannot hold one fp16 "
+            f"singular vector pair ({2 * (out + in_)} bytes); raise --budget"
+        )
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, r), (r,), (r, in)
+    return HalfFactors((U[:, :k] * S[:k]).half(), Vh[:k].half())
+
+
+LOW_RANK = register(
+    CompressMethod(
+        "low-rank",
+        compress_low_rank,
+        NoParams,
+        "fp16 truncated SVD with as many ranks as the budget holds",
+        factored=True,
+        uses_calibration=False,
+    )
+)
