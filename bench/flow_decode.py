@@ -8,7 +8,9 @@ On one random ``LlamaForCausalLM`` (default 12 layers × 768 hidden, 2048 MLP, 1
 - ``one LoRA``: a bank with k = 1 (and PEFT's LoRA layer, the peer for this row);
 - ``LoRA-Flow k``: k = 2, 4, 8 LoRAs with per-layer gates (random gate weights), KV cache on;
 - ``X-LoRA k``: PEFT's ``XLoraModel`` with the same k LoRAs (its classifier needs a scaling pass
-  of the whole model before every forward, and it runs without the KV cache, as PEFT forces).
+  of the whole model before every forward, and it runs without the KV cache, as PEFT forces);
+  by default only at k = 8 (the target's comparison) and with ``--xlora-reps 2``, since one
+  batch-16 generation takes minutes on a CPU.
 
 Tokens per second = batch × new tokens / seconds (median of ``--reps`` after one warm-up; every
 repetition kept). Writes ``bench/results/flow_decode-<device>-<dtype>.json`` and ``.md``.
@@ -65,15 +67,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--ks", default="2,4,8")
-    parser.add_argument("--no-xlora", action="store_true", help="skip X-LoRA (the slowest rows)")
+    parser.add_argument("--xlora-ks", default="8", help="k values for X-LoRA (the slowest rows); '' = none")
+    parser.add_argument("--xlora-reps", type=int, default=2, help="repetitions of X-LoRA (it is slow)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), args.device
     ks = [int(k) for k in args.ks.split(",")]
+    xlora_ks = [int(k) for k in args.xlora_ks.split(",") if k.strip()]
     batches = [int(b) for b in args.batches.split(",")]
     rank = 16
     shape = {
@@ -147,23 +151,18 @@ def main() -> None:
             flow.remove()
             detach(model)
         del model
-        if not args.no_xlora:
-            for k in ks:
-                xmodel = fresh(use_cache=False)
-                config = peft.XLoraConfig(
-                    task_type="CAUSAL_LM",
-                    hidden_size=args.hidden,
-                    xlora_depth=1,
-                    adapters={str(i): str(paths[i]) for i in range(k)},
-                )
-                xmodel = peft.get_peft_model(xmodel, config).eval()
-                record(
-                    f"X-LoRA k={k}",
-                    batch,
-                    timed(decode(xmodel, ids, use_cache=False), args.reps, device),
-                    "PEFT",
-                )
-                del xmodel
+        for k in xlora_ks:
+            xmodel = fresh(use_cache=False)
+            config = peft.XLoraConfig(
+                task_type="CAUSAL_LM",
+                hidden_size=args.hidden,
+                xlora_depth=1,
+                adapters={str(i): str(paths[i]) for i in range(k)},
+            )
+            xmodel = peft.get_peft_model(xmodel, config).eval()
+            run = decode(xmodel, ids, use_cache=False)
+            record(f"X-LoRA k={k}", batch, timed(run, min(args.reps, args.xlora_reps), device), "PEFT")
+            del xmodel
 
     def tps(case: str, batch: int, system: str) -> float:
         hit = [r for r in rows if r["case"] == case and r["batch"] == batch and r["system"] == system]
@@ -175,7 +174,7 @@ def main() -> None:
         for k in ks:
             flow = tps(f"LoRA-Flow k={k}", batch, "lorafuse")
             entry = {"batch": batch, "k": k, "flow_tok_s": flow, "flow_vs_base": flow / base}
-            if not args.no_xlora:
+            if k in xlora_ks:
                 xlora = tps(f"X-LoRA k={k}", batch, "PEFT")
                 entry.update({"xlora_tok_s": xlora, "flow_vs_xlora": flow / xlora})
             summary.append(entry)

@@ -68,7 +68,9 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
         means.append(avg[row])
         stds.append(0.0)
         xs = [j + (i - len(rows) / 2 + 0.5) * width for j in range(len(composites))]
-        ax.bar(xs, means, width, yerr=stds, label=row, capsize=2)
+        ax.bar(
+            xs, means, width, yerr=stds, label=row, capsize=2, color=plt.cm.tab20(i / max(1, len(rows) - 1))
+        )
     ax.set_xticks(range(len(composites)), composites)
     ax.set_ylabel("exact match (%)")
     seeds = len(result["seeds"])
