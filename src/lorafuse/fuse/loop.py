@@ -8,11 +8,11 @@ cosine decay, gradient clipping, a seeded sampler; only the parameters passed in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lorafuse._data import Encoded, collate
@@ -47,8 +47,14 @@ def train_loop(
     pad_id: int = 0,
     desc: str = "train",
     progress: bool = True,
+    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None,
 ) -> list[float]:
-    """Train ``params`` of ``model`` on ``data`` for ``config.steps`` steps; returns the losses."""
+    """Train ``params`` of ``model`` on ``data`` for ``config.steps`` steps; returns the losses.
+
+    ``loss_fn(model, batch)`` replaces the default ``model(**batch).loss`` (batch = the collated
+    ``input_ids``, ``attention_mask``, ``labels``): routers add a load-balancing term or a
+    policy-gradient surrogate (RLOO) this way, without a second loop.
+    """
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=config.weight_decay
@@ -65,7 +71,8 @@ def train_loop(
         del order[: config.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = model(**collate(batch, pad_id)).loss
+        collated = collate(batch, pad_id)
+        loss = loss_fn(model, collated) if loss_fn is not None else model(**collated).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.clip)
