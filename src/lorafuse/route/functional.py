@@ -56,7 +56,10 @@ def gumbel_topk(logits: Tensor, k: int, generator: torch.Generator | None = None
 
 
 def plackett_luce_logprob(logits: Tensor, indices: Tensor) -> Tensor:
-    """``log p(i_1, …, i_k)`` of an ordered selection without replacement. ``(..., n), (..., k)`` → ``(...)``."""
+    """``log p(i_1, …, i_k)`` of an ordered selection without replacement; ``(..., n), (..., k)`` → ``(...)``.
+
+    Plackett–Luce: ``Σ_j [l_{i_j} − logsumexp(l over the not yet chosen)]``.
+    """
     logp = torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
     available = torch.zeros_like(logits, dtype=torch.bool).logical_not()  # (..., n)
     for j in range(indices.shape[-1]):
@@ -68,7 +71,7 @@ def plackett_luce_logprob(logits: Tensor, indices: Tensor) -> Tensor:
 
 
 def rloo_advantages(rewards: Tensor) -> Tensor:
-    """``A_m = R_m − mean_{j≠m} R_j`` over the first dimension (the M samples). ``(M, ...)`` → ``(M, ...)``."""
+    """``A_m = R_m − mean_{j≠m} R_j`` over dim 0 (the M samples): ``(M, ...)`` → ``(M, ...)``."""
     m = rewards.shape[0]
     if m < 2:
         raise ValueError(f"RLOO needs at least 2 samples per example, got M={m}")
