@@ -16,13 +16,13 @@ ALLOWED = {
     "merge": {"adapters"},
     "compress": {"adapters"},
     "fuse": {"adapters", "runtime"},
-    "route": {"adapters", "runtime"},
+    "route": {"adapters", "runtime", "fuse"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval"},
+    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "route"},
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
 BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
-PURE_MATHS = ["adapters/lora.py", "runtime/functional.py"]
+PURE_MATHS = ["adapters/lora.py", "runtime/functional.py", "route/functional.py", "route/arrow.py"]
 
 
 def lorafuse_imports(path: Path) -> set[str]:

@@ -51,7 +51,8 @@ def gumbel_topk(logits: Tensor, k: int, generator: torch.Generator | None = None
     from ``softmax(l)`` k times without replacement.
     """
     u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    exponential = -torch.log(u.clamp_min(1e-20))  # Exp(1)
+    gumbel = -torch.log(exponential.clamp_min(1e-20))  # Gumbel(0, 1)
     return (logits.detach() + gumbel).topk(k, dim=-1).indices
 
 
