@@ -77,19 +77,11 @@ def route_train(
     from lorafuse._data import encode_examples
     from lorafuse.fuse.loop import TrainConfig
     from lorafuse.route import MixtureConfig, train_mixture
-    from lorafuse.skillworld.data import read_jsonl
-    from lorafuse.skillworld.route_study import ROUTE_TASKS
 
     torch.manual_seed(seed)
     base_dir, tok_dir, world = _world_paths(base, tokenizer)
     tok, model = _load(base_dir, tok_dir)
-    if data:
-        rows = [r for path in data for r in read_jsonl(path)]
-    elif world is not None:
-        names = tasks.split(",") if tasks else ROUTE_TASKS
-        rows = [r for t in names for r in read_jsonl(world / "data" / t / "train.jsonl")]
-    else:
-        raise typer.BadParameter("--data is required with --base")
+    rows = _training_rows(data, tasks, world)
     config = MixtureConfig(
         router=router,
         experts=experts,
@@ -104,10 +96,78 @@ def route_train(
     mixture, losses = train_mixture(
         model, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id, base_model=str(base_dir)
     )
-    mixture.save(out, {"train": {"steps": steps, "batch_size": batch_size, "lr": lr, "examples": len(rows)}})
+    extra = {"tokenizer": str(tok_dir), "train": {"steps": steps, "batch_size": batch_size, "lr": lr}}
+    mixture.save(out, extra | {"examples": len(rows)})
+    tail = losses[-20:]
     typer.echo(
-        f"wrote {out} ({router}, {experts} experts, top-{top_k}; final loss {sum(losses[-20:]) / 20:.4f})"
+        f"wrote {out} ({router}, {experts} experts, top-{top_k}; final loss {sum(tail) / len(tail):.4f})"
     )
+
+
+def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, str]]:
+    from lorafuse.skillworld.data import read_jsonl
+    from lorafuse.skillworld.route_study import ROUTE_TASKS
+
+    if data:
+        return [r for path in data for r in read_jsonl(path)]
+    if world is None:
+        raise typer.BadParameter("--data is required with --base")
+    names = tasks.split(",") if tasks else ROUTE_TASKS
+    return [r for t in names for r in read_jsonl(world / "data" / t / "train.jsonl")]
+
+
+@route_app.command("train-encoder")
+def route_train_encoder(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output encoder folder.")],
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="NAME=DIR or DIR: the basis [default: world skills + pool]."),
+    ] = None,
+    activation: Annotated[str, typer.Option(help="softmax | tanh.")] = "softmax",
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Keep the top-k coefficients [default: all].")
+    ] = None,
+    dim: Annotated[int, typer.Option(help="Query/key width of the encoder.")] = 64,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="JSONL {prompt, completion} files.")
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Skill-world tasks when no --data.")] = None,
+    base: Annotated[Path | None, typer.Option(help="HF base folder [default: the skill world's].")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).
+
+    Example: lorafuse route train-encoder --top-k 2 --out enc/world
+    """
+    from lorafuse._data import encode_examples
+    from lorafuse.adapters import load_lora
+    from lorafuse.fuse.instance import EncoderConfig, train_encoder
+    from lorafuse.fuse.loop import TrainConfig
+    from lorafuse.skillworld.route_study import ROUTE_TASKS
+
+    base_dir, tok_dir, world = _world_paths(base, tokenizer)
+    if lora:
+        folders = _named_loras(lora)
+    elif world is not None:
+        folders = {name: world / "loras" / name for name in ROUTE_TASKS}
+    else:
+        raise typer.BadParameter("--lora is required with --base")
+    tok, model = _load(base_dir, tok_dir)
+    rows = _training_rows(data, tasks, world)
+    basis = {name: load_lora(path) for name, path in folders.items()}
+    config = EncoderConfig(activation=activation, top_k=top_k, dim=dim, seed=seed)
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    mixing, losses = train_encoder(
+        model, basis, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id
+    )
+    paths = {n: str(p.resolve()) for n, p in folders.items()}
+    mixing.save(out, paths, base_model=str(base_dir), extra={"tokenizer": str(tok_dir)})
+    tail = losses[-20:]
+    typer.echo(f"wrote {out} (basis of {len(basis)} LoRAs; final loss {sum(tail) / len(tail):.4f})")
 
 
 @route_app.command("generate")
@@ -154,15 +214,18 @@ def route_generate(
     chosen = sum([mixture is not None, arrow, mode is not None])
     if chosen != 1:
         raise typer.BadParameter("give exactly one of --mixture DIR, --arrow, --mode NAME")
-    recorded: str | None = None
+    meta: dict[str, Any] = {}
     encoder_meta: dict[str, Any] | None = None
     if mixture is not None and (mixture / "mixture.json").is_file():
-        recorded = json.loads((mixture / "mixture.json").read_text()).get("base_model")
+        meta = json.loads((mixture / "mixture.json").read_text())
     elif mixture is not None:
         encoder_meta, encoder = read_encoder(mixture)
-        recorded = encoder_meta.get("base_model")
-    if base is None and recorded and Path(recorded).is_dir():
-        base = Path(recorded)
+        meta = encoder_meta
+    if base is None and meta.get("base_model") and Path(meta["base_model"]).is_dir():
+        base = Path(meta["base_model"])
+        recorded_tok = meta.get("tokenizer")
+        if tokenizer is None and recorded_tok and Path(recorded_tok).is_dir():
+            tokenizer = Path(recorded_tok)
     base_dir, tok_dir, _ = _world_paths(base, tokenizer)
     tok, model = _load(base_dir, tok_dir)
     if mixture is not None and encoder_meta is None:

@@ -156,7 +156,11 @@ class InstanceMixing:
         return self.bank.names
 
     def save(
-        self, path: str | os.PathLike[str], basis_paths: Mapping[str, str], base_model: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        basis_paths: Mapping[str, str],
+        base_model: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``."""
         meta = {
@@ -167,6 +171,7 @@ class InstanceMixing:
             "basis": {name: str(basis_paths[name]) for name in self.names},
             "base_model": base_model,
             "versions": versions(),
+            **(extra or {}),
         }
         with atomic_output_dir(path) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
