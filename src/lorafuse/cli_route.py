@@ -256,13 +256,26 @@ def route_generate(
 
 def world_route_study(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    methods: Annotated[str, typer.Option(help="Comma-separated: softmax,remix,encoder,arrow.")] = (
+        "softmax,remix,encoder,arrow"
+    ),
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
     experts: Annotated[int, typer.Option(help="New experts n (softmax, remix).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", help="LoRAs per token (every method).")] = 2,
     samples: Annotated[int, typer.Option(help="ReMix M.")] = 4,
     limit: Annotated[int, typer.Option(help="Test examples per task.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    world: Annotated[
+        Path | None,
+        typer.Option("--dir", help="An already built world folder [default: build/reuse default]."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+    merge_with: Annotated[
+        Path | None, typer.Option(help="A previous --json result whose runs of other methods are kept.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON (updated after every run).")
+    ] = None,
     png: Annotated[Path | None, typer.Option("--png", help="Plot effective experts per layer.")] = None,
 ) -> None:
     """Routing study on the default skill world: softmax and ReMix mixtures, instance encoder, Arrow.
@@ -282,8 +295,8 @@ def world_route_study(
         route_study,
     )
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    root = build_world(default_world_dir("default", seed), profile="default", seed=seed)
+    torch.set_num_threads(threads)
+    root = world or build_world(default_world_dir("default", seed), profile="default", seed=seed)
     settings = RouteStudySettings(
         experts=experts,
         top_k=top_k,
@@ -291,18 +304,28 @@ def world_route_study(
         steps=steps,
         limit=limit,
         seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
     )
-    result = route_study(root, settings)
-    result["versions"] = versions()
-    result["threads"] = torch.get_num_threads()
-    typer.echo(format_route_study(result))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(json_out)
+    previous = json.loads(merge_with.read_text()) if merge_with else None
+
+    def save(result: dict[str, Any]) -> None:
+        if previous is not None:
+            kept = [r for r in previous["runs"] if r["method"] not in settings.methods]
+            result = {**result, "runs": kept + result["runs"], "merged_from": str(merge_with)}
+        result |= {"versions": versions(), "threads": threads, "world": str(root)}
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = json_out.with_name(f".{json_out.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(json_out)
+        saved.clear()
+        saved.update(result)
+
+    saved: dict[str, Any] = {}
+    save(route_study(root, settings, on_run=save))
+    typer.echo(format_route_study(saved))
     if png:
-        plot_health(health_curves(result), png, n_experts=experts)
+        plot_health(health_curves(saved), png, n_experts=experts)
 
 
 def register_route(app: typer.Typer, world_app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from lorafuse.skillworld.data import POOL, SKILLS, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 
 ROUTE_TASKS = [*SKILLS, *POOL]
+METHODS = ("softmax", "remix", "encoder", "arrow")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class RouteStudySettings:
     arrow_temperature: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2)
     limit: int = 100
+    methods: tuple[str, ...] = METHODS
 
 
 def _health(model: Any, tokenizer: Any, rows: list[dict[str, str]], attach_stats: Any) -> dict[str, Any]:
@@ -73,8 +76,17 @@ def _score(model: Any, tokenizer: Any, tests: dict[str, list[dict[str, str]]]) -
     return {t: round(evaluate(model, tokenizer, rows)["exact_match"], 1) for t, rows in tests.items()}
 
 
-def route_study(root: Path, settings: RouteStudySettings, *, progress: bool = True) -> dict[str, Any]:
-    """Run every method on the world at ``root``; returns per-run accuracies, health and timings."""
+def route_study(
+    root: Path,
+    settings: RouteStudySettings,
+    *,
+    progress: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``settings.methods`` on the world at ``root``; returns per-run accuracies, health, timings.
+
+    ``on_run`` is called with the result so far after every run (to save partial results).
+    """
     started = time.perf_counter()
     tokenizer, _ = load_world(root)
     rows = [r for t in ROUTE_TASKS for r in read_jsonl(root / "data" / t / "train.jsonl")]
@@ -82,15 +94,36 @@ def route_study(root: Path, settings: RouteStudySettings, *, progress: bool = Tr
     tests = {t: read_jsonl(root / "data" / t / "test.jsonl")[: settings.limit] for t in ROUTE_TASKS}
     health_rows = [r for t in ROUTE_TASKS for r in tests[t]]
     basis_paths = {name: root / "loras" / name for name in ROUTE_TASKS}
-    basis = {name: load_lora(path) for name, path in basis_paths.items()}
+    needs_basis = {"encoder", "arrow"} & set(settings.methods)
+    basis = {name: load_lora(path) for name, path in basis_paths.items()} if needs_basis else {}
     pad = tokenizer.pad_token_id
     runs: list[dict[str, Any]] = []
-    total = 3 * len(settings.seeds) + 1
+    trained = [m for m in settings.methods if m != "arrow"]
+    total = len(trained) * len(settings.seeds) + ("arrow" in settings.methods)
     bar = tqdm(total=total, desc="route study", unit="run", disable=not progress)
+
+    def result() -> dict[str, Any]:
+        return {
+            "metric": "exact match (%) on the first `limit` test examples of each task",
+            "tasks": ROUTE_TASKS,
+            "settings": {
+                **asdict(settings),
+                "seeds": list(settings.seeds),
+                "methods": list(settings.methods),
+            },
+            "activated_ranks_per_module": settings.top_k * settings.rank,
+            "runs": runs,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def done() -> None:
+        bar.update()
+        if on_run is not None:
+            on_run(result())
 
     for seed in settings.seeds:
         train = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed)
-        for router in ("softmax", "remix"):
+        for router in [m for m in ("softmax", "remix") if m in settings.methods]:
             t0 = time.perf_counter()
             _, model = load_world(root)
             config = MixtureConfig(
@@ -122,8 +155,10 @@ def route_study(root: Path, settings: RouteStudySettings, *, progress: bool = Tr
             )
             mixture.freeze()
             mixture.remove()
-            bar.update()
+            done()
 
+        if "encoder" not in settings.methods:
+            continue
         t0 = time.perf_counter()
         _, model = load_world(root)
         enc_train = TrainConfig(
@@ -158,9 +193,23 @@ def route_study(root: Path, settings: RouteStudySettings, *, progress: bool = Tr
             }
         )
         mixing.remove()
-        bar.update()
+        done()
 
-    _, model = load_world(root)
+    if "arrow" in settings.methods:
+        runs.append(_arrow_run(root, basis, tests, health_rows, settings))
+        done()
+    bar.close()
+    return result()
+
+
+def _arrow_run(
+    root: Path,
+    basis: dict[str, Any],
+    tests: dict[str, list[dict[str, str]]],
+    health_rows: list[dict[str, str]],
+    settings: RouteStudySettings,
+) -> dict[str, Any]:
+    tokenizer, model = load_world(root)
     handle = attach(model, basis)
     source = ArrowSource(handle, model, top_k=settings.top_k, temperature=settings.arrow_temperature)
     handle.set_source(source)
@@ -168,28 +217,17 @@ def route_study(root: Path, settings: RouteStudySettings, *, progress: bool = Tr
     def arrow_hook(stats: RoutingStats | None) -> None:
         source.stats = stats
 
-    runs.append(
-        {
-            "method": "arrow",
-            "seed": None,
-            "accuracy": _score(model, tokenizer, tests),
-            "health": _health(model, tokenizer, health_rows, arrow_hook),
-            "trainable_params": 0,
-            "basis": handle.names,
-        }
-    )
+    run = {
+        "method": "arrow",
+        "seed": None,
+        "accuracy": _score(model, tokenizer, tests),
+        "health": _health(model, tokenizer, health_rows, arrow_hook),
+        "trainable_params": 0,
+        "basis": handle.names,
+    }
     source.remove()
     detach(model)
-    bar.update()
-    bar.close()
-    return {
-        "metric": "exact match (%) on the first `limit` test examples of each task",
-        "tasks": ROUTE_TASKS,
-        "settings": {**asdict(settings), "seeds": list(settings.seeds)},
-        "activated_ranks_per_module": settings.top_k * settings.rank,
-        "runs": runs,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return run
 
 
 def _mean_std(values: list[float], digits: int = 1) -> str:
