@@ -274,11 +274,14 @@ def test_instance_encoder_is_fixed_per_sequence_saves_loads_and_generates(tmp_pa
     )
     assert all(torch.isfinite(torch.tensor(losses)))
     ids, mask = left_padded()
-    cached, uncached = greedy(model, ids, mask, True), greedy(model, ids, mask, False)
-    assert torch.equal(cached, uncached)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     coeff = mixing.source.coefficients
+    cached = greedy(model, ids, mask, True)
+    assert torch.equal(mixing.source.coefficients, coeff)  # fixed for the sequence
+    uncached = greedy(model, ids, mask, False)
+    assert torch.equal(mixing.source.coefficients, coeff)  # re-fed prompt + tokens: still the prompt's
+    assert torch.equal(cached, uncached)
     assert coeff is not None and coeff.shape == (3, 3) and torch.allclose(coeff.sum(-1), torch.ones(3))
     mixing.save(tmp_path / "enc", {n: f"/somewhere/{n}" for n in basis})
     mixing.remove()

@@ -12,7 +12,8 @@ over learnable keys, one per basis LoRA)::
 
 The prompt is pooled from the embeddings, so the coefficients are known before layer 0's LoRAs
 act: no second pass of the base (X-LoRA's cost). They are computed on the first forward call of
-a sequence (no KV cache yet) and kept for the following ``generate`` steps. In training, the
+a sequence and kept for the following ``generate`` steps (with the KV cache, or without it, when
+each step re-feeds the prompt plus the generated tokens). In training, the
 prompt is the tokens whose label is ``-100``. Only the encoder trains (base and LoRAs frozen),
 with the shared loop.
 
@@ -107,19 +108,34 @@ class InstanceSource:
         self.encoder = encoder
         self.coefficients: Tensor | None = None  # (B, k) of the current sequences
         self._new, self._pool_mask = True, None
+        self._prompt: Tensor | None = None  # (B, T0) ids of the current sequences' prompt
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._on_model, with_kwargs=True),
             decoder_layers(model)[0].register_forward_pre_hook(self._on_first_layer, with_kwargs=True),
         ]
 
     def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A sequence is new unless the KV cache holds its past or it extends the last prompt seen
+        (``generate`` without the cache re-feeds prompt + generated tokens at every step)."""
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
         cache = kwargs.get("past_key_values")
-        self._new = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+        continued = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        prompt = self._prompt
+        if not continued and isinstance(ids, Tensor) and prompt is not None:
+            width = prompt.shape[1]
+            continued = (
+                ids.shape[0] == prompt.shape[0]
+                and ids.shape[1] > width
+                and torch.equal(ids[:, :width].to(prompt.device), prompt)
+            )
+        self._new = not continued
+        if self._new:
+            self._prompt = ids.detach().clone() if isinstance(ids, Tensor) else None
         mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
         pool = mask.bool() if isinstance(mask, Tensor) and mask.ndim == 2 else None
         if isinstance(labels, Tensor):
-            prompt = labels == -100
-            pool = prompt if pool is None else pool & prompt
+            prompt_tokens = labels == -100
+            pool = prompt_tokens if pool is None else pool & prompt_tokens
         self._pool_mask = pool
 
     def _on_first_layer(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
