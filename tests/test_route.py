@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,41 @@ def test_mode_switch_is_a_fixed_weight_row() -> None:
     assert mode_weights(names, modes, ["maths", "foreign_maths"]).shape == (2, 3)
     with pytest.raises(Exception, match="unknown mode"):
         mode_weights(names, modes, "speech")
+
+
+def test_cli_route_train_generate_and_study(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lorafuse.cli import app
+    from lorafuse.skillworld import build_world
+
+    world = build_world(tmp_path / "world", profile="tiny", seed=0, progress=False)
+    runner = CliRunner()
+    common = ["--base", str(world / "base"), "--tokenizer", str(world / "tokenizer")]
+    data = ["--data", str(world / "data" / "math" / "train.jsonl")]
+    out = tmp_path / "mix"
+    args = ["route", "train", "--router", "remix", "--experts", "3", "--rank", "2", "--samples", "2"]
+    result = runner.invoke(
+        app, [*args, "--steps", "2", "--batch-size", "4", "--out", str(out), *common, *data]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "mixture.json").is_file() and (out / "experts" / "e2").is_dir()
+    result = runner.invoke(
+        app, ["route", "generate", "--mixture", str(out), "-p", "copy : red dog .", "--max-new-tokens", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "copy : red dog . →" in result.output
+    modes = tmp_path / "modes.json"
+    modes.write_text('{"maths": ["math"]}')
+    loras = ["--lora", str(world / "loras" / "math"), "--lora", str(world / "loras" / "copy")]
+    for how in (["--arrow", "--top-k", "1"], ["--mode", "maths", "--modes", str(modes)]):
+        result = runner.invoke(app, ["route", "generate", *how, *loras, *common, "-p", "copy : red ."])
+        assert result.exit_code == 0, result.output
+    study = tmp_path / "study.json"
+    small = ["--methods", "arrow", "--limit", "1", "--threads", "1"]
+    outputs = ["--json", str(study), "--png", str(tmp_path / "h.png")]
+    result = runner.invoke(app, ["world", "route-study", "--dir", str(world), *small, *outputs])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(study.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["arrow"]  # the trained methods: test_route_study_runs_each_method
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
