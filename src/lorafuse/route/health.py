@@ -63,8 +63,9 @@ def plot_health(
         std = values.std(0, unbiased=False) if len(runs) > 1 else torch.zeros_like(mean)
         layers = list(range(values.shape[1]))
         ax.errorbar(layers, mean.tolist(), yerr=std.tolist(), marker="o", capsize=3, label=name)
+        ax.set_xticks(layers)
     if n_experts:
-        ax.axhline(n_experts, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(n_experts, color="grey", linestyle=":", linewidth=1, label=f"n = {n_experts}")
     ax.set_xlabel("layer")
     ax.set_ylabel("effective experts  exp(H(mean routing))")
     ax.set_title("Routing health")
