@@ -16,9 +16,9 @@ ALLOWED = {
     "merge": {"adapters"},
     "compress": {"adapters"},
     "fuse": {"adapters", "runtime"},
-    "route": {"adapters", "runtime"},
+    "route": {"adapters", "runtime", "fuse"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress"},
+    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress", "route"},
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
 BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
@@ -28,6 +28,8 @@ PURE_MATHS = [
     "fuse/gate.py",
     "fuse/lorahub.py",
     "fuse/controls.py",
+    "route/functional.py",
+    "route/arrow.py",
     *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),
     *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry", "distill")),
 ]

@@ -10,7 +10,9 @@ The public API (see README.md):
 - learned composition: :func:`fuse` (LoRA-Flow, learned CAT, LoraHub, average), :class:`Fusion`,
   :func:`save_fusion`, :func:`load_fusion`;
 - compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
-  :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``).
+  :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``);
+- routing: :class:`Mixture` / :func:`train_mixture` (softmax and ReMix routers), :class:`ArrowSource`,
+  :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`.
 """
 
 from lorafuse import (
@@ -27,7 +29,9 @@ from lorafuse.errors import (
     UnsupportedAdapterError,
 )
 from lorafuse.fuse import FuseSettings, Fusion, TrainConfig, load_fusion, save_fusion
+from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder, InstanceMixing, mode_weights, train_encoder
 from lorafuse.merge import MERGE_METHODS, load_recipe
+from lorafuse.route import ArrowSource, Mixture, MixtureConfig, RoutingStats, plot_health, train_mixture
 from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
 
 __version__ = "0.1.0"
@@ -36,16 +40,23 @@ __all__ = [
     "COMPRESS_METHODS",
     "MERGE_METHODS",
     "AdapterFormatError",
+    "ArrowSource",
     "AttachedBank",
     "CompatibilityError",
     "Delta",
+    "EncoderConfig",
     "FuseSettings",
     "Fusion",
+    "InstanceEncoder",
+    "InstanceMixing",
     "LoRA",
     "LoRABank",
     "LoRAModule",
     "LorafuseError",
+    "Mixture",
+    "MixtureConfig",
     "PickleRefusedError",
+    "RoutingStats",
     "StaticWeights",
     "TrainConfig",
     "UnsupportedAdapterError",
@@ -62,6 +73,10 @@ __all__ = [
     "load_lora",
     "load_recipe",
     "merge",
+    "mode_weights",
+    "plot_health",
     "save_fusion",
     "save_lora",
+    "train_encoder",
+    "train_mixture",
 ]

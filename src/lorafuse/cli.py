@@ -391,5 +391,9 @@ def main() -> None:
         sys.exit(2)
 
 
+from lorafuse.cli_route import register_route  # noqa: E402  (issue 7: route commands)
+
+register_route(app, world_app)
+
 if __name__ == "__main__":
     main()

@@ -311,6 +311,21 @@ def train_loop(
     pad_id: int = 0,
     desc: str = "train",
     progress: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> list[float]:
-    """:func:`train` without a dev set or checkpoints; returns the training losses."""
-    return train(model, params, data, config, pad_id=pad_id, desc=desc, progress=progress).losses
+    """:func:`train` without a dev set or checkpoints; returns the training losses.
+
+    ``loss_fn(model, batch)`` replaces the default ``model(**batch).loss`` (batch = the collated
+    ``input_ids``, ``attention_mask``, ``labels``): routers add a load-balancing term or a
+    policy-gradient surrogate (RLOO) this way, without a second loop.
+    """
+    return train(
+        model,
+        params,
+        data,
+        config,
+        pad_id=pad_id,
+        desc=desc,
+        progress=progress,
+        loss_fn=loss_fn or default_loss,
+    ).losses

@@ -1,0 +1,334 @@
+"""``lorafuse route ...`` and ``lorafuse world route-study``: thin calls into route/ and fuse/instance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+route_app = typer.Typer(
+    help="Routing among LoRAs: mixtures of LoRA experts (softmax, ReMix), instance-level mixing, Arrow.",
+    no_args_is_help=True,
+)
+
+
+def _world_paths(base: Path | None, tokenizer: Path | None) -> tuple[Path, Path, Path | None]:
+    """``--base``/``--tokenizer`` or, when no base is given, the default skill world's."""
+    if base is not None:
+        return base, tokenizer or base, None
+    from lorafuse.skillworld import build_world
+
+    root = build_world()
+    return root / "base", tokenizer or root / "tokenizer", root
+
+
+def _load(base: Path, tokenizer: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    return tok, model
+
+
+def _named_loras(specs: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` or ``DIR`` (named after the folder)."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        folder = Path(path) if sep else Path(spec)
+        out[name if sep else folder.name] = folder
+    return out
+
+
+@route_app.command("train")
+def route_train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output mixture folder.")],
+    router: Annotated[str, typer.Option(help="softmax | remix.")] = "remix",
+    experts: Annotated[int, typer.Option(help="Number of new LoRA experts n.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts per token k.")] = 2,
+    rank: Annotated[int, typer.Option(help="Rank of each expert.")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha of each expert.")] = 32.0,
+    samples: Annotated[int, typer.Option(help="ReMix: sampled selections per example (M).")] = 4,
+    balance: Annotated[float, typer.Option(help="softmax: load-balancing loss weight.")] = 0.01,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="JSONL files of {prompt, completion} (repeatable).")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Skill-world tasks to mix when no --data [default: skills + pool].")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="HF base model folder [default: the skill world's].")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 4e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the experts, router, sampler and data order.")] = 0,
+) -> None:
+    """Train n new LoRA experts and a per-layer top-k router on a frozen base; save the mixture.
+
+    Example: lorafuse route train --router remix --experts 8 --top-k 2 --out mix/remix
+    """
+    import torch
+
+    from lorafuse._data import encode_examples
+    from lorafuse.fuse.loop import TrainConfig
+    from lorafuse.route import MixtureConfig, train_mixture
+
+    torch.manual_seed(seed)
+    base_dir, tok_dir, world = _world_paths(base, tokenizer)
+    tok, model = _load(base_dir, tok_dir)
+    rows = _training_rows(data, tasks, world)
+    config = MixtureConfig(
+        router=router,
+        experts=experts,
+        top_k=top_k,
+        rank=rank,
+        alpha=alpha,
+        samples=samples,
+        balance=balance,
+        seed=seed,
+    )
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    mixture, losses = train_mixture(
+        model, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id, base_model=str(base_dir)
+    )
+    extra = {"tokenizer": str(tok_dir), "train": {"steps": steps, "batch_size": batch_size, "lr": lr}}
+    mixture.save(out, extra | {"examples": len(rows)})
+    tail = losses[-20:]
+    typer.echo(
+        f"wrote {out} ({router}, {experts} experts, top-{top_k}; final loss {sum(tail) / len(tail):.4f})"
+    )
+
+
+def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, str]]:
+    from lorafuse.skillworld.data import read_jsonl
+    from lorafuse.skillworld.route_study import ROUTE_TASKS
+
+    if data:
+        return [r for path in data for r in read_jsonl(path)]
+    if world is None:
+        raise typer.BadParameter("--data is required with --base")
+    names = tasks.split(",") if tasks else ROUTE_TASKS
+    return [r for t in names for r in read_jsonl(world / "data" / t / "train.jsonl")]
+
+
+@route_app.command("train-encoder")
+def route_train_encoder(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output encoder folder.")],
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="NAME=DIR or DIR: the basis [default: world skills + pool]."),
+    ] = None,
+    activation: Annotated[str, typer.Option(help="softmax | tanh.")] = "softmax",
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Keep the top-k coefficients [default: all].")
+    ] = None,
+    dim: Annotated[int, typer.Option(help="Query/key width of the encoder.")] = 64,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="JSONL {prompt, completion} files.")
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Skill-world tasks when no --data.")] = None,
+    base: Annotated[Path | None, typer.Option(help="HF base folder [default: the skill world's].")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).
+
+    Example: lorafuse route train-encoder --top-k 2 --out enc/world
+    """
+    from lorafuse._data import encode_examples
+    from lorafuse.adapters import load_lora
+    from lorafuse.fuse.instance import EncoderConfig, train_encoder
+    from lorafuse.fuse.loop import TrainConfig
+    from lorafuse.skillworld.route_study import ROUTE_TASKS
+
+    base_dir, tok_dir, world = _world_paths(base, tokenizer)
+    if lora:
+        folders = _named_loras(lora)
+    elif world is not None:
+        folders = {name: world / "loras" / name for name in ROUTE_TASKS}
+    else:
+        raise typer.BadParameter("--lora is required with --base")
+    tok, model = _load(base_dir, tok_dir)
+    rows = _training_rows(data, tasks, world)
+    basis = {name: load_lora(path) for name, path in folders.items()}
+    config = EncoderConfig(activation=activation, top_k=top_k, dim=dim, seed=seed)
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    mixing, losses = train_encoder(
+        model, basis, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id
+    )
+    paths = {n: str(p.resolve()) for n, p in folders.items()}
+    mixing.save(out, paths, base_model=str(base_dir), extra={"tokenizer": str(tok_dir)})
+    tail = losses[-20:]
+    typer.echo(f"wrote {out} (basis of {len(basis)} LoRAs; final loss {sum(tail) / len(tail):.4f})")
+
+
+@route_app.command("generate")
+def route_generate(
+    prompts: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
+    mixture: Annotated[
+        Path | None, typer.Option(help="A mixture folder (route train) or an instance-encoder folder.")
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="NAME=DIR or DIR: LoRAs for --arrow / --mode.")
+    ] = None,
+    arrow: Annotated[bool, typer.Option("--arrow", help="Route the --lora LoRAs with Arrow.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", help="Arrow: LoRAs per token.")] = 3,
+    temperature: Annotated[float, typer.Option(help="Arrow: softmax temperature.")] = 1.0,
+    mode: Annotated[str | None, typer.Option(help="Mode switch: the mode (LoRA set) to use.")] = None,
+    modes: Annotated[
+        Path | None, typer.Option(help="JSON or YAML file {mode: [LoRA names]} for --mode.")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="HF base folder [default: recorded / the world's].")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+) -> None:
+    """Greedy generation (KV cache on) with a trained mixture, an instance encoder, Arrow or a mode.
+
+    Examples:
+
+      lorafuse route generate --mixture mix/remix -p "question : ... answer :"
+
+      lorafuse route generate --arrow --lora math=loras/math --lora list=loras/list -p "..."
+
+      lorafuse route generate --mode maths --modes modes.yaml --lora loras/math -p "..."
+    """
+    import yaml
+
+    from lorafuse.adapters import load_lora
+    from lorafuse.errors import LorafuseError
+    from lorafuse.eval import generate
+    from lorafuse.fuse.instance import InstanceMixing, mode_weights, read_encoder
+    from lorafuse.route import ArrowSource, Mixture
+    from lorafuse.runtime import attach
+
+    chosen = sum([mixture is not None, arrow, mode is not None])
+    if chosen != 1:
+        raise typer.BadParameter("give exactly one of --mixture DIR, --arrow, --mode NAME")
+    meta: dict[str, Any] = {}
+    encoder_meta: dict[str, Any] | None = None
+    if mixture is not None and (mixture / "mixture.json").is_file():
+        meta = json.loads((mixture / "mixture.json").read_text())
+    elif mixture is not None:
+        encoder_meta, encoder = read_encoder(mixture)
+        meta = encoder_meta
+    if base is None and meta.get("base_model") and Path(meta["base_model"]).is_dir():
+        base = Path(meta["base_model"])
+        recorded_tok = meta.get("tokenizer")
+        if tokenizer is None and recorded_tok and Path(recorded_tok).is_dir():
+            tokenizer = Path(recorded_tok)
+    base_dir, tok_dir, _ = _world_paths(base, tokenizer)
+    tok, model = _load(base_dir, tok_dir)
+    if mixture is not None and encoder_meta is None:
+        Mixture.load(mixture, model)
+    elif mixture is not None and encoder_meta is not None:
+        basis = {name: load_lora(path) for name, path in encoder_meta["basis"].items()}
+        InstanceMixing(model, basis, encoder)
+    else:
+        folders = _named_loras(lora or [])
+        if not folders:
+            raise typer.BadParameter("--arrow and --mode need at least one --lora")
+        handle = attach(model, {name: load_lora(path) for name, path in folders.items()})
+        if arrow:
+            handle.set_source(ArrowSource(handle, model, top_k=top_k, temperature=temperature))
+        else:
+            if modes is None:
+                raise typer.BadParameter("--mode needs --modes FILE")
+            table = yaml.safe_load(modes.read_text())
+            if not isinstance(table, dict):
+                raise LorafuseError(f"{modes}: expected a mapping {{mode: [LoRA names]}}")
+            assert mode is not None
+            handle.set_weights(mode_weights(handle.names, table, mode))
+    for prompt, text in zip(
+        prompts, generate(model, tok, prompts, max_new_tokens=max_new_tokens), strict=True
+    ):
+        typer.echo(f"{prompt} → {text}")
+
+
+def world_route_study(
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    methods: Annotated[str, typer.Option(help="Comma-separated: softmax,remix,encoder,arrow.")] = (
+        "softmax,remix,encoder,arrow"
+    ),
+    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
+    experts: Annotated[int, typer.Option(help="New experts n (softmax, remix).")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="LoRAs per token (every method).")] = 2,
+    samples: Annotated[int, typer.Option(help="ReMix M.")] = 4,
+    limit: Annotated[int, typer.Option(help="Test examples per task.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
+    world: Annotated[
+        Path | None,
+        typer.Option("--dir", help="An already built world folder [default: build/reuse default]."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+    merge_with: Annotated[
+        Path | None, typer.Option(help="A previous --json result whose runs of other methods are kept.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON (updated after every run).")
+    ] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Plot effective experts per layer.")] = None,
+) -> None:
+    """Routing study on the default skill world: softmax and ReMix mixtures, instance encoder, Arrow.
+
+    Prints accuracy per task (mean ± std over seeds) and effective experts / top share per layer.
+    """
+    import torch
+
+    from lorafuse._io import versions
+    from lorafuse.route import plot_health
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.skillworld.route_study import (
+        RouteStudySettings,
+        format_route_study,
+        health_curves,
+        route_study,
+    )
+
+    torch.set_num_threads(threads)
+    root = world or build_world(default_world_dir("default", seed), profile="default", seed=seed)
+    settings = RouteStudySettings(
+        experts=experts,
+        top_k=top_k,
+        samples=samples,
+        steps=steps,
+        limit=limit,
+        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+    )
+    previous = json.loads(merge_with.read_text()) if merge_with else None
+
+    def save(result: dict[str, Any]) -> None:
+        if previous is not None:
+            kept = [r for r in previous["runs"] if r["method"] not in settings.methods]
+            result = {**result, "runs": kept + result["runs"], "merged_from": str(merge_with)}
+        result |= {"versions": versions(), "threads": threads, "world": str(root)}
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = json_out.with_name(f".{json_out.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(json_out)
+        saved.clear()
+        saved.update(result)
+
+    saved: dict[str, Any] = {}
+    save(route_study(root, settings, on_run=save))
+    typer.echo(format_route_study(saved))
+    if png:
+        plot_health(health_curves(saved), png, n_experts=experts)
+
+
+def register_route(app: typer.Typer, world_app: typer.Typer) -> None:
+    """Add ``route`` to the main CLI and ``route-study`` to ``world``."""
+    app.add_typer(route_app, name="route")
+    world_app.command("route-study")(world_route_study)

@@ -1,0 +1,257 @@
+"""Instance-level basis mixing (LoRWeB's idea) and the per-request mode switch (Phi-4-multimodal).
+
+**Basis mixing.** A small encoder maps a pooled prompt representation to coefficients over a
+basis of k existing LoRAs, fixed for the whole sequence (LoRWeB: a query from an encoder attends
+over learnable keys, one per basis LoRA)::
+
+    p = rms(mean_{t ∈ prompt} e_t)                (H,)   e_t: residual entering layer 0 (embeddings)
+    q = W_q p                                      (d,)
+    s = K q / √d                                   (k,)   K: (k, d) learnable keys
+    c = softmax(s / τ)  or  tanh(s)                (k,)   optionally only over the top-k of s
+    h = W0 x + Σ_i c_i s_i B_i A_i x               every adapted module, every token
+
+The prompt is pooled from the embeddings, so the coefficients are known before layer 0's LoRAs
+act: no second pass of the base (X-LoRA's cost). They are computed on the first forward call of
+a sequence and kept for the following ``generate`` steps (with the KV cache, or without it, when
+each step re-feeds the prompt plus the generated tokens). In training, the
+prompt is the tokens whose label is ``-100``. Only the encoder trains (base and LoRAs frozen),
+with the shared loop.
+
+**Mode switch.** Phi-4-multimodal switches its LoRA set per request by modality; here a mode
+names a set of LoRAs and becomes a fixed weight row (1 on the set, 0 elsewhere):
+:func:`mode_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lorafuse._data import Encoded
+from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse.adapters import LoRA
+from lorafuse.errors import LorafuseError
+from lorafuse.fuse.loop import TrainConfig, train_loop
+from lorafuse.runtime import AttachedBank, attach, detach
+from lorafuse.runtime.bank import LoRABank
+
+FORMAT = "lorafuse-instance-encoder"
+VERSION = 1
+ACTIVATIONS = ("softmax", "tanh")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    activation: str = "softmax"  # softmax | tanh
+    dim: int = 64  # query/key width d
+    top_k: int | None = None  # keep only the top-k scores (sparse basis), None = all
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a HF causal LM (``model.model.layers``, ``transformer.h``, ...)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) == count
+            and name.rsplit(".", 1)[-1] in {"layers", "h"}
+        ):
+            return module
+    raise LorafuseError(
+        f"cannot find the decoder layers of {type(model).__name__} (a ModuleList named 'layers' or "
+        f"'h' with config.num_hidden_layers={count} entries)"
+    )
+
+
+class InstanceEncoder(nn.Module):
+    """Pooled prompt ``(B, H)`` → coefficients ``(B, k)`` over the basis (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, k: int, config: EncoderConfig) -> None:
+        super().__init__()
+        if config.activation not in ACTIVATIONS:
+            raise LorafuseError(f"unknown activation {config.activation!r}; choose one of {ACTIVATIONS}")
+        if config.top_k is not None and not 1 <= config.top_k <= k:
+            raise LorafuseError(f"top_k must be between 1 and the {k} basis LoRAs, got {config.top_k}")
+        self.config, self.k = config, k
+        generator = torch.Generator().manual_seed(config.seed)
+        self.query = nn.Parameter(
+            torch.randn(config.dim, hidden_size, generator=generator) / math.sqrt(hidden_size)
+        )
+        self.keys = nn.Parameter(torch.randn(k, config.dim, generator=generator) * 0.02)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        p = pooled.float() * torch.rsqrt(pooled.float().pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, H)
+        scores = (p @ self.query.T) @ self.keys.T / math.sqrt(self.config.dim)  # (B, k)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        if self.config.top_k is not None:
+            keep = torch.zeros_like(keep).scatter(-1, scores.topk(self.config.top_k, -1).indices, True)
+        if self.config.activation == "softmax":
+            return torch.softmax((scores / self.config.temperature).masked_fill(~keep, float("-inf")), -1)
+        return torch.tanh(scores) * keep
+
+
+class InstanceSource:
+    """Feeds every bank the per-sequence coefficients ``(B, k)`` of the encoder."""
+
+    def __init__(self, encoder: InstanceEncoder, model: nn.Module) -> None:
+        self.encoder = encoder
+        self.coefficients: Tensor | None = None  # (B, k) of the current sequences
+        self._new, self._pool_mask = True, None
+        self._prompt: Tensor | None = None  # (B, T0) ids of the current sequences' prompt
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+            decoder_layers(model)[0].register_forward_pre_hook(self._on_first_layer, with_kwargs=True),
+        ]
+
+    def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A sequence is new unless the KV cache holds its past or it extends the last prompt seen
+        (``generate`` without the cache re-feeds prompt + generated tokens at every step)."""
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        cache = kwargs.get("past_key_values")
+        continued = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        prompt = self._prompt
+        if not continued and isinstance(ids, Tensor) and prompt is not None:
+            width = prompt.shape[1]
+            continued = (
+                ids.shape[0] == prompt.shape[0]
+                and ids.shape[1] > width
+                and torch.equal(ids[:, :width].to(prompt.device), prompt)
+            )
+        self._new = not continued
+        if self._new:
+            self._prompt = ids.detach().clone() if isinstance(ids, Tensor) else None
+        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+        pool = mask.bool() if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        if isinstance(labels, Tensor):
+            prompt_tokens = labels == -100
+            pool = prompt_tokens if pool is None else pool & prompt_tokens
+        self._pool_mask = pool
+
+    def _on_first_layer(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._new and self.coefficients is not None:
+            return
+        x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+        mask = self._pool_mask
+        m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask[:, -x.shape[1] :].float()
+        pooled = (x.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
+        self.coefficients = self.encoder(pooled)  # (B, k)
+
+    def weights_for(self, bank: LoRABank, x: Tensor) -> Tensor | None:
+        if self.coefficients is None:
+            raise LorafuseError(f"{bank.path}: the instance encoder has not seen a prompt yet")
+        return self.coefficients.to(bank.A.dtype)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class InstanceMixing:
+    """A basis of LoRAs attached to a model, weighted per sequence by an :class:`InstanceEncoder`."""
+
+    def __init__(self, model: nn.Module, basis: Mapping[str, LoRA], encoder: InstanceEncoder) -> None:
+        self.model, self.encoder = model, encoder
+        self.bank: AttachedBank = attach(model, dict(basis))
+        self.source = InstanceSource(encoder, model)
+        self.bank.set_source(self.source)
+
+    @property
+    def names(self) -> list[str]:
+        return self.bank.names
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        basis_paths: Mapping[str, str],
+        base_model: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``."""
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": asdict(self.encoder.config),
+            "hidden_size": int(self.encoder.query.shape[1]),
+            "basis": {name: str(basis_paths[name]) for name in self.names},
+            "base_model": base_model,
+            "versions": versions(),
+            **(extra or {}),
+        }
+        with atomic_output_dir(path) as tmp:
+            write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
+            write_json(meta, tmp / "encoder.json")
+        return Path(path)
+
+    def remove(self) -> nn.Module:
+        self.source.remove()
+        return detach(self.model)
+
+
+def read_encoder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], InstanceEncoder]:
+    """The description and the encoder of a saved folder (the basis LoRAs are loaded by the caller)."""
+    folder = Path(path)
+    try:
+        meta = json.loads((folder / "encoder.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LorafuseError(
+            f"{folder / 'encoder.json'}: cannot read the encoder description: {exc}"
+        ) from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise LorafuseError(f"{folder}: not a lorafuse instance encoder of version {VERSION}")
+    encoder = InstanceEncoder(meta["hidden_size"], len(meta["basis"]), EncoderConfig(**meta["config"]))
+    state = read_safetensors(folder / "encoder.safetensors")
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise LorafuseError(
+            f"{folder / 'encoder.safetensors'}: tensors do not fit the encoder: {exc}"
+        ) from None
+    encoder.requires_grad_(False)
+    return meta, encoder
+
+
+def train_encoder(
+    model: nn.Module,
+    basis: Mapping[str, LoRA],
+    data: Sequence[Encoded],
+    config: EncoderConfig,
+    train: TrainConfig,
+    *,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> tuple[InstanceMixing, list[float]]:
+    """Attach ``basis`` to ``model`` and train only the encoder's coefficients with the shared loop."""
+    model.requires_grad_(False)
+    encoder = InstanceEncoder(int(model.config.hidden_size), len(basis), config)
+    mixing = InstanceMixing(model, basis, encoder)
+    losses = train_loop(
+        model, encoder.parameters(), data, train, pad_id=pad_id, desc="instance encoder", progress=progress
+    )
+    encoder.requires_grad_(False)
+    return mixing, losses
+
+
+def mode_weights(
+    names: Sequence[str], modes: Mapping[str, Sequence[str]], mode: str | Sequence[str]
+) -> Tensor:
+    """A mode's fixed weight row ``(k,)`` (1 on its LoRA set), or ``(batch, k)`` for one mode per request."""
+    if not isinstance(mode, str):
+        return torch.stack([mode_weights(names, modes, m) for m in mode])  # (batch, k)
+    if mode not in modes:
+        raise LorafuseError(f"unknown mode {mode!r}; the modes are {sorted(modes)}")
+    unknown = sorted(set(modes[mode]) - set(names))
+    if unknown:
+        raise LorafuseError(f"mode {mode!r} names LoRA(s) {unknown} that are not in the bank {list(names)}")
+    return torch.tensor([1.0 if n in modes[mode] else 0.0 for n in names])
