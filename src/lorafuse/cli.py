@@ -374,6 +374,32 @@ def world_merge_study(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@world_app.command("flow-ablation")
+def world_flow_ablation(
+    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    out_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
+    seeds: Annotated[int, typer.Option(help="Training seeds per variant.")] = 1,
+    limit: Annotated[int | None, typer.Option(help="Test examples per composite task.")] = 100,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """LoRA-Flow's ablations on every composite task: gate per layer (the paper's), per module,
+    one gate for all layers (step), the bias inside the softmax, and a 10× learning rate."""
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.skillworld.study import flow_ablation, format_ablation
+
+    root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    result = flow_ablation(root, seeds=tuple(range(seeds)), limit=limit)
+    typer.echo(format_ablation(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 from lorafuse import cli_fuse  # noqa: E402, F401  (registers fuse, generate, explain)
 from lorafuse.cli_compress import register as _register_compress  # noqa: E402
 
