@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument(
         "--slow-last",
         default="delta-come (auto, GPTQ)",
-        help="variants measured after all the others (comma-separated labels)",
+        help="variants measured after all the others (labels separated by ';')",
     )
     parser.add_argument("--quick", action="store_true", help="1024×1024 and 2752×1024 instead (a smoke run)")
     args = parser.parse_args()
@@ -159,7 +159,7 @@ def main() -> None:
     )
     shapes = {k: v for k, v in shapes.items() if k.split()[0] in args.shapes.split(",")}
     budgets = [b.strip() for b in args.budgets.split(",")]
-    slow = [v.strip() for v in args.slow_last.split(",") if v.strip()]
+    slow = [v.strip() for v in args.slow_last.split(";") if v.strip()]
     passes = [[v for v in VARIANTS if v not in slow], [v for v in VARIANTS if v in slow]]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
