@@ -271,7 +271,8 @@ def world_route_study(
     ] = None,
     threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
     merge_with: Annotated[
-        Path | None, typer.Option(help="A previous --json result whose runs of other methods are kept.")
+        Path | None,
+        typer.Option(help="A previous --json result whose runs of other methods or seeds are kept."),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON (updated after every run).")
@@ -310,7 +311,8 @@ def world_route_study(
 
     def save(result: dict[str, Any]) -> None:
         if previous is not None:
-            kept = [r for r in previous["runs"] if r["method"] not in settings.methods]
+            redone = {(r["method"], r.get("seed")) for r in result["runs"]}
+            kept = [r for r in previous["runs"] if (r["method"], r.get("seed")) not in redone]
             result = {**result, "runs": kept + result["runs"], "merged_from": str(merge_with)}
         result |= {"versions": versions(), "threads": threads, "world": str(root)}
         if json_out:
