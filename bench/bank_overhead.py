@@ -22,8 +22,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -31,26 +29,11 @@ import torch
 import transformers
 from peft import PeftModel
 
+from _common import timed
 from lorafuse import attach, load_lora
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def timed(fn: Callable[[], object], reps: int, device: str) -> list[float]:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:

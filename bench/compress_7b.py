@@ -29,13 +29,14 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from _common import PeakSampler
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"attention q_proj (4096×4096)": (4096, 4096), "mlp up_proj (11008×4096)": (11008, 4096)}
@@ -47,36 +48,6 @@ VARIANTS = {  # label → (method, settings)
     "bitdelta": ("bitdelta", {}),
     "rtn (dense)": ("rtn", {}),
 }
-
-
-def resident_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakSampler:
-    """Resident memory sampled every 2 ms in a thread; ``extra`` = peak − start, MiB."""
-
-    def __init__(self) -> None:
-        self.start = self.peak = resident_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_mib())
-            time.sleep(0.002)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def extra(self) -> float:
-        return self.peak - self.start
 
 
 def make_inputs(out_dim: int, in_dim: int, seed: int, tokens: int = 2048) -> dict[str, torch.Tensor]:

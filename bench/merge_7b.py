@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +32,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import merge_utils
 from torch import nn
+
+from _common import PeakSampler
 
 RESULTS = Path(__file__).parent / "results"
 N_LORAS, RANK, DENSITY = 4, 16, 0.5
@@ -45,42 +46,6 @@ def make_factors(out_dim: int, in_dim: int, seed: int) -> list[tuple[torch.Tenso
         (torch.randn(RANK, in_dim, generator=g) * 0.02, torch.randn(out_dim, RANK, generator=g) * 0.02, 2.0)
         for _ in range(N_LORAS)
     ]
-
-
-def resident_mib() -> float:
-    """Resident memory of this process now, MiB."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakSampler:
-    """Samples this process's resident memory every 2 ms in a thread; ``extra`` = peak − start.
-
-    (``ru_maxrss`` cannot be used: a spawned child inherits its parent's high-water mark.)
-    """
-
-    def __init__(self) -> None:
-        self.start = resident_mib()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_mib())
-            time.sleep(0.002)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_mib())
-
-    @property
-    def extra(self) -> float:
-        return self.peak - self.start
 
 
 def target(factors: list, method: str) -> torch.Tensor:

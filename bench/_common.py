@@ -1,0 +1,69 @@
+"""What every benchmark here shares: timing with a warm-up, and peak resident memory of a process.
+
+Imported by the scripts of this folder as ``from _common import ...`` (each script runs as
+``python bench/<name>.py``, so this folder is on ``sys.path``, also in spawned children).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def timed(fn: Callable[[], object], reps: int, device: str) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after one warm-up call (CUDA synchronised)."""
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def resident_mib() -> float:
+    """Resident memory of this process now, MiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakSampler:
+    """Samples this process's resident memory every 2 ms in a thread; ``extra`` = peak − start.
+
+    (``ru_maxrss`` cannot be used: a spawned child inherits its parent's high-water mark.)
+    """
+
+    def __init__(self) -> None:
+        self.start = resident_mib()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_mib())
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_mib())
+
+    @property
+    def extra(self) -> float:
+        return self.peak - self.start
