@@ -20,11 +20,11 @@ def tokenize(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:  # type: ignore[no-untyped-def]
-    """Text of ``ids`` without special tokens; word-level vocabularies are joined with spaces."""
+    """Text of ``ids``: word-level vocabularies join every token with spaces (as written in the
+    data); other tokenizers decode without special tokens. Callers cut at ``</s>`` first."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and type(backend.model).__name__ == "WordLevel":
-        special = set(tokenizer.all_special_ids)
-        return " ".join(tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]))
+        return " ".join(tokenizer.convert_ids_to_tokens(list(ids)))
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 

@@ -112,6 +112,8 @@ def fuse(
 
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    if method not in ("lora-flow", "cat", "lorahub", "average"):
+        raise typer.BadParameter(f"--method must be lora-flow, cat, lorahub or average, got {method!r}")
     loras = _pairs(lora, "--lora")
     if not loras:
         raise typer.BadParameter("give at least one --lora NAME=DIR")
@@ -126,8 +128,6 @@ def fuse(
         bias_in_softmax=bias_in_softmax,
         seed=seed,
     )
-    if method not in ("lora-flow", "cat", "lorahub", "average"):
-        raise typer.BadParameter(f"--method must be lora-flow, cat, lorahub or average, got {method!r}")
     fusion = run_fuse(
         model, tok, loras, _rows(train), _rows(dev) if dev else None, settings, checkpoint_dir=checkpoint
     )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafuse._data import collate, encode_examples
+from lorafuse._data import collate, decode, encode_examples, tokenize
 from lorafuse.eval.metrics import exact_match
 
 
@@ -22,13 +22,16 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions of space-tokenized ``prompts`` (``<s>`` prepended), cut at ``</s>``."""
+    """Greedy completions of ``prompts`` (``<s>`` prepended), cut at ``</s>``.
+
+    Prompts are tokenized and completions decoded by :func:`lorafuse._data.tokenize` /
+    :func:`~lorafuse._data.decode`, the same as for training (word level: one id per word).
+    """
     device = next(model.parameters()).device
     outputs: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = [
-            [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(p.split())]
-            for p in prompts[start : start + batch_size]
+            [tokenizer.bos_token_id, *tokenize(tokenizer, p)] for p in prompts[start : start + batch_size]
         ]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T) left-padded
@@ -48,7 +51,7 @@ def generate(
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            outputs.append(" ".join(tokenizer.convert_ids_to_tokens(row)))
+            outputs.append(decode(tokenizer, row))
     return outputs
 
 

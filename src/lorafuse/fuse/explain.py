@@ -71,7 +71,8 @@ def explain(
         by_layer = {i: by_layer[0] for i in range(flow.config.num_layers)}
     weights = torch.stack([by_layer[i] for i in sorted(by_layer)])  # (layers, T, k)
     tokens = tokenizer.convert_ids_to_tokens(full)
-    return Explanation(tokens, len(prompt_ids), weights, lora_names, decode(tokenizer, answer_ids))
+    answer = decode(tokenizer, [i for i in answer_ids if i != tokenizer.eos_token_id])
+    return Explanation(tokens, len(prompt_ids), weights, lora_names, answer)
 
 
 def heatmap_png(explanation: Explanation, path: Path) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lorafuse._data import Encoded, collate
+from lorafuse._io import read_safetensors, write_safetensors
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -150,8 +151,6 @@ class _Checkpoint:
         best: list[Tensor] | None,
         result: TrainResult,
     ) -> None:
-        from lorafuse._io import write_safetensors
-
         tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
         for i, p in enumerate(params):
             for key, value in optimizer.state.get(p, {}).items():
@@ -170,8 +169,6 @@ class _Checkpoint:
     def load(
         self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer
     ) -> tuple[int, list[Tensor] | None, TrainResult] | None:
-        from lorafuse._io import read_safetensors
-
         meta_path, state_path = self.folder / "state.json", self.folder / "state.safetensors"
         if not meta_path.is_file() or not state_path.is_file():
             return None

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lorafuse._data import encode_examples
+from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.eval import evaluate
 from lorafuse.fuse import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
@@ -224,8 +224,6 @@ def _gate_mean(
     banks: dict[str, Any], rows: list[dict[str, str]], model: torch.nn.Module, tokenizer: Any
 ) -> list[list[float]]:
     """Mean LoRA-Flow weights per layer ``(layers, k)`` over the dev sequences (teacher-forced)."""
-    from lorafuse._data import collate
-
     source = next(iter(banks.values())).source
     assert isinstance(source, LoRAFlow)
     source.record = []
