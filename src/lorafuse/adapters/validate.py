@@ -23,7 +23,14 @@ class LinearShape:
 
 
 def linear_shape(module: nn.Module) -> LinearShape | None:
-    """Shape of ``nn.Linear`` or GPT-2's ``Conv1D`` (weight ``(in, out)``), else None."""
+    """Shape of ``nn.Linear`` or GPT-2's ``Conv1D`` (weight ``(in, out)``), else None.
+
+    A wrapper that serves LoRAs on a layer (the runtime's pooled bank) names that layer in
+    ``wrapped_linear``; its shape is the layer's.
+    """
+    wrapped = getattr(module, "wrapped_linear", None)
+    if isinstance(wrapped, nn.Module):
+        module = wrapped
     if isinstance(module, nn.Linear):
         return LinearShape(module.in_features, module.out_features)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):

@@ -99,3 +99,25 @@ def bank_delta(x: Tensor, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
     """
     h = x @ A.T  # (..., R)
     return (h * w) @ B.T  # (..., out)
+
+
+def gathered_delta(x: Tensor, A_rows: Tensor, B_rows: Tensor, coef: Tensor) -> Tensor:
+    """Per-row LoRAs (Punica's BGMV, S-LoRA): ``Δy_b = ((x_b A_bᵀ) ⊙ c_b) B_b`` for each row ``b``.
+
+    ``x`` is ``(B, T, in)``; ``A_rows (B, R, in)`` and ``B_rows (B, R, out)`` hold the ranks each row
+    uses (gathered from a table, zero rows as padding); ``coef`` is ``(B, 1, R)`` or ``(B, T, R)``.
+    Cost follows the ranks a row uses, not every adapter loaded.
+    """
+    h = torch.bmm(x, A_rows.transpose(1, 2))  # (B, T, R)
+    return torch.bmm(h * coef, B_rows)  # (B, T, out)
+
+
+def table_delta(x: Tensor, A_used: Tensor, B_used: Tensor, coef: Tensor) -> Tensor:
+    """Shared ranks for the whole batch: ``Δy = ((x A_Uᵀ) ⊙ c) B_U`` with one matmul pair.
+
+    ``A_used (U, in)`` and ``B_used (U, out)`` are the U table rows any row of the batch uses;
+    ``coef (B, 1, U)`` or ``(B, T, U)`` is zero where a row does not use a rank. Cheaper than
+    :func:`gathered_delta` when the batch shares few adapters (U small).
+    """
+    h = x @ A_used.T  # (B, T, U)
+    return (h * coef) @ B_used  # (B, T, out)
