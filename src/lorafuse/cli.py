@@ -421,5 +421,9 @@ from lorafuse.cli_route import register_route  # noqa: E402  (issue 7: route com
 
 register_route(app, world_app)
 
+from lorafuse.cli_serve import register as _register_serve  # noqa: E402  (issue 8: serve)
+
+_register_serve(app)
+
 if __name__ == "__main__":
     main()

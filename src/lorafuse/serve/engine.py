@@ -1,0 +1,444 @@
+"""Continuous batching over many adapters: one thread runs the model, requests come and go.
+
+Every iteration the engine (1) admits waiting requests up to ``max_batch`` rows, loads the
+adapters they need into the :class:`~lorafuse.runtime.pool.AdapterPool` (LRU-evicting unused
+ones past ``max_loaded``) and prefills them together; (2) merges their KV cache into the running
+batch (left padding, explicit position ids, so rows of any length share one cache); (3) decodes
+one token for every running row, each with its own adapter, weighted combination or fusion; (4)
+streams new text to each request and drops finished rows from the batch and the cache.
+
+A request that fails while being prepared (an adapter that does not load) or in its prefill
+fails alone; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from lorafuse._data import decode
+from lorafuse.errors import LorafuseError
+from lorafuse.fuse.flow import decoder_layers
+from lorafuse.runtime.pool import AdapterPool, Allocation, BatchPlan
+from lorafuse.serve.compose import Composition, RequestError
+from lorafuse.serve.dynamic import FusionRows
+
+log = logging.getLogger("lorafuse.serve")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request (temperature 0 = greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # end-of-sequence is banned until this many tokens (vLLM's min_tokens)
+
+
+@dataclass
+class Event:
+    """What the engine tells a request: ``kind`` = "text" | "done" | "error"."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """One sequence to generate. ``emit`` is called from the engine thread."""
+
+    prompt_ids: list[int]
+    composition: Composition
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already emitted
+    arrived: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    allocations: list[Allocation] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the row leaves the batch at the next step."""
+        self.cancelled = True
+
+
+class QueueFull(RequestError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(429, f"the server has {limit} requests waiting (its limit); retry later")
+
+
+class EngineMetrics:
+    """Hooks the engine calls; the server's Prometheus metrics subclass this (no-ops here)."""
+
+    def batch(self, rows: int, distinct: int, queue: int) -> None: ...
+    def finished(self, request: Request, reason: str) -> None: ...
+    def adapters(self, loaded: int, loads: int, evictions: int) -> None: ...
+
+
+class Engine:
+    """Runs ``model`` (with an :class:`AdapterPool`) in a background thread for many requests."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,  # type: ignore[no-untyped-def]
+        pool: AdapterPool,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_loaded: int = 64,
+        max_length: int | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_loaded = max_loaded
+        config = getattr(model, "config", None)
+        self.max_length = max_length or int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        self.metrics = metrics or EngineMetrics()
+        self.device = next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._layers: nn.ModuleList | None = None
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # the running batch
+        self.rows: list[Request] = []
+        self._cache: DynamicCache | None = None
+        self._mask: Tensor | None = None  # (B, L) 1 = real token
+        self._positions: Tensor | None = None  # (B,) position id of the next token
+        self._last: Tensor | None = None  # (B,) last token of each row
+        self._plan_rows: FusionRows | None = None
+        self._plan: BatchPlan | None = None
+        self.steps = 0
+
+    # -- public ---------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="lorafuse-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; raises :class:`QueueFull` past ``max_queue`` waiting requests."""
+        with self._cond:
+            if self._stopping:
+                raise RequestError(503, "the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._waiting.append(request)
+            self._cond.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self.rows:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                room = self.max_batch - len(self.rows)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                if admitted:
+                    self._admit(admitted)
+                if self.rows:
+                    self._decode()
+            except Exception as exc:  # never let the engine thread die
+                log.exception("engine step failed")
+                self._fail_all(exc)
+        for request in [*self.rows, *self._waiting]:
+            request.emit(Event("error", text="the server is shutting down", status=503))
+
+    def _admit(self, requests: list[Request]) -> None:
+        ready = []
+        for request in requests:
+            if request.cancelled:
+                continue
+            try:
+                self._prepare(request)
+                ready.append(request)
+            except Exception as exc:
+                self._fail(request, exc)
+        self.pool.evict(self.max_loaded)
+        self.metrics.adapters(len(self.pool), self.pool.stats.loads, self.pool.stats.evictions)
+        if not ready:
+            return
+        try:
+            self._prefill(ready)
+        except Exception as exc:
+            if len(ready) == 1:
+                self._fail(ready[0], exc)
+                return
+            log.warning("prefill of %d requests failed; retrying them one by one", len(ready))
+            for request in ready:  # only the request that fails fails; the running batch goes on
+                try:
+                    self._prefill([request])
+                except Exception as exc_one:
+                    self._fail(request, exc_one)
+
+    def _prepare(self, request: Request) -> None:
+        """Load the request's adapters into the pool and pin them while it runs."""
+        for part in request.composition.parts:
+            if part.key not in self.pool:
+                lora = part.load()
+                try:
+                    self.pool.add(part.key, lora)
+                except LorafuseError as exc:
+                    raise RequestError(400, f"`{request.composition.label}`: {exc}") from None
+            allocation = self.pool.touch(part.key)
+            allocation.refs += 1
+            request.allocations.append(allocation)
+        fusion = request.composition.fusion
+        if fusion is not None and fusion.method == "lora-flow" and self._layers is None:
+            self._layers = decoder_layers(self.model, list(self.pool.banks))
+        if request.params.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.params.seed)
+
+    def _make_plan(self, rows: Sequence[Request]) -> tuple[BatchPlan | None, FusionRows | None]:
+        """The pool plan for ``rows`` and, when some use learned fusions, their hooks (installed)."""
+        if not any(r.composition.parts for r in rows):
+            return None, None  # every row is the base model
+        plan = self.pool.plan([[(p.key, p.weight) for p in r.composition.parts] for r in rows])
+        groups: dict[str, tuple] = {}
+        for b, r in enumerate(rows):
+            if r.composition.dynamic:
+                key = r.composition.fusion_key or r.composition.label
+                groups.setdefault(key, (r.composition.fusion, []))[1].append(b)
+        if not groups:
+            return plan, None
+        fusion_rows = FusionRows(list(groups.values()), plan.owner).install(self._layers)
+        plan.dynamic = fusion_rows
+        return plan, fusion_rows
+
+    def _set_batch_plan(self) -> None:
+        if self._plan_rows is not None:
+            self._plan_rows.remove()
+        self._plan, self._plan_rows = self._make_plan(self.rows)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)  # (n, L) left-padded
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L)
+        plan, fusion_rows = self._make_plan(requests)
+        try:
+            with self.pool.use(plan):
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    past_key_values=DynamicCache(),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            if fusion_rows is not None:
+                fusion_rows.remove()
+        tokens = self._sample(out.logits[:, -1], requests)  # (n,)
+        start = len(self.rows)
+        self._merge(requests, out.past_key_values, mask, mask.sum(-1), tokens.to(self.device))
+        self._after_step(tokens, start)
+
+    def _merge(
+        self, requests: list[Request], cache: DynamicCache, mask: Tensor, positions: Tensor, last: Tensor
+    ) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter cache."""
+        mask = mask.to(self.device)
+        if not self.rows:
+            self.rows, self._cache, self._mask = list(requests), cache, mask
+            self._positions, self._last = positions.to(self.device), last
+        else:
+            assert self._cache is not None and self._mask is not None
+            length = max(self._mask.shape[1], mask.shape[1])
+            for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+                for name in ("keys", "values"):
+                    a, b = getattr(old_layer, name), getattr(new_layer, name)  # (B, H, L, D)
+                    setattr(old_layer, name, torch.cat([_left_pad(a, length, 2), _left_pad(b, length, 2)], 0))
+            self._mask = torch.cat([_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)], 0)
+            self._positions = torch.cat([self._positions, positions.to(self.device)])  # type: ignore[list-item]
+            self._last = torch.cat([self._last, last])  # type: ignore[list-item]
+            self.rows.extend(requests)
+        self._set_batch_plan()
+
+    def _decode(self) -> None:
+        assert self._mask is not None and self._positions is not None and self._last is not None
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], 1)  # (B, L+1)
+        distinct = len({r.composition.label for r in self.rows})
+        self.metrics.batch(len(self.rows), distinct, len(self._waiting))
+        with self.pool.use(self._plan):
+            out = self.model(
+                input_ids=self._last.unsqueeze(1),
+                attention_mask=self._mask,
+                position_ids=self._positions.unsqueeze(1),
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        self._cache = out.past_key_values
+        self._positions = self._positions + 1
+        tokens = self._sample(out.logits[:, -1], self.rows)
+        self.steps += 1
+        self._after_step(tokens)
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def _sample(self, logits: Tensor, requests: Sequence[Request]) -> Tensor:
+        """Next token per row: argmax for temperature 0, else top-p sampling with the row's seed."""
+        logits = logits.float()  # (B, V)
+        for i, r in enumerate(requests):
+            if len(r.generated) < r.params.min_tokens and self.eos is not None:
+                logits[i, self.eos] = float("-inf")
+        tokens = logits.argmax(-1)  # (B,)
+        for i, r in enumerate(requests):
+            if r.params.temperature > 0:
+                probs = torch.softmax(logits[i] / r.params.temperature, -1)  # (V,)
+                if r.params.top_p < 1.0:
+                    sorted_probs, order = probs.sort(descending=True)
+                    keep = sorted_probs.cumsum(0) - sorted_probs < r.params.top_p
+                    probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+                tokens[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator).item()
+        return tokens
+
+    def _after_step(self, tokens: Tensor, start: int = 0) -> None:
+        """Record the new tokens of rows ``start…``, stream text, and drop finished rows."""
+        assert self._last is not None
+        self._last[start:] = tokens.to(self.device)
+        keep = list(range(start))
+        for i, token in enumerate(tokens.tolist(), start):
+            r = self.rows[i]
+            reason = self._advance(r, token, i)
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(r, reason)
+        if len(keep) < len(self.rows):
+            self._select(keep)
+
+    def _advance(self, r: Request, token: int, row: int) -> str | None:
+        if r.cancelled:
+            return "cancelled"
+        if r.first_token is None:
+            r.first_token = time.monotonic()
+        if token == self.eos:
+            return "stop"
+        r.generated.append(token)
+        text = decode(self.tokenizer, r.generated)
+        stop_at = min((i for s in r.params.stop if (i := text.find(s)) >= 0), default=-1)
+        if stop_at >= 0:
+            r.text = text[:stop_at]
+            self._send(r, len(r.text))
+            return "stop"
+        r.text = text
+        hold = max((len(s) - 1 for s in r.params.stop), default=0)  # a stop string may be starting
+        ready = len(text) - hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+            ready = min(ready, len(text) - 1)
+        self._send(r, ready)
+        assert self._positions is not None
+        if len(r.generated) >= r.params.max_tokens or int(self._positions[row]) + 1 >= self.max_length:
+            return "length"
+        return None
+
+    def _send(self, r: Request, upto: int) -> None:
+        if upto > r.sent:
+            r.emit(Event("text", text=r.text[r.sent : upto]))
+            r.sent = upto
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self._send(r, len(r.text))
+        for allocation in r.allocations:
+            allocation.refs -= 1
+        r.allocations = []
+        self.metrics.finished(r, reason)
+        if reason != "cancelled":
+            r.emit(
+                Event(
+                    "done",
+                    finish_reason=reason,
+                    prompt_tokens=len(r.prompt_ids),
+                    completion_tokens=len(r.generated),
+                )
+            )
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` in the batch, the cache and the masks; trim all-padding columns."""
+        if not keep:
+            self.rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
+            self._set_batch_plan()
+            return
+        index = torch.tensor(keep, device=self.device)
+        assert self._cache is not None and self._mask is not None
+        self._mask = self._mask.index_select(0, index)
+        first = int(self._mask.any(0).float().argmax())  # leading columns that are padding in every row
+        for layer in self._cache.layers:
+            for name in ("keys", "values"):
+                setattr(layer, name, getattr(layer, name).index_select(0, index)[:, :, first:])
+        self._mask = self._mask[:, first:]
+        self._positions = self._positions.index_select(0, index)  # type: ignore[union-attr]
+        self._last = self._last.index_select(0, index)  # type: ignore[union-attr]
+        self.rows = [self.rows[i] for i in keep]
+        self._set_batch_plan()
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        for allocation in request.allocations:
+            allocation.refs -= 1
+        request.allocations = []
+        if isinstance(exc, RequestError):
+            request.emit(Event("error", text=exc.message, status=exc.status))
+        else:
+            log.warning("request %s failed: %s", request.id, exc)
+            request.emit(Event("error", text=f"{type(exc).__name__}: {exc}", status=500))
+        self.metrics.finished(request, "error")
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows, self.rows = self.rows, []
+        for request in rows:
+            self._fail(request, exc)
+        self._select([])
+
+
+def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)

@@ -1,0 +1,110 @@
+"""What a server can serve: the adapters, fusions and compressed deltas found under one folder.
+
+Each direct sub-folder of the adapters folder whose name is a valid model name is one entry:
+
+- ``adapter_config.json`` → a PEFT LoRA adapter (``kind="adapter"``);
+- ``fusion.json`` → a saved fusion (``kind="fusion"``, see :mod:`lorafuse.fuse.fusion`);
+- ``compressed.json`` → a compressed fine-tuning delta (``kind="compressed"``, low-rank kinds
+  only are servable: Delta-CoMe and SVD truncation; BitDelta/RTN deltas are dense).
+
+Names from requests are only ever looked up in this registry, never joined into paths, so no
+request can reach a file outside the folder. Sub-folders that are links resolving outside the
+folder are skipped. The folder is scanned again when a name is not found (at most once per
+``rescan_interval`` seconds), so adding a folder makes it servable without a restart; a changed
+adapter (new file time or size) gets a new key and is loaded again.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["adapter", "fusion", "compressed"]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MARKERS: tuple[tuple[str, Kind], ...] = (
+    ("fusion.json", "fusion"),
+    ("compressed.json", "compressed"),
+    ("adapter_config.json", "adapter"),
+)
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "fusion.json",
+    "weights.safetensors",
+    "compressed.json",
+    "delta.safetensors",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One servable folder. ``key`` changes whenever its files change (size or time)."""
+
+    name: str
+    kind: Kind
+    path: Path  # resolved, inside the registry's root
+    key: str
+    created: int  # seconds since the epoch (folder time), for /v1/models
+
+
+def fingerprint(folder: Path) -> str:
+    parts = []
+    for name in WEIGHT_FILES:
+        f = folder / name
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+class Registry:
+    """Adapters, fusions and compressed deltas under ``root``, by name."""
+
+    def __init__(self, root: str | Path, *, rescan_interval: float = 1.0) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"adapters folder {root} does not exist")
+        self.rescan_interval = rescan_interval
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._scanned = 0.0
+        self.scan()
+
+    def scan(self) -> dict[str, Entry]:
+        """Read the folder again; returns the entries by name."""
+        found: dict[str, Entry] = {}
+        for folder in sorted(self.root.iterdir()):
+            if not NAME_RE.match(folder.name) or not folder.is_dir():
+                continue
+            resolved = folder.resolve()
+            if not resolved.is_relative_to(self.root):
+                continue  # a link out of the adapters folder
+            for marker, kind in MARKERS:
+                if (resolved / marker).is_file():
+                    key = f"{kind}:{resolved}:{fingerprint(resolved)}"
+                    created = int(resolved.stat().st_mtime)
+                    found[folder.name] = Entry(folder.name, kind, resolved, key, created)
+                    break
+        with self._lock:
+            self._entries = found
+            self._scanned = time.monotonic()
+        return found
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def get(self, name: str) -> Entry | None:
+        """The entry called ``name`` (rescanning once if it is unknown), or ``None``."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            return None
+        with self._lock:
+            stale = time.monotonic() - self._scanned >= self.rescan_interval
+            entries = self._entries
+        if stale:
+            entries = self.scan()
+        return entries.get(name)
