@@ -39,7 +39,7 @@ class FusionRows:
         self.groups = [(fusion, torch.tensor(list(rows), dtype=torch.long)) for fusion, rows in groups]
         self.owner = owner  # (B, R)
         self._inputs: dict[int, Tensor] = {}
-        self._layer_coef: dict[int, Tensor] = {}
+        self._layer_coef: dict[int, list[tuple[Tensor, Tensor]]] = {}
         self._module_coef: dict[str, Tensor] = {}
         self._hooks: list[RemovableHandle] = []
         self._needs_layers = any(f.method == "lora-flow" for f, _ in self.groups)
@@ -71,18 +71,28 @@ class FusionRows:
             self._module_coef[key] = self._cat(bank.path, static)
         if not self._needs_layers:
             return self._module_coef.get(key)
-        base = self._module_coef.get(key, static)  # (B, 1, R)
-        per_module = any(f.method == "lora-flow" and f.gate.granularity == "module" for f, _ in self.groups)  # type: ignore[union-attr]
+        base = self._module_coef.get(key, static)  # (B, 1, R): static or per-module CAT weights
         if layer is None:
             return base
-        if not per_module and layer in self._layer_coef:
-            return self._layer_coef[layer]
         coef = base.expand(x.shape[0], x.shape[1], -1).clone()  # (B, T, R)
+        for rows, spread in self._flow(bank, x):
+            coef[rows] = spread.to(coef.dtype)
+        return coef
+
+    def _flow(self, bank: PooledBank, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(rows, coefficients (n, T, R))`` of every LoRA-Flow group at this bank's layer;
+        computed once per layer and forward pass unless the gates are per module."""
+        layer = bank.layer_index
+        assert layer is not None
+        if layer in self._layer_coef:
+            return self._layer_coef[layer]
+        out, per_module = [], False
         for fusion, rows in self.groups:
             if fusion.method != "lora-flow":
                 continue
             gate = fusion.gate
             assert gate is not None
+            per_module |= gate.granularity == "module"
             source = 0 if gate.granularity == "step" else layer
             if gate.granularity == "module":
                 g = gate.module_paths.index(bank.path)
@@ -97,10 +107,10 @@ class FusionRows:
                 temperature=gate.temperature,
                 bias_in_softmax=gate.bias_in_softmax,
             )  # (n, T, k)
-            coef[rows] = _spread(w, self.owner[rows].to(x.device)).to(coef.dtype)
+            out.append((rows.to(x.device), _spread(w, self.owner[rows].to(x.device))))
         if not per_module:
-            self._layer_coef[layer] = coef
-        return coef
+            self._layer_coef[layer] = out
+        return out
 
     def _cat(self, path: str, static: Tensor) -> Tensor:
         coef = static.clone()  # (B, 1, R)

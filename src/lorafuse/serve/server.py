@@ -41,7 +41,8 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     weights: WeightLimits = field(default_factory=WeightLimits)
     lora_dtype: torch.dtype | None = None  # default: the base layers' dtype
-    table_max_ranks: int = 64
+    table_max_ranks: int = 64  # table kernel up to this many distinct ranks in a batch …
+    table_ratio: float = 4.0  # … or this many times the widest row; else gather per row
 
 
 class Server:
@@ -53,7 +54,9 @@ class Server:
         self.settings = settings or ServeSettings()
         s = self.settings
         self.registry = Registry(adapters)
-        self.pool = AdapterPool(model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks)
+        self.pool = AdapterPool(
+            model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks, table_ratio=s.table_ratio
+        )
         self.metrics = ServerMetrics()
         self.engine = Engine(
             model,

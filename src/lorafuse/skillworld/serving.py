@@ -29,7 +29,7 @@ from lorafuse.runtime import attach, detach
 WORLD_LORAS = ("math", "lang_zorb", "lang_vell", "list", "copy", "reverse")
 
 
-def random_lora(model: nn.Module, seed: int, rank: int, targets: tuple[str, ...], std: float = 0.1) -> LoRA:
+def random_lora(model: nn.Module, seed: int, rank: int, targets: tuple[str, ...], std: float = 0.4) -> LoRA:
     """A LoRA with both factors ``N(0, std²)`` on every linear layer whose name ends in ``targets``."""
     g = torch.Generator().manual_seed(seed)
     modules = {}
