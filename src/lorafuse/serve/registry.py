@@ -9,9 +9,9 @@ Each direct sub-folder of the adapters folder whose name is a valid model name i
 
 Names from requests are only ever looked up in this registry, never joined into paths, so no
 request can reach a file outside the folder. Sub-folders that are links resolving outside the
-folder are skipped. The folder is scanned again when a name is not found (at most once per
-``rescan_interval`` seconds), so adding a folder makes it servable without a restart; a changed
-adapter (new file time or size) gets a new key and is loaded again.
+folder are skipped. The folder is scanned again when a name is not found, so adding a folder
+makes it servable without a restart; a changed adapter (new file time or size) gets a new key
+and is loaded again (noticed within ``rescan_interval`` seconds).
 """
 
 from __future__ import annotations
@@ -99,12 +99,14 @@ class Registry:
             return list(self._entries.values())
 
     def get(self, name: str) -> Entry | None:
-        """The entry called ``name`` (rescanning once if it is unknown), or ``None``."""
+        """The entry called ``name``, or ``None``. An unknown name rescans the folder (a listing
+        and a few ``stat`` calls); known names are checked for changed files every
+        ``rescan_interval`` seconds."""
         if not isinstance(name, str) or not NAME_RE.match(name):
             return None
         with self._lock:
             stale = time.monotonic() - self._scanned >= self.rescan_interval
             entries = self._entries
-        if stale:
+        if stale or name not in entries:
             entries = self.scan()
         return entries.get(name)
