@@ -278,3 +278,54 @@ def test_queue_limit_is_429(served: dict[str, Any]) -> None:
     with pytest.raises(QueueFull) as info:
         engine.submit(Request([1, 5], Composition("base"), SamplingParams(), lambda e: None))
     assert info.value.status == 429
+
+
+def test_cli_serve_starts_and_answers(served: dict[str, Any]) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = served["world"]
+    command = [
+        sys.executable,
+        "-m",
+        "lorafuse",
+        "serve",
+        "--base",
+        str(world / "base"),
+        "--adapters",
+        str(served["folder"]),
+        "--port",
+        str(port),
+        "--model-name",
+        BASE,
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "LORAFUSE_API_KEY": KEY}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "lorafuse serve did not come up"
+            time.sleep(0.2)
+        req = {"model": "math", "prompt": served["prompts"][0], "max_tokens": 6, "min_tokens": 6}
+        assert _complete(_client(url), req) == reference(
+            _model(world), served["tokenizer"], served["folder"], req, BASE
+        )
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key from the environment
+    finally:
+        process.terminate()
+        process.wait(30)

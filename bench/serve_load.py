@@ -1,0 +1,223 @@
+"""A bounded load test of ``lorafuse serve`` on loopback: many concurrent clients, 16 compositions.
+
+Starts the real server (uvicorn on 127.0.0.1) on the skill world (``--profile tiny`` by default:
+built in seconds) with an adapters folder holding world LoRAs, random LoRAs, three saved fusions
+(LoRA-Flow, learned CAT, static) and a compressed delta. ``--requests`` requests (default 2,000)
+are sent by ``--concurrency`` client threads (default 32) through the ``openai`` client, a quarter
+of them streaming, each naming one of 16 distinct adapters / weighted compositions / fusions, with
+seeded random prompts and lengths (``min_tokens = max_tokens``, greedy). It stops by itself.
+
+Then every answer is compared with the single-request path (``attach``/``Fusion.attach`` + HF
+``generate``, batch 1). Exit status 1 if any request failed or any answer differs.
+
+    .venv/bin/python bench/serve_load.py [--requests 2000] [--concurrency 32] [--profile tiny]
+
+Writes ``bench/results/serve_load-<profile>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorafuse._io import versions
+from lorafuse.serve import Limits, Server, ServeSettings
+from lorafuse.skillworld import build_world
+from lorafuse.skillworld.serving import reference, serving_folder
+
+BASE = "world"
+COMPOSITIONS: list[dict[str, Any]] = [
+    *(
+        {"model": n}
+        for n in ("math", "lang_zorb", "list", "copy", "rand0", "rand1", "rand2", "rand3", "rand4", "rand5")
+    ),
+    {"model": BASE, "compose": {"math": 0.8, "lang_zorb": 0.6}},
+    {"model": BASE, "compose": {"rand0": 0.5, "rand2": 0.5, "list": 1.0}},
+    {"model": "flow"},
+    {"model": "catw"},
+    {"model": "mix"},
+    {"model": "tuned"},
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-loaded", type=int, default=8, help="LRU limit (below 16 to exercise eviction)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    world = build_world(profile=args.profile, seed=0)
+    rng = random.Random(args.seed)
+    prompts = [
+        json.loads(line)["prompt"]
+        for task in ("math", "list", "math_zorb")
+        for line in (world / "data" / task / "test.jsonl").open()
+    ]
+    requests = []
+    for i in range(args.requests):
+        n = rng.randint(4, 16)
+        spec = COMPOSITIONS[i % len(COMPOSITIONS)]
+        requests.append(
+            {**spec, "prompt": rng.choice(prompts), "max_tokens": n, "min_tokens": n, "stream": i % 4 == 0}
+        )
+    rng.shuffle(requests)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapters"
+        serving_folder(world, folder)
+        tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+        model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
+        settings = ServeSettings(
+            base_name=BASE,
+            max_batch=args.max_batch,
+            max_loaded=args.max_loaded,
+            max_queue=4 * args.requests,
+            limits=Limits(max_tokens=64),
+        )
+        server = Server(model, tokenizer, folder, settings)
+        answers: list[str | None] = [None] * len(requests)
+        latencies: list[float] = [0.0] * len(requests)
+        failures: list[str] = []
+
+        def send(client: openai.OpenAI, i: int) -> None:
+            r = requests[i]
+            extra = {"min_tokens": r["min_tokens"]} | ({"compose": r["compose"]} if "compose" in r else {})
+            start = time.perf_counter()
+            try:
+                if r["stream"]:
+                    chunks = client.completions.create(
+                        model=r["model"],
+                        prompt=r["prompt"],
+                        max_tokens=r["max_tokens"],
+                        temperature=0,
+                        stream=True,
+                        extra_body=extra,
+                    )
+                    answers[i] = "".join(c.choices[0].text for c in chunks)
+                else:
+                    out = client.completions.create(
+                        model=r["model"],
+                        prompt=r["prompt"],
+                        max_tokens=r["max_tokens"],
+                        temperature=0,
+                        extra_body=extra,
+                    )
+                    answers[i] = out.choices[0].text
+            except Exception as exc:  # counted, reported
+                failures.append(f"{i}: {type(exc).__name__}: {exc}")
+            latencies[i] = time.perf_counter() - start
+
+        with server.background() as url:
+            clients = [
+                openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+                for _ in range(args.concurrency)
+            ]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as workers:
+                list(workers.map(lambda i: send(clients[i % args.concurrency], i), range(len(requests))))
+            wall = time.perf_counter() - started
+            metrics = server.metrics
+            stats = server.pool.stats
+        print(
+            f"{len(requests)} requests in {wall:.1f} s, {len(failures)} failed; checking answers",
+            file=sys.stderr,
+        )
+
+        ref_model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
+        cache: dict[str, str] = {}
+        mismatches = []
+        for i, r in enumerate(requests):
+            key = json.dumps({k: v for k, v in r.items() if k != "stream"}, sort_keys=True)
+            if key not in cache:
+                cache[key] = reference(ref_model, tokenizer, folder, r, BASE)
+            if answers[i] is not None and answers[i] != cache[key]:
+                mismatches.append({"request": r, "served": answers[i], "single": cache[key]})
+
+    generated = sum(r["max_tokens"] for r in requests)
+    record = {
+        "benchmark": "serve_load",
+        "settings": vars(args) | {"out": str(args.out)},
+        "compositions": len(COMPOSITIONS),
+        "requests": len(requests),
+        "failed": len(failures),
+        "failures": failures[:20],
+        "mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:5],
+        "distinct_answers": len({a for a in answers if a is not None}),
+        "wall_s": wall,
+        "requests_per_s": len(requests) / wall,
+        "generated_tokens_per_s": generated / wall,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": sorted(latencies)[int(0.99 * (len(latencies) - 1))],
+        "adapter_loads": stats.loads,
+        "adapter_evictions": stats.evictions,
+        "decode_steps": int(metrics.steps._value.get()),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve_load-{args.profile}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    head = [
+        "requests",
+        "concurrent",
+        "compositions",
+        "failed",
+        "answers ≠ single-request",
+        "distinct answers",
+        "wall s",
+        "req/s",
+        "tokens/s",
+        "p50 s",
+        "p99 s",
+        "loads / evictions",
+    ]
+    cells = [
+        len(requests),
+        args.concurrency,
+        len(COMPOSITIONS),
+        len(failures),
+        len(mismatches),
+        record["distinct_answers"],
+        f"{wall:.1f}",
+        f"{record['requests_per_s']:.1f}",
+        f"{record['generated_tokens_per_s']:.0f}",
+        f"{record['latency_p50_s']:.2f}",
+        f"{record['latency_p99_s']:.2f}",
+        f"{stats.loads} / {stats.evictions}",
+    ]
+    table = "\n".join(
+        [
+            "| " + " | ".join(head) + " |",
+            "|" + " --- |" * len(head),
+            "| " + " | ".join(map(str, cells)) + " |",
+            "",
+        ]
+    )
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    sys.exit(1 if failures or mismatches else 0)
+
+
+if __name__ == "__main__":
+    main()
