@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--peft-reps", type=int, default=None, help="repetitions for PEFT (default --reps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--name", default=None, help="results file stem (default serve_throughput-<device>-<dtype>)"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -111,14 +114,15 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0)
 
     def run_engine(d: int) -> list[list[int]]:
+        """``d`` distinct adapters over the batch (preloaded); ``d = 0``: the base model alone."""
         done = threading.Semaphore(0)
         requests = []
         for i, prompt in enumerate(prompts):
-            name = names[i % d]
-            part = Part(name, lambda: None, 1.0)  # type: ignore[arg-type,return-value]  # preloaded
+            name = names[i % d] if d else "base"
+            parts = (Part(name, lambda: None, 1.0),) if d else ()  # type: ignore[arg-type,return-value]
             request = Request(
                 list(prompt),
-                Composition(name, (part,)),
+                Composition(name, parts),
                 params,
                 lambda e: done.release() if e.kind != "text" else None,
             )
@@ -154,6 +158,8 @@ def main() -> None:
 
     rows = []
     tokens = args.batch * args.new_tokens
+    base_tok_s = tokens / statistics.median(timed(lambda: run_engine(0), args.reps, args.device))
+    print(f"base (no adapter): {base_tok_s:.1f} tok/s", file=sys.stderr)
     for d in distinct:
         same = sum(a == b for a, b in zip(run_engine(d), run_peft(d), strict=True)) / args.batch
         t_lf = timed(lambda d=d: run_engine(d), args.reps, args.device)
@@ -181,10 +187,12 @@ def main() -> None:
     for row in rows:
         row["vs_peft"] = row["lorafuse_tok_s"] / row["peft_tok_s"]
         row["vs_own_single"] = single / row["lorafuse_tok_s"] if single else None
+        row["share_of_base"] = row["lorafuse_tok_s"] / base_tok_s
     record = {
         "benchmark": "serve_throughput",
         "settings": vars(args) | {"out": str(args.out)},
         "model": {"layers": args.layers, "hidden": args.hidden, "vocab": 32000},
+        "base_tok_s": base_tok_s,
         "rows": rows,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
@@ -192,22 +200,23 @@ def main() -> None:
         "versions": versions() | {"lorafuse": __version__},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    stem = args.out / f"serve_throughput-{args.device}-{args.dtype}"
+    stem = args.out / (args.name or f"serve_throughput-{args.device}-{args.dtype}")
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"Batch of {args.batch} rows, prompt {args.prompt} + {args.new_tokens} generated tokens each; "
         f"{args.layers} layers × {args.hidden}, LoRA rank {args.rank} on {args.targets}; {args.device} "
-        f"{args.dtype}, {torch.get_num_threads()} threads; median of {args.reps} (tokens/s).",
+        f"{args.dtype}, {torch.get_num_threads()} threads; median of {args.reps} (tokens/s). "
+        f"Base model alone (lorafuse engine, no adapter): {base_tok_s:.1f} tok/s.",
         "",
         "| distinct adapters | lorafuse tok/s | PEFT tok/s | lorafuse / PEFT | own single-adapter / this "
-        "| identical greedy rows |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| lorafuse / base | identical greedy rows |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         own = f"{row['vs_own_single']:.2f}" if row["vs_own_single"] else "–"
         lines.append(
             f"| {row['distinct_adapters']} | {row['lorafuse_tok_s']:.1f} | {row['peft_tok_s']:.1f} | "
-            f"{row['vs_peft']:.2f}× | {own} | {row['identical_rows']:.0%} |"
+            f"{row['vs_peft']:.2f}× | {own} | {row['share_of_base']:.0%} | {row['identical_rows']:.0%} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

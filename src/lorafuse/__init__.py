@@ -32,7 +32,7 @@ from lorafuse.fuse import FuseSettings, Fusion, TrainConfig, load_fusion, save_f
 from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder, InstanceMixing, mode_weights, train_encoder
 from lorafuse.merge import MERGE_METHODS, load_recipe
 from lorafuse.route import ArrowSource, Mixture, MixtureConfig, RoutingStats, plot_health, train_mixture
-from lorafuse.runtime import AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
+from lorafuse.runtime import AdapterPool, AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "COMPRESS_METHODS",
     "MERGE_METHODS",
     "AdapterFormatError",
+    "AdapterPool",
     "ArrowSource",
     "AttachedBank",
     "CompatibilityError",

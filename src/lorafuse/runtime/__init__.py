@@ -2,9 +2,12 @@
 
 from lorafuse.runtime.attach import AttachedBank, attach, attached_banks, detach
 from lorafuse.runtime.bank import LoRABank, StaticWeights, WeightSource
+from lorafuse.runtime.pool import AdapterPool, BatchPlan
 
 __all__ = [
+    "AdapterPool",
     "AttachedBank",
+    "BatchPlan",
     "LoRABank",
     "StaticWeights",
     "WeightSource",
