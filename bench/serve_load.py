@@ -103,25 +103,16 @@ def main() -> None:
             extra = {"min_tokens": r["min_tokens"]} | ({"compose": r["compose"]} if "compose" in r else {})
             start = time.perf_counter()
             try:
-                if r["stream"]:
-                    chunks = client.completions.create(
-                        model=r["model"],
-                        prompt=r["prompt"],
-                        max_tokens=r["max_tokens"],
-                        temperature=0,
-                        stream=True,
-                        extra_body=extra,
-                    )
-                    answers[i] = "".join(c.choices[0].text for c in chunks)
-                else:
-                    out = client.completions.create(
-                        model=r["model"],
-                        prompt=r["prompt"],
-                        max_tokens=r["max_tokens"],
-                        temperature=0,
-                        extra_body=extra,
-                    )
-                    answers[i] = out.choices[0].text
+                out = client.completions.create(
+                    model=r["model"],
+                    prompt=r["prompt"],
+                    max_tokens=r["max_tokens"],
+                    temperature=0,
+                    stream=r["stream"],
+                    extra_body=extra,
+                )
+                chunks = out if r["stream"] else [out]
+                answers[i] = "".join(c.choices[0].text for c in chunks)
             except Exception as exc:  # counted, reported
                 failures.append(f"{i}: {type(exc).__name__}: {exc}")
             latencies[i] = time.perf_counter() - start

@@ -242,6 +242,19 @@ def build_app(
         c = sum(e.completion_tokens for e in events)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def envelope(
+        kind: str, rid: str, created: int, model: str, choices: list[dict], done: list[Event]
+    ) -> dict:
+        """One response or stream chunk; ``usage`` once the generation is done."""
+        out = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if done:
+            out["usage"] = usage(done)
+        return out
+
+    def choice(index: int, done: Event | None, **content: object) -> dict:
+        finish = done.finish_reason if done else None
+        return {"index": index, **content, "logprobs": None, "finish_reason": finish}
+
     @app.post("/v1/completions")
     async def completions(http: Request) -> Response:
         body = await read_body(http, CompletionRequest)
@@ -253,47 +266,21 @@ def build_app(
         composition = await resolve(body)
         encoded = [encode(p) for p in body.prompts]
         params = [sampling(body, len(ids), body.max_tokens) for ids in encoded]
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, created, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
         if body.stream:
             request, queue = start(encoded[0], composition, params[0])
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict | None:
                 if opening:
                     return None
-                out = {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": text or "",
-                            "logprobs": None,
-                            "finish_reason": done.finish_reason if done else None,
-                        }
-                    ],
-                }
-                if done:
-                    out["usage"] = usage([done])
-                return out
+                ends = [done] if done else []
+                return envelope(kind, rid, created, body.model, [choice(0, done, text=text or "")], ends)
 
             return StreamingResponse(stream(request, queue, chunk), media_type="text/event-stream")
         started = [start(ids, composition, p) for ids, p in zip(encoded, params, strict=True)]
         events = list(await asyncio.gather(*(collect(r, q) for r, q in started)))
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {"index": i, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
-                    for i, e in enumerate(events)
-                ],
-                "usage": usage(events),
-            }
-        )
+        choices = [choice(i, e, text=e.text) for i, e in enumerate(events)]
+        return JSONResponse(envelope(kind, rid, created, body.model, choices, events))
 
     @app.post("/v1/chat/completions")
     async def chat(http: Request) -> Response:
@@ -307,45 +294,21 @@ def build_app(
             request, queue = start(ids, composition, params)
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict:
-                delta: dict[str, str] = (
+                delta = (
                     {"role": "assistant", "content": ""} if opening else ({"content": text} if text else {})
                 )
-                out = {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": delta,
-                            "logprobs": None,
-                            "finish_reason": done.finish_reason if done else None,
-                        }
-                    ],
-                }
-                if done:
-                    out["usage"] = usage([done])
-                return out
+                ends = [done] if done else []
+                return envelope(
+                    "chat.completion.chunk", rid, created, body.model, [choice(0, done, delta=delta)], ends
+                )
 
             return StreamingResponse(stream(request, queue, chunk), media_type="text/event-stream")
         event = await collect(*start(ids, composition, params))
+        message = {"role": "assistant", "content": event.text}
         return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": event.text},
-                        "logprobs": None,
-                        "finish_reason": event.finish_reason,
-                    }
-                ],
-                "usage": usage([event]),
-            }
+            envelope(
+                "chat.completion", rid, created, body.model, [choice(0, event, message=message)], [event]
+            )
         )
 
     return app
