@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from _common import timed
 from lorafuse import __version__, load_lora
@@ -35,13 +34,7 @@ from lorafuse._io import versions
 from lorafuse.runtime.pool import AdapterPool
 from lorafuse.serve.compose import Composition, Part
 from lorafuse.serve.engine import Engine, Request, SamplingParams
-
-
-def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+from lorafuse.tiny import word_tokenizer
 
 
 def main() -> None:

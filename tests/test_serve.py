@@ -221,6 +221,9 @@ def _post(url: str, body: Any, *, raw: bytes | None = None, key: str = KEY) -> h
         ({"model": "math", "prompt": "a", "n": 2}, 400, "n=1"),
         ({"model": "math", "prompt": "a", "temperature": -1}, 400, "temperature"),
         ({"model": "math", "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+        ({"model": "math", "prompt": ["a"] * 33}, 400, "at most 32"),
+        ({"model": "math", "prompt": ["a", "b"], "stream": True}, 400, "one prompt"),
+        ({"model": "math", "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ],
 )
 def test_bad_input_gets_4xx_json(server: dict[str, Any], body: Any, status: int, words: str) -> None:

@@ -66,6 +66,45 @@ def tiny_gpt2(
     return GPT2LMHeadModel(config).eval()
 
 
+def tiny_causal_lm(kind: str, seed: int = 0, *, vocab_size: int = 128) -> PreTrainedModel:
+    """A tiny randomly initialised ``llama``, ``qwen2``, ``mistral`` or ``gpt2`` (hidden 32, 2 layers)."""
+    if kind == "llama":
+        return tiny_llama(seed, vocab_size=vocab_size)
+    if kind == "gpt2":
+        return tiny_gpt2(seed, vocab_size=vocab_size)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        kind,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def word_tokenizer(vocab_size: int = 128):  # type: ignore[no-untyped-def]
+    """A word-level fast tokenizer ``<pad>=0, <s>=1, </s>=2, w3 … w{V-1}`` (whitespace-split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
 def save_model(model: PreTrainedModel, path: str | os.PathLike[str]) -> Path:
     """Save a model as a HuggingFace folder (safetensors) and return the path."""
     model.save_pretrained(str(path))
