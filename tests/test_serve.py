@@ -224,6 +224,9 @@ def _post(url: str, body: Any, *, raw: bytes | None = None, key: str = KEY) -> h
         ({"model": "math", "prompt": ["a"] * 33}, 400, "at most 32"),
         ({"model": "math", "prompt": ["a", "b"], "stream": True}, 400, "one prompt"),
         ({"model": "math", "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+        ({"model": "dense", "prompt": "a"}, 400, "dense"),
+        ({"model": "flow", "prompt": "a", "compose": {"flow": 1}}, 400, "base model"),
+        ({"model": BASE, "prompt": "a", "compose": {"flow": 1}}, 400, "fusion"),
     ],
 )
 def test_bad_input_gets_4xx_json(server: dict[str, Any], body: Any, status: int, words: str) -> None:

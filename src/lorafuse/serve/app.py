@@ -98,8 +98,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> dict[str, object]:
-        alive = engine._thread is not None and engine._thread.is_alive()
-        if not alive:
+        if not engine.alive:
             raise RequestError(503, "the engine is not running")
         return {"status": "ok", "running": len(engine.rows), "waiting": engine.queue_length}
 

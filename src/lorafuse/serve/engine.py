@@ -161,6 +161,11 @@ class Engine:
             self._cond.notify()
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_length(self) -> int:
         return len(self._waiting)
 

@@ -110,11 +110,12 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
                     0.3 * torch.randn(o, 4, generator=g) @ torch.randn(4, i_, generator=g) / i_**0.5
                 )
     tuned.save_pretrained(finetuned)
-    compress_checkpoint(
-        world / "base", finetuned, out / "tuned", method="low-rank", budget="1/4", progress=False
-    )
+    for name, method in (("tuned", "low-rank"), ("dense", "rtn")):  # rtn is dense: listed, refused (400)
+        compress_checkpoint(
+            world / "base", finetuned, out / name, method=method, budget="1/4", progress=False
+        )
+        names["compressed"].append(name)
     shutil.rmtree(finetuned)
-    names["compressed"].append("tuned")
     return names
 
 
