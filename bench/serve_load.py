@@ -126,7 +126,6 @@ def main() -> None:
             with ThreadPoolExecutor(args.concurrency) as workers:
                 list(workers.map(lambda i: send(clients[i % args.concurrency], i), range(len(requests))))
             wall = time.perf_counter() - started
-            metrics = server.metrics
             stats = server.pool.stats
         print(
             f"{len(requests)} requests in {wall:.1f} s, {len(failures)} failed; checking answers",
@@ -161,7 +160,7 @@ def main() -> None:
         "latency_p99_s": sorted(latencies)[int(0.99 * (len(latencies) - 1))],
         "adapter_loads": stats.loads,
         "adapter_evictions": stats.evictions,
-        "decode_steps": int(metrics.steps._value.get()),
+        "decode_steps": server.engine.steps,
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedModel
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -31,8 +31,27 @@ def tiny_llama(
     vocab_size: int = 128,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama (grouped-query attention, SwiGLU MLP), in eval mode."""
+    return _tiny_decoder(
+        "llama", seed, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size
+    )
+
+
+def _tiny_decoder(
+    kind: str,
+    seed: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 64,
+    vocab_size: int = 128,
+) -> PreTrainedModel:
+    """A Llama-shaped decoder of any HF ``model_type`` (``llama``, ``qwen2``, ``mistral``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        kind,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -45,7 +64,7 @@ def tiny_llama(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_gpt2(
@@ -68,28 +87,9 @@ def tiny_gpt2(
 
 def tiny_causal_lm(kind: str, seed: int = 0, *, vocab_size: int = 128) -> PreTrainedModel:
     """A tiny randomly initialised ``llama``, ``qwen2``, ``mistral`` or ``gpt2`` (hidden 32, 2 layers)."""
-    if kind == "llama":
-        return tiny_llama(seed, vocab_size=vocab_size)
     if kind == "gpt2":
         return tiny_gpt2(seed, vocab_size=vocab_size)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        kind,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return _tiny_decoder(kind, seed, vocab_size=vocab_size)
 
 
 def word_tokenizer(vocab_size: int = 128):  # type: ignore[no-untyped-def]

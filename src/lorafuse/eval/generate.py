@@ -21,8 +21,10 @@ def generate(
     max_new_tokens: int = 48,
     batch_size: int = 64,
     progress: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (``<s>`` prepended), cut at ``</s>``.
+    """Greedy completions of ``prompts`` (``<s>`` prepended), cut at ``</s>`` (which is banned
+    before ``min_new_tokens`` tokens).
 
     Prompts are tokenized and completions decoded by :func:`lorafuse._data.tokenize` /
     :func:`~lorafuse._data.decode`, the same as for training (word level: one id per word).
@@ -43,6 +45,7 @@ def generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=False,
             use_cache=True,
             eos_token_id=tokenizer.eos_token_id,

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafuse._data import tokenize
-from lorafuse.serve.compose import Composition, RequestError, Resolver
+from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
 from lorafuse.serve.metrics import ServerMetrics
@@ -45,10 +45,11 @@ class Limits:
 def error_response(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    kind = RequestError(status, message).type
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
-    )
+    return JSONResponse(error_body(status, message, param=param, code=code), status_code=status)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: object = None) -> dict:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def build_app(
@@ -209,7 +210,7 @@ def build_app(
     async def stream(
         request: GenerationRequest,
         queue: asyncio.Queue[Event],
-        chunk: callable,  # type: ignore[valid-type]
+        chunk: Callable[[str | None, Event | None, bool], dict | None],
     ) -> AsyncIterator[str]:
         try:
             first = chunk(None, None, True)
@@ -220,13 +221,7 @@ def build_app(
                 if event.kind == "text":
                     yield f"data: {json.dumps(chunk(event.text, None, False))}\n\n"
                 elif event.kind == "error":
-                    err = {
-                        "error": {
-                            "message": event.text,
-                            "type": RequestError(event.status, "").type,
-                            "code": event.status,
-                        }
-                    }
+                    err = error_body(event.status, event.text, code=event.status)
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 else:

@@ -37,9 +37,14 @@ class RequestError(Exception):
 
     @property
     def type(self) -> str:
-        return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
+        return error_type(self.status)
+
+
+def error_type(status: int) -> str:
+    """The OpenAI error ``type`` of an HTTP status."""
+    return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,13 +192,10 @@ class Resolver:
         return Composition(label=label, parts=tuple(p for p in parts if p.weight != 0.0))
 
     def _fusion(self, entry: Entry) -> Composition:
+        """The fusion's composition, cached by its key and the keys of the served adapters it was
+        resolved against (hashing the LoRA files happens once, not per request)."""
         with self._lock:
             fusion = self._fusions.get(entry.key)
-        if fusion is not None:  # cached with the keys of the served adapters it was resolved against
-            served = tuple((e.key if (e := self.registry.get(n)) else "") for n in fusion.lora_names)
-            cached = self._compositions.get((entry.key, served))
-            if cached is not None:
-                return cached
         if fusion is None:
             try:
                 fusion = load_fusion(entry.path)
@@ -201,20 +203,26 @@ class Resolver:
                 raise RequestError(400, f"fusion `{entry.name}` cannot be read: {exc}") from None
             with self._lock:
                 self._fusions[entry.key] = fusion
+        served = tuple((e.key if (e := self.registry.get(n)) else "") for n in fusion.lora_names)
+        with self._lock:
+            cached = self._compositions.get((entry.key, served))
+        if cached is not None:
+            return cached
+        static = fusion.method == "static"
+        weights = fusion.tensors["weights"].tolist() if static else [1.0] * fusion.k
         parts = []
-        for name in fusion.lora_names:
+        for name, weight in zip(fusion.lora_names, weights, strict=True):
             folder = self._fusion_lora(entry.name, fusion, name)
             key = f"adapter:{folder}:" + ",".join(sorted(fusion.lora_hashes.get(name, {}).values()))
-            parts.append(Part(key, lambda folder=folder, name=name: load_lora(folder, name=name), 1.0))
-        if fusion.method == "static":
-            weights = fusion.tensors["weights"].tolist()
-            parts = [Part(p.key, p.load, float(w)) for p, w in zip(parts, weights, strict=True)]
-            composition = Composition(label=entry.name, parts=tuple(parts))
-        else:
-            composition = Composition(
-                label=entry.name, parts=tuple(parts), fusion=fusion, fusion_key=entry.key
+            parts.append(
+                Part(key, lambda folder=folder, name=name: load_lora(folder, name=name), float(weight))
             )
-        served = tuple((e.key if (e := self.registry.get(n)) else "") for n in fusion.lora_names)
+        composition = Composition(
+            label=entry.name,
+            parts=tuple(parts),
+            fusion=None if static else fusion,
+            fusion_key=None if static else entry.key,
+        )
         with self._lock:
             self._compositions[(entry.key, served)] = composition
         return composition

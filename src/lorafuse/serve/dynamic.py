@@ -43,6 +43,7 @@ class FusionRows:
         self._module_coef: dict[str, Tensor] = {}
         self._hooks: list[RemovableHandle] = []
         self._needs_layers = any(f.method == "lora-flow" for f, _ in self.groups)
+        self._has_cat = any(f.method == "cat-weights" for f, _ in self.groups)
 
     def install(self, layers: nn.ModuleList | None) -> FusionRows:
         if self._needs_layers:
@@ -67,7 +68,7 @@ class FusionRows:
     def coef_for(self, bank: PooledBank, x: Tensor, static: Tensor) -> Tensor | None:
         layer = bank.layer_index
         key = bank.path
-        if any(f.method == "cat-weights" for f, _ in self.groups) and key not in self._module_coef:
+        if self._has_cat and key not in self._module_coef:
             self._module_coef[key] = self._cat(bank.path, static)
         if not self._needs_layers:
             return self._module_coef.get(key)

@@ -387,11 +387,16 @@ class Engine:
             r.emit(Event("text", text=r.text[r.sent : upto]))
             r.sent = upto
 
-    def _finish(self, r: Request, reason: str) -> None:
-        self._send(r, len(r.text))
+    @staticmethod
+    def _release(r: Request) -> None:
+        """Unpin the request's adapters (the pool may evict them again)."""
         for allocation in r.allocations:
             allocation.refs -= 1
         r.allocations = []
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self._send(r, len(r.text))
+        self._release(r)
         self.metrics.finished(r, reason)
         if reason != "cancelled":
             r.emit(
@@ -423,9 +428,7 @@ class Engine:
         self._set_batch_plan()
 
     def _fail(self, request: Request, exc: Exception) -> None:
-        for allocation in request.allocations:
-            allocation.refs -= 1
-        request.allocations = []
+        self._release(request)
         if isinstance(exc, RequestError):
             request.emit(Event("error", text=exc.message, status=exc.status))
         else:

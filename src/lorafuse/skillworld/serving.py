@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafuse._data import decode, tokenize
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, load_compressed
+from lorafuse.eval.generate import generate
 from lorafuse.fuse.flow import decoder_layers, hidden_size_of
 from lorafuse.fuse.fusion import Fusion, adapter_hashes, load_fusion, save_fusion
 from lorafuse.fuse.gate import GateConfig
@@ -148,20 +148,14 @@ def reference(
     elif name != base_name:
         handle = attach(model, {name: load_named(folder, name)})
     try:
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenize(tokenizer, request["prompt"])]])  # (1, T)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+        return generate(
+            model,
+            tokenizer,
+            [request["prompt"]],
             max_new_tokens=request.get("max_tokens", 16),
             min_new_tokens=request.get("min_tokens", 0),
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        row = out[0, ids.shape[1] :].tolist()
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        return decode(tokenizer, row)
+            batch_size=1,
+        )[0]
     finally:
         if handle is not None:
             source = getattr(handle, "fusion_source", None)
