@@ -96,3 +96,27 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def ids() -> torch.Tensor:
     return torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``lorafuse ARGS`` through the real entry point (``main``): (exit status, stdout, stderr).
+
+    Unlike ``CliRunner.invoke(app, ...)`` this goes through the error mapping users see: a
+    lorafuse error is one ``error: ...`` line on stderr and status 2, never a traceback.
+    """
+    import sys
+
+    from lorafuse.cli import main
+
+    capsys.readouterr()
+    saved = sys.argv
+    sys.argv = ["lorafuse", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return code, out, err

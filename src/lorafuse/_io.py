@@ -16,12 +16,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lorafuse.errors import AdapterFormatError, PickleRefusedError
+from lorafuse.errors import AdapterFormatError, LorafuseError, PickleRefusedError
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -89,6 +90,45 @@ def read_pickle_weights(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AdapterFormatError(f"{path}: expected a flat dict of tensors (a state dict)")
     return state
+
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a config or metadata file larger than this is not one
+
+
+def read_json_file(
+    path: Path, error: type[LorafuseError] = AdapterFormatError, *, what: str = "JSON file"
+) -> Any:
+    """Parse a small JSON file (a config, a manifest), every failure one ``error`` naming the file.
+
+    Refused with a clear message: a missing or empty file, one larger than ``MAX_JSON_BYTES``,
+    text that is not UTF-8 (UTF-16 and Latin-1 configs included), invalid JSON, JSON nested so
+    deep that the parser recurses out of stack, and ``NaN`` / ``Infinity`` literals (not JSON).
+    """
+    if not path.is_file():
+        raise error(f"{path}: missing {what}")
+    size = path.stat().st_size
+    if size == 0:
+        raise error(f"{path}: the file is empty")
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path}: {size} bytes is too large for a {what} (limit {MAX_JSON_BYTES})")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise error(f"{path}: the file is empty")
+
+    def _no_constants(name: str) -> float:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to be a {what}") from None
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise error(f"{path}: invalid JSON: {exc}") from None
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -407,14 +407,38 @@ _register_compress(app, world_app)
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2."""
+    """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2.
+
+    ``--debug`` (anywhere on the command line) or ``LORAFUSE_DEBUG=1`` shows the traceback
+    instead. An error that is not a lorafuse error is a bug: it is reported in one line with
+    status 1 and a request to rerun with ``--debug``.
+    """
+    import os
+
     # Deprecation chatter between transformers and peft releases is not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    debug = "--debug" in sys.argv[1:] or os.environ.get("LORAFUSE_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
     try:
         app()
     except LorafuseError as exc:
+        if debug:
+            raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(
+            f"error: unexpected {type(exc).__name__}: {exc} (a bug in lorafuse; rerun with --debug "
+            "for the traceback and report it)",
+            err=True,
+        )
+        sys.exit(1)
 
 
 from lorafuse.cli_route import register_route  # noqa: E402  (issue 7: route commands)
