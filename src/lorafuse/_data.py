@@ -1,17 +1,38 @@
-"""Encoding ``{"prompt", "completion"}`` rows and text lines into padded training batches.
+"""Encoding training rows into padded batches, with labels only where the loss belongs.
 
-Texts are space-separated tokens (the skill world's format, and any word-level tokenizer's);
-labels are ``-100`` on ``<s>``, the prompt and padding, so losses cover completions only.
+Three row kinds, the ones TRL's trainers take (:func:`encode_rows` dispatches on the keys):
+
+- ``{"prompt", "completion"}``: ``<s> prompt completion </s>``, loss on ``completion </s>``;
+  with ``chat=True`` the prompt is a user turn and the completion the assistant's answer,
+  rendered with the tokenizer's chat template (loss on the answer and its end-of-turn tokens);
+- ``{"messages": [{"role", "content"}, ...]}``: rendered with the chat template, loss on every
+  assistant turn only (:func:`encode_messages`);
+- ``{"text"}``: plain language modelling, loss on every token after ``<s>``.
+
+Labels are ``-100`` on the prompt, non-assistant turns and padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lorafuse.errors import LorafuseError
+
 Encoded = tuple[list[int], list[int]]  # (input ids, labels)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class DataFormatError(LorafuseError, ValueError):
+    """A training row or data file lorafuse cannot encode (missing keys, no chat template, ...)."""
+
+
+def _bos(tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
+    """``[bos]`` where the tokenizer has one (Qwen-style tokenizers have none)."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
 def tokenize(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -35,7 +56,7 @@ def encode_examples(tokenizer, rows: Iterable[dict[str, str]]) -> list[Encoded]:
     """
     out = []
     for row in rows:
-        prompt = [tokenizer.bos_token_id, *tokenize(tokenizer, row["prompt"])]
+        prompt = [*_bos(tokenizer), *tokenize(tokenizer, row["prompt"])]
         completion = [*tokenize(tokenizer, row["completion"]), tokenizer.eos_token_id]
         out.append((prompt + completion, [-100] * len(prompt) + completion))
     return out
@@ -45,8 +66,112 @@ def encode_text(tokenizer, lines: Iterable[str]) -> list[Encoded]:  # type: igno
     """Plain language-model lines: loss on every token after ``<s>``."""
     out = []
     for line in lines:
-        ids = [tokenizer.bos_token_id, *tokenize(tokenizer, line), tokenizer.eos_token_id]
-        out.append((ids, [-100, *ids[1:]]))
+        bos = _bos(tokenizer)
+        ids = [*bos, *tokenize(tokenizer, line), tokenizer.eos_token_id]
+        out.append((ids, [-100] * len(bos) + ids[len(bos) :]))
+    return out
+
+
+def _render(tokenizer, messages: Sequence[Mapping[str, str]], *, generation_prompt: bool) -> str:  # type: ignore[no-untyped-def]
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _check_messages(messages: object, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f'{where}: "messages" must be a non-empty list of {{role, content}}')
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataFormatError(
+                f'{where}: messages[{j}] must be {{"role": one of {list(ROLES)}, "content": a string}}'
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataFormatError(f"{where}: no assistant turn, so there is nothing to learn")
+    if messages[0]["role"] == "assistant":
+        raise DataFormatError(f"{where}: the conversation starts with an assistant turn")
+    return messages
+
+
+def encode_messages(tokenizer, messages: Sequence[Mapping[str, str]], *, where: str = "row") -> Encoded:  # type: ignore[no-untyped-def]
+    """A conversation rendered with the tokenizer's chat template; labels on assistant turns only.
+
+    For each assistant turn ``i`` the text span it owns is ``[len(render(m[:i], generation
+    prompt)), len(render(m[:i+1])))`` of the full rendering: its content and the end-of-turn
+    marker the template writes after it (so the model learns to stop), not the role header. The
+    full text is tokenized once (templates carry their own special tokens, so none are added)
+    and a token is labelled when its characters start inside an assistant span; this is exact
+    for BPE tokenizers whose merges cross the span boundary, where tokenizing the pieces apart
+    would not be.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataFormatError(
+            f'{where}: the tokenizer has no chat template, so {{"messages"}} rows cannot be rendered; '
+            'use {"prompt", "completion"} rows or a tokenizer with a chat template'
+        )
+    messages = list(messages)
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
+            raise DataFormatError(
+                f"{where}: the chat template does not render turn {i} as a prefix of the whole "
+                'conversation, so assistant tokens cannot be located; train on {"prompt", '
+                '"completion"} rows instead'
+            )
+        spans.append((len(before), len(through)))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    labels = [-100] * len(ids)
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        if end > start and any(lo <= start < hi for lo, hi in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def encode_rows(
+    tokenizer,  # type: ignore[no-untyped-def]
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    chat: bool = False,
+    source: str = "rows",
+) -> list[Encoded]:
+    """Encode rows of any of the three kinds (see the module docstring); errors name the row.
+
+    ``chat=True`` renders ``{"prompt", "completion"}`` rows as a user turn and an assistant turn
+    with the chat template; ``{"messages"}`` rows always use it.
+    """
+    out: list[Encoded] = []
+    for i, row in enumerate(rows, 1):
+        where = f"{source}:{i}"
+        if not isinstance(row, Mapping):
+            raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
+        if "messages" in row:
+            out.append(encode_messages(tokenizer, _check_messages(row["messages"], where), where=where))
+        elif "prompt" in row or "completion" in row:
+            prompt, completion = row.get("prompt"), row.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise DataFormatError(f'{where}: "prompt" and "completion" must both be strings')
+            if chat:
+                turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+                out.append(encode_messages(tokenizer, turns, where=where))
+            else:
+                out.extend(encode_examples(tokenizer, [{"prompt": prompt, "completion": completion}]))
+        elif "text" in row:
+            if not isinstance(row["text"], str):
+                raise DataFormatError(f'{where}: "text" must be a string')
+            out.extend(encode_text(tokenizer, [row["text"]]))
+        else:
+            raise DataFormatError(
+                f'{where}: a row needs "messages", "prompt" and "completion", or "text"; '
+                f"got keys {sorted(map(str, row))[:6]}"
+            )
+        if not any(label != -100 for label in out[-1][1]):
+            raise DataFormatError(f"{where}: no token carries a loss (empty completion?)")
     return out
 
 

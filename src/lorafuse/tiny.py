@@ -105,6 +105,45 @@ def word_tokenizer(vocab_size: int = 128):  # type: ignore[no-untyped-def]
     )
 
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CHAT_CORPUS = (
+    "the quick brown fox jumps over the lazy dog . ana has 3 apples and finds 4 more : 3 + 4 = 7 .",
+    "hello ! how are you today ? i am fine , thank you . what is 12 times 3 ? it is 36 .",
+    "you are a helpful assistant . answer briefly and show each step of the computation .",
+)
+
+
+def chat_tokenizer(vocab_size: int = 320):  # type: ignore[no-untyped-def]
+    """A tiny byte-level BPE tokenizer with ChatML special tokens and chat template.
+
+    Trained deterministically on a few sentences: ``<|endoftext|>`` (pad) = 0, ``<|im_start|>`` = 1,
+    ``<|im_end|>`` (eos) = 2, no BOS (as Qwen's and SmolLM2's templates), merges that cross word
+    and digit boundaries as real BPE vocabularies do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(_CHAT_CORPUS) * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
 def save_model(model: PreTrainedModel, path: str | os.PathLike[str]) -> Path:
     """Save a model as a HuggingFace folder (safetensors) and return the path."""
     model.save_pretrained(str(path))

@@ -1,0 +1,100 @@
+"""Training rows of every kind: chat-template rendering and the loss mask, token by token."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafuse._data import DataFormatError, encode_messages, encode_rows
+from lorafuse.tiny import chat_tokenizer, word_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "you are a helpful assistant ."},
+    {"role": "user", "content": "ana has 3 apples and finds 4 more ."},
+    {"role": "assistant", "content": "3 + 4 = 7 . she has 7 apples ."},
+    {"role": "user", "content": "what is 12 times 3 ?"},
+    {"role": "assistant", "content": "12 * 3 = 36 ."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tok():  # type: ignore[no-untyped-def]
+    return chat_tokenizer()
+
+
+def labelled_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:  # type: ignore[no-untyped-def]
+    """The decoded text of each maximal run of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_messages_rendered_with_the_template_and_loss_on_assistant_turns_only(chat_tok) -> None:  # type: ignore[no-untyped-def]
+    ids, labels = encode_messages(chat_tok, CONVERSATION)
+    rendered = chat_tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert chat_tok.decode(ids) == rendered  # the template's text, nothing added or lost
+    assert ids == chat_tok(rendered, add_special_tokens=False)["input_ids"]
+    # Each assistant turn's content and its end-of-turn marker, and nothing else.
+    assert labelled_runs(chat_tok, ids, labels) == [
+        "3 + 4 = 7 . she has 7 apples .<|im_end|>\n",
+        "12 * 3 = 36 .<|im_end|>\n",
+    ]
+
+
+def test_role_headers_and_user_turns_carry_no_loss(chat_tok) -> None:  # type: ignore[no-untyped-def]
+    ids, labels = encode_messages(chat_tok, CONVERSATION)
+    unlabelled = chat_tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab == -100])
+    assert "ana has 3 apples" in unlabelled and "<|im_start|>assistant\n" in unlabelled
+    assert "36" not in unlabelled and "she has" not in unlabelled
+
+
+def test_prompt_completion_with_chat_equals_a_two_turn_conversation(chat_tok) -> None:  # type: ignore[no-untyped-def]
+    row = {"prompt": "what is 12 times 3 ?", "completion": "it is 36 ."}
+    turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    assert encode_rows(chat_tok, [row], chat=True) == [encode_messages(chat_tok, turns)]
+
+
+def test_plain_rows_without_chat_are_unchanged() -> None:
+    tok = word_tokenizer()
+    (ids, labels), (text_ids, text_labels) = encode_rows(
+        tok, [{"prompt": "w5 w6", "completion": "w7"}, {"text": "w8 w9"}]
+    )
+    assert ids == [1, 5, 6, 7, 2] and labels == [-100, -100, -100, 7, 2]
+    assert text_ids == [1, 8, 9, 2] and text_labels == [-100, 8, 9, 2]
+
+
+def test_no_bos_tokenizer_gets_no_none_token(chat_tok) -> None:  # type: ignore[no-untyped-def]
+    (ids, labels), *_ = encode_rows(chat_tok, [{"prompt": "hello", "completion": "fine ."}])
+    assert None not in ids and labels[-1] == chat_tok.eos_token_id
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "starts with an assistant turn"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0]"),
+        ({"prompt": "hi"}, '"prompt" and "completion" must both be strings'),
+        ({"text": 5}, '"text" must be a string'),
+        ({"input": "x"}, 'a row needs "messages"'),
+        ("just a string", "expected an object"),
+    ],
+)
+def test_bad_rows_name_the_row(chat_tok, row: object, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DataFormatError, match="train.jsonl:2: ") as info:
+        encode_rows(chat_tok, [{"text": "ok"}, row], source="train.jsonl")
+    assert message in str(info.value)
+
+
+def test_messages_need_a_chat_template() -> None:
+    with pytest.raises(DataFormatError, match="no chat template"):
+        encode_rows(word_tokenizer(), [{"messages": CONVERSATION}])
