@@ -316,3 +316,47 @@ def test_cli_compress_decompress(pair: tuple[Path, Path], tmp_path: Path) -> Non
     )
     assert done.exit_code == 0, done.output
     assert load(tmp_path / "m").model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_layer_by_layer_hessians_equal_the_whole_model_ones(kind: str, tmp_path: Path) -> None:
+    from lorafuse.compress.sequential import iter_layer_hessians
+    from lorafuse.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(kind, 0).eval()
+    folder = save_model(model, tmp_path / kind)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 128, (n,), generator=g) for n in (5, 9, 13)]  # unequal lengths
+    whole = collect_hessians(model, sequences, progress=False)
+    layers = list(iter_layer_hessians(folder, sequences, progress=False))
+    assert [index for index, _ in layers] == [0, 1]
+    got = {path: h for _, hs in layers for path, h in hs.items()}
+    assert set(got) == set(whole) - {"lm_head"}  # every projection of every decoder layer
+    for path, h in got.items():
+        torch.testing.assert_close(h, whole[path], rtol=1e-5, atol=1e-6)
+    # q/k/v read one input and share one Hessian (one accumulator, one tensor)
+    shared = layers[0][1]
+    prefix = "model.layers.0"
+    assert shared[f"{prefix}.self_attn.q_proj"] is shared[f"{prefix}.self_attn.v_proj"]
+    assert shared[f"{prefix}.mlp.gate_proj"] is shared[f"{prefix}.mlp.up_proj"]
+    assert shared[f"{prefix}.self_attn.q_proj"] is not shared[f"{prefix}.mlp.up_proj"]
+
+
+def test_layer_by_layer_compression_equals_compression_with_whole_model_hessians(
+    pair: tuple[Path, Path],
+) -> None:
+    base, ft = pair
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 128, (16,), generator=g) for _ in range(6)]
+    hessians = collect_hessians(load(ft), sequences, progress=False)
+    whole = compress_checkpoint(base, ft, hessians=hessians, budget="1/4", progress=False)
+    layered = compress_checkpoint(base, ft, calibration=sequences, budget="1/4", progress=False)
+    assert set(layered.modules) == set(whole.modules)
+    assert layered.info["calibration"] == "layer by layer"
+    for path, module in layered.modules.items():
+        torch.testing.assert_close(module.delta(), whole.modules[path].delta(), rtol=1e-4, atol=1e-5)
+        assert layered.info["modules"][path]["activation_error"] == pytest.approx(
+            whole.info["modules"][path]["activation_error"], rel=1e-3
+        )
+    with pytest.raises(CompressError, match="not both"):
+        compress_checkpoint(base, ft, hessians=hessians, calibration=sequences, progress=False)

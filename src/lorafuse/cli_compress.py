@@ -48,18 +48,12 @@ def calibration_sequences(tokenizer, path: Path, samples: int, max_tokens: int, 
     return out
 
 
-def hessians_for(
+def calibration_for(
     finetuned: Path, calib: Path, tokenizer_dir: Path | None, samples: int, max_tokens: int, seed: int
-):  # type: ignore[no-untyped-def]
-    """Load the fine-tuned model and collect each linear layer's input Hessian on ``calib``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lorafuse.compress import collect_hessians
-
+) -> list[Any]:
+    """The calibration token sequences of ``calib`` (tokenizer: ``--tokenizer`` or the fine-tune's)."""
     tokenizer = _tokenizer([p for p in (tokenizer_dir, finetuned) if p is not None])
-    model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
-    return collect_hessians(model, calibration_sequences(tokenizer, calib, samples, max_tokens, seed))
+    return calibration_sequences(tokenizer, calib, samples, max_tokens, seed)
 
 
 def compress(
@@ -97,13 +91,17 @@ def compress(
     distill_steps: Annotated[
         int, typer.Option(help="bitdelta: steps of scale distillation on --calib (BitDelta uses 200).")
     ] = 0,
+    device: Annotated[
+        str, typer.Option(help="Where SVD, GPTQ and calibration run: cpu | cuda | auto.")
+    ] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Compress FINETUNED − BASE: every attention/MLP projection at BUDGET of its fp16 size.
 
     Streams both checkpoints one tensor at a time. With --calib, the fine-tuned model reads the
-    calibration text once to give each layer's input Hessian (GPTQ for delta-come; the
-    activation error of every method). Writes a versioned folder (packed ints in safetensors +
+    calibration text layer by layer (one decoder layer in memory at a time, as GPTQ pipelines
+    do) to give each projection's input Hessian (GPTQ for delta-come; the activation error of
+    every method). Writes a versioned folder (packed ints in safetensors +
     compressed.json) atomically.
 
     Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
@@ -120,17 +118,22 @@ def compress(
         params["quantizer"] = quantizer
     if distill_steps and (method != "bitdelta" or calib is None):
         raise typer.BadParameter("--distill-steps needs --method bitdelta and --calib")
-    hessians = hessians_for(finetuned, calib, tokenizer, samples, max_tokens, seed) if calib else None
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    calibration = calibration_for(finetuned, calib, tokenizer, samples, max_tokens, seed) if calib else None
     result = compress_checkpoint(
         base,
         finetuned,
         None if distill_steps else out,
         method=method,
         budget=budget,
-        hessians=hessians,
+        calibration=calibration,
         keep_other=keep_other,  # type: ignore[arg-type]
         params=params,
         overwrite=force,
+        device=device,
     )
     if distill_steps:
         result = _distill(result, base, finetuned, calib, tokenizer, samples, max_tokens, seed, distill_steps)
@@ -141,7 +144,7 @@ def compress(
         f"wrote {out}: {method}, {len(result.modules)} modules, {result.nbytes:,} bytes = "
         f"{result.nbytes / result.fp16_nbytes:.4f} of fp16 ({result.fp16_nbytes:,}); mean weight error "
         f"{mean('weight_error'):.4f}"
-        + (f", mean activation error {mean('activation_error'):.4f}" if hessians else "")
+        + (f", mean activation error {mean('activation_error'):.4f}" if calibration else "")
     )
     changed = result.info["changed_other_tensors"]
     if changed:

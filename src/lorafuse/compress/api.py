@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from lorafuse.compress.calibrate import activation_error
 from lorafuse.compress.checkpoint import check_pair, is_linear, iter_pairs, iter_tensors, open_checkpoint
 from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
 from lorafuse.compress.registry import get_method
+from lorafuse.compress.sequential import _Reader, iter_layer_hessians
 from lorafuse.errors import CompressError
 
 
@@ -38,10 +40,12 @@ def compress_checkpoint(
     method: str = "delta-come",
     budget: str | float = "1/16",
     hessians: Mapping[str, Tensor] | None = None,
+    calibration: Sequence[Tensor] | None = None,
     keep_other: Literal["base", "delta"] = "base",
     params: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> CompressedDelta:
     """Compress ``finetuned − base``; write it to ``out`` (if given) and return it.
 
@@ -49,6 +53,12 @@ def compress_checkpoint(
         method: ``delta-come``, ``low-rank``, ``bitdelta`` or ``rtn`` (``COMPRESS_METHODS``).
         budget: a ratio of the fp16 delta's bytes, ``"1/16"``, ``"1/32"``, ``0.05``, per module.
         hessians: ``{module path: H (in, in)}`` from :func:`collect_hessians` (GPTQ, errors).
+        calibration: token id sequences (1-D tensors) read by the fine-tuned model **layer by
+            layer** (:func:`~lorafuse.compress.sequential.iter_layer_hessians`): each decoder
+            layer's Hessians are collected, its projections compressed, then freed, so peak
+            memory is one layer's worth whatever the depth. Use this or ``hessians``.
+        device: where the SVD, GPTQ and calibration run (``"cuda"`` on a GPU); results are
+            stored on the CPU.
         keep_other: non-linear tensors that changed: ``base`` keeps the base's values (and reports
             the change), ``delta`` stores their plain fp32 delta.
         params: the method's settings (``schedule``, ``quantizer``, ``group_size``, ...).
@@ -63,31 +73,55 @@ def compress_checkpoint(
         raise CompressError(f"keep_other must be 'base' or 'delta', got {keep_other!r}")
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+    if hessians is not None and calibration is not None:
+        raise CompressError("give either hessians or calibration sequences, not both")
+    device = torch.device(device)
     ck_base, ck_ft = open_checkpoint(base), open_checkpoint(finetuned)
     check_pair(ck_base, ck_ft)
     started = time.perf_counter()
     modules, other, report = {}, {}, {}
     kept: dict[str, dict[str, Any]] = {}
+
+    def compress_linear(key: str, w_base: Tensor, w_ft: Tensor, H: Tensor | None) -> None:
+        diff = w_ft.to(device, torch.float32) - w_base.to(device, torch.float32)  # (out, in)
+        path = key.removesuffix(".weight")
+        H = None if H is None else H.to(device)
+        allowed = budget_nbytes(*diff.shape, ratio)
+        module = spec.fn(diff, H, allowed, settings, path)
+        approx = module.delta()
+        entry = {
+            "shape": list(diff.shape),
+            "nbytes": module.nbytes,
+            "budget_nbytes": allowed,
+            "weight_error": float((approx - diff).norm() / diff.norm().clamp_min(1e-30)),
+        }
+        if H is not None:
+            entry["activation_error"] = activation_error(diff, approx, H)
+        modules[path] = _on_cpu(module, path)
+        report[path] = entry
+
     bar = tqdm(total=len(ck_ft.shapes), desc=f"compress ({method})", unit="tensor", disable=not progress)
-    for key, w_base, w_ft in iter_pairs(ck_base, ck_ft):
-        diff = w_ft.float() - w_base.float()
+    done: set[str] = set()
+    if calibration is not None:
+        with ExitStack() as stack:
+            read_base, read_ft = _Reader(ck_base, stack), _Reader(ck_ft, stack)
+            for _, layer_hessians in iter_layer_hessians(
+                finetuned, calibration, device=device, progress=False
+            ):
+                for path, H in layer_hessians.items():
+                    key = f"{path}.weight"
+                    if key in ck_ft.shapes and is_linear(key, ck_ft.shapes[key]):
+                        compress_linear(key, read_base.get(key), read_ft.get(key), H)
+                        done.add(key)
+                        bar.update()
+    for key, w_base, w_ft in iter_pairs(ck_base, ck_ft, skip=done):
         if is_linear(key, tuple(w_ft.shape)):
             path = key.removesuffix(".weight")
-            H = hessians.get(path) if hessians is not None else None
-            allowed = budget_nbytes(*diff.shape, ratio)
-            module = spec.fn(diff, H, allowed, settings, path)
-            modules[path] = module
-            approx = module.delta()
-            entry = {
-                "shape": list(diff.shape),
-                "nbytes": module.nbytes,
-                "budget_nbytes": allowed,
-                "weight_error": float((approx - diff).norm() / diff.norm().clamp_min(1e-30)),
-            }
-            if H is not None:
-                entry["activation_error"] = activation_error(diff, approx, H)
-            report[path] = entry
-        elif bool(diff.any()):
+            compress_linear(key, w_base, w_ft, hessians.get(path) if hessians is not None else None)
+            bar.update()
+            continue
+        diff = w_ft.float() - w_base.float()
+        if bool(diff.any()):
             kept[key] = {
                 "shape": list(diff.shape),
                 "relative_change": float(diff.norm() / w_ft.float().norm().clamp_min(1e-30)),
@@ -102,7 +136,8 @@ def compress_checkpoint(
         "finetuned": str(finetuned),
         "architecture": ck_ft.architecture,
         "keep_other": keep_other,
-        "calibrated": hessians is not None,
+        "calibrated": hessians is not None or calibration is not None,
+        "calibration": "layer by layer" if calibration is not None else ("given" if hessians else None),
         "seconds": round(time.perf_counter() - started, 2),
         "modules": report,
         "changed_other_tensors": kept,
@@ -112,6 +147,14 @@ def compress_checkpoint(
         save_compressed(result, out, overwrite=overwrite)
         result.info["path"] = str(out)
     return result
+
+
+def _on_cpu(module: Any, path: str) -> Any:
+    """The same compressed module with its tensors on the CPU (a no-op for CPU modules)."""
+    tensors = module.to_tensors(path)
+    if all(t.device.type == "cpu" for t in tensors.values()):
+        return module
+    return type(module).from_tensors({k: t.cpu() for k, t in tensors.items()}, path, module.meta())
 
 
 def decompress(

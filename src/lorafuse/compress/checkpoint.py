@@ -9,7 +9,7 @@ tensors in memory, never two models. Pickle checkpoints are refused.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +123,11 @@ def check_pair(base: Checkpoint, finetuned: Checkpoint) -> None:
         )
 
 
-def iter_pairs(base: Checkpoint, finetuned: Checkpoint) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """``(name, base tensor, fine-tuned tensor)``, one pair in memory at a time, in shard order."""
+def iter_pairs(
+    base: Checkpoint, finetuned: Checkpoint, *, skip: Collection[str] = ()
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """``(name, base tensor, fine-tuned tensor)``, one pair in memory at a time, in shard order;
+    names in ``skip`` are not read."""
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
 
@@ -134,6 +137,8 @@ def iter_pairs(base: Checkpoint, finetuned: Checkpoint) -> Iterator[tuple[str, T
             return handles[path]
 
         for key in sorted(finetuned.shapes, key=lambda k: (str(finetuned.shards[k]), k)):
+            if key in skip:
+                continue
             yield key, handle(base.shards[key]).get_tensor(key), handle(finetuned.shards[key]).get_tensor(key)
 
 
