@@ -184,8 +184,10 @@ def decompress(
         for item in ck.root.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)
-        shards = list(iter_tensors(ck))
-        for shard, tensors in tqdm(shards, desc="decompress", unit="shard", disable=not progress):
+        count = len(set(ck.shards.values()))
+        for shard, tensors in tqdm(  # one shard in memory at a time
+            iter_tensors(ck), total=count, desc="decompress", unit="shard", disable=not progress
+        ):
             for key, w in tensors.items():
                 path = key.removesuffix(".weight")
                 if path in delta.modules and key.endswith(".weight"):

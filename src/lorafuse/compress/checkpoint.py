@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from torch import Tensor
@@ -127,19 +128,22 @@ def iter_pairs(
     base: Checkpoint, finetuned: Checkpoint, *, skip: Collection[str] = ()
 ) -> Iterator[tuple[str, Tensor, Tensor]]:
     """``(name, base tensor, fine-tuned tensor)``, one pair in memory at a time, in shard order;
-    names in ``skip`` are not read."""
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
-
-        def handle(path: Path):  # type: ignore[no-untyped-def]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            return handles[path]
-
-        for key in sorted(finetuned.shapes, key=lambda k: (str(finetuned.shards[k]), k)):
-            if key in skip:
-                continue
-            yield key, handle(base.shards[key]).get_tensor(key), handle(finetuned.shards[key]).get_tensor(key)
+    names in ``skip`` are not read. Only the current shard of each checkpoint is open (mapped)."""
+    keys = sorted(finetuned.shapes, key=lambda k: (str(finetuned.shards[k]), k))
+    by_shard: dict[Path, list[str]] = {}
+    for key in keys:
+        if key not in skip:
+            by_shard.setdefault(finetuned.shards[key], []).append(key)
+    for ft_shard, shard_keys in by_shard.items():
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for key in shard_keys:
+                for path in (base.shards[key], ft_shard):
+                    if path not in handles:
+                        handles[path] = stack.enter_context(
+                            safe_open(str(path), framework="pt", device="cpu")
+                        )
+                yield key, handles[base.shards[key]].get_tensor(key), handles[ft_shard].get_tensor(key)
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[Path, dict[str, Tensor]]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, suppress
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,18 +41,31 @@ class _Captured(Exception):
 
 
 class _Reader:
-    """Tensors of a checkpoint by name, each read on its own (shards opened once)."""
+    """Tensors of a checkpoint by name, each read on its own.
+
+    One shard is open at a time: safetensors maps the file into memory, and the pages read stay
+    resident while it is open, so holding every shard open would make resident memory grow with
+    the checkpoint's size. Reading layer by layer touches the shards in order.
+    """
 
     def __init__(self, checkpoint: Checkpoint, stack: ExitStack) -> None:
-        self.checkpoint, self._stack, self._handles = checkpoint, stack, {}
+        self.checkpoint = checkpoint
+        self._shard: Path | None = None
+        self._handle: Any = None
+        stack.callback(self.close)
 
     def get(self, key: str) -> Tensor:
         shard = self.checkpoint.shards[key]
-        if shard not in self._handles:
-            self._handles[shard] = self._stack.enter_context(
-                safe_open(str(shard), framework="pt", device="cpu")
-            )
-        return self._handles[shard].get_tensor(key)
+        if shard != self._shard:
+            self.close()
+            self._handle = safe_open(str(shard), framework="pt", device="cpu").__enter__()
+            self._shard = shard
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._shard, self._handle = None, None
 
 
 def _materialise(
@@ -64,7 +78,7 @@ def _materialise(
             raise CompressError(
                 f"{reader.checkpoint.root}: no tensor {name} for the model's parameter {name}"
             )
-        set_module_tensor_to_device(model, name, device, value=reader.get(name).to(dtype))
+        set_module_tensor_to_device(model, name, device, value=reader.get(name), dtype=dtype)
 
 
 class _HessianHooks:
@@ -136,7 +150,7 @@ def iter_layer_hessians(
     checkpoint = open_checkpoint(finetuned)
     config = AutoConfig.from_pretrained(str(finetuned))
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     prefix, layers = find_decoder_layers(model)
     outside = [
