@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lorafuse._data import DataFormatError, encode_messages, encode_rows
@@ -98,3 +100,41 @@ def test_bad_rows_name_the_row(chat_tok, row: object, message: str) -> None:  # 
 def test_messages_need_a_chat_template() -> None:
     with pytest.raises(DataFormatError, match="no chat template"):
         encode_rows(word_tokenizer(), [{"messages": CONVERSATION}])
+
+
+def test_read_rows_jsonl_parquet_and_saved_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import datasets
+
+    from lorafuse._data import read_rows
+
+    rows = [{"messages": CONVERSATION}, {"prompt": "p", "completion": "c"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert read_rows(tmp_path / "train.jsonl") == rows
+    table = datasets.Dataset.from_list(
+        [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    )
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    assert read_rows(tmp_path / "train.parquet") == table.to_list()
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
+    assert read_rows(tmp_path / "saved") == table.to_list()
+    with pytest.raises(DataFormatError, match="no split 'test'"):
+        read_rows(tmp_path / "saved", split="test")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{oops\n', "bad.jsonl:2: not JSON"),
+        ("list.jsonl", "[1, 2]\n", "list.jsonl:1: each line must be a JSON object"),
+        ("empty.jsonl", "\n\n", "no examples"),
+        ("latin.jsonl", b'{"prompt": "\xe9"}\n', "not UTF-8"),
+        ("notes.txt", "hello\n", "not a data file lorafuse reads"),
+    ],
+)
+def test_read_rows_bad_files(tmp_path, name: str, content: str | bytes, message: str) -> None:  # type: ignore[no-untyped-def]
+    from lorafuse._data import read_rows
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataFormatError, match=message):
+        read_rows(path)

@@ -14,7 +14,10 @@ Labels are ``-100`` on the prompt, non-assistant turns and padding.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,6 +176,80 @@ def encode_rows(
         if not any(label != -100 for label in out[-1][1]):
             raise DataFormatError(f"{where}: no token carries a loss (empty completion?)")
     return out
+
+
+def read_rows(source: str | os.PathLike[str], *, split: str = "train") -> list[dict[str, Any]]:
+    """Training rows from a JSONL file, a Parquet / CSV / Arrow file, or a ``datasets`` folder or name.
+
+    JSON lines are read here (errors name the line); other files and saved datasets are loaded
+    with the ``datasets`` library (``load_dataset("parquet", data_files=...)``,
+    ``load_from_disk``); anything else is taken as a dataset name for ``load_dataset(name,
+    split=split)``, which needs the dataset in the local ``datasets`` cache or hub access.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    try:
+        import datasets
+    except ImportError:
+        raise DataFormatError(
+            f"{source}: reading it needs the datasets package: pip install datasets"
+        ) from None
+    builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+    try:
+        if path.is_file() and path.suffix in builders:
+            data = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        elif path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DataFormatError(f"{source}: no split {split!r}; it has {sorted(data)}")
+                data = data[split]
+        elif path.exists():
+            raise DataFormatError(
+                f"{source}: not a data file lorafuse reads (.jsonl, .parquet, .csv, .arrow, or a folder "
+                "saved with datasets' save_to_disk)"
+            )
+        else:
+            data = datasets.load_dataset(str(source), split=split)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise DataFormatError(f"{source}: cannot load the data: {type(exc).__name__}: {exc}") from None
+    rows = [dict(row) for row in data]
+    if not rows:
+        raise DataFormatError(f"{source}: no examples")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            loaded = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
+        rows = [r for r in loaded if isinstance(r, dict)]
+        if len(rows) != len(loaded):
+            raise DataFormatError(f"{path}: a JSON list of rows must hold only objects")
+    else:
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataFormatError(f"{path}:{i}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{i}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DataFormatError(f"{path}: no examples")
+    return rows
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
