@@ -361,3 +361,44 @@ def test_gates_stay_out_of_the_model_parameters(llama_dir: Path, llama_adapters:
     assert set(model.state_dict()) == before
     gate_ids = {id(p) for p in flow.parameters()}
     assert not gate_ids & {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module", "step"])
+def test_gradient_checkpointing_gives_the_same_gate_gradients(
+    llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor, granularity: str
+) -> None:
+    from lorafuse.fuse.loop import gradient_checkpointing
+
+    loras = [load_lora(llama_adapters["plain"]), load_lora(llama_adapters["patterned"])]
+    grads = []
+    for enabled in (False, True):
+        model = load(llama_dir)
+        flow = flow_for(attach(model, loras), granularity=granularity)
+        _random_gates(flow, 0)
+        model.train()
+        with gradient_checkpointing(model, enabled):
+            assert model.model.gradient_checkpointing is enabled
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        assert not model.model.gradient_checkpointing  # switched off again
+        grads.append([p.grad.clone() for p in flow.parameters()])
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_base_trains_fp32_gates(
+    llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor
+) -> None:
+    from lorafuse.fuse.loop import train
+
+    model = load(llama_dir, torch.bfloat16)
+    loras = [load_lora(llama_adapters["plain"]), load_lora(llama_adapters["patterned"])]
+    flow = flow_for(attach(model, loras))
+    assert all(p.dtype == torch.float32 for p in flow.parameters())
+    data = [(row, row) for row in ids.tolist()]
+    config = TrainConfig(steps=3, batch_size=3, lr=5e-2, gradient_checkpointing=True)
+    result = train(model, flow.parameters(), data, config, progress=False)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(p.dtype == torch.float32 for p in flow.parameters())
+    assert flow.gates.weight.abs().sum() > 0  # the gates moved

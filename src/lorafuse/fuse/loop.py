@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from lorafuse._data import Encoded, collate
 from lorafuse._io import read_safetensors, write_safetensors
+from lorafuse.errors import LorafuseError
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -48,6 +50,7 @@ class TrainConfig:
     eps: float = 1e-8
     eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
     save_every: int = 0  # steps between checkpoints; 0 = at every dev evaluation
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (memory for time)
 
     def total_steps(self, num_examples: int) -> int:
         if self.steps > 0:
@@ -191,6 +194,27 @@ class _Checkpoint:
         return int(meta["step"]), best, result
 
 
+@contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing of ``model``'s decoder layers while training (non-reentrant).
+
+    Activations inside each decoder layer are recomputed in the backward pass instead of kept:
+    memory of a frozen base's activations drops from all layers' to about one layer's, at the
+    cost of a second forward. Forward pre-hooks (LoRA-Flow gates, routers) run again in the
+    recomputation and give the same weights, so gradients are unchanged.
+    """
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorafuseError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def train(
     model: nn.Module,
     params: Iterable[nn.Parameter],
@@ -253,44 +277,45 @@ def train(
         initial=start,
         total=steps,
     )
-    for step in bar:
-        global_batch = [data[i] for i in schedule[step]]
-        batch = {k: v.to(device) for k, v in collate(global_batch[rank::world], pad_id).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, steps)
-        loss = loss_fn(model, batch)
-        if world > 1:  # weight by this process's share of the batch's tokens, sum gradients
-            local = torch.tensor(float(label_count(batch)), device=device)
-            share = local / accelerator.reduce(local.clone(), reduction="sum")
-            loss = loss * share
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = accelerator.reduce(p.grad, reduction="sum")
-            loss = accelerator.reduce(loss.detach(), reduction="sum")
-        torch.nn.utils.clip_grad_norm_(params, config.clip)
-        optimizer.step()
-        loss = loss.detach()
-        result.losses.append(float(loss))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-        done = step + 1
-        if dev_data and (done % eval_every == 0 or done == steps):
-            score = dev_loss(model, dev_data, pad_id, loss_fn)
-            result.dev.append((done, score))
-            if result.best_dev_loss is None or score < result.best_dev_loss:
-                result.best_dev_loss, result.best_step = score, done
-                best = [p.detach().clone() for p in params]
-            bar.set_postfix(loss=f"{float(loss):.3f}", dev=f"{score:.3f}")
-        if checkpoint is not None and (done % save_every == 0 or done == steps):
-            if accelerator.is_main_process:
-                checkpoint.save(done, params, optimizer, best, result)
-            accelerator.wait_for_everyone()
-        if on_step is not None:
-            on_step(done, float(loss))
+    with gradient_checkpointing(model, config.gradient_checkpointing):
+        for step in bar:
+            global_batch = [data[i] for i in schedule[step]]
+            batch = {k: v.to(device) for k, v in collate(global_batch[rank::world], pad_id).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config, steps)
+            loss = loss_fn(model, batch)
+            if world > 1:  # weight by this process's share of the batch's tokens, sum gradients
+                local = torch.tensor(float(label_count(batch)), device=device)
+                share = local / accelerator.reduce(local.clone(), reduction="sum")
+                loss = loss * share
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad = accelerator.reduce(p.grad, reduction="sum")
+                loss = accelerator.reduce(loss.detach(), reduction="sum")
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+            loss = loss.detach()
+            result.losses.append(float(loss))
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            done = step + 1
+            if dev_data and (done % eval_every == 0 or done == steps):
+                score = dev_loss(model, dev_data, pad_id, loss_fn)
+                result.dev.append((done, score))
+                if result.best_dev_loss is None or score < result.best_dev_loss:
+                    result.best_dev_loss, result.best_step = score, done
+                    best = [p.detach().clone() for p in params]
+                bar.set_postfix(loss=f"{float(loss):.3f}", dev=f"{score:.3f}")
+            if checkpoint is not None and (done % save_every == 0 or done == steps):
+                if accelerator.is_main_process:
+                    checkpoint.save(done, params, optimizer, best, result)
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(done, float(loss))
     if best is not None:
         with torch.no_grad():
             for p, b in zip(params, best, strict=True):
