@@ -41,9 +41,10 @@ from _common import PeakSampler
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"attention q_proj (4096×4096)": (4096, 4096), "mlp up_proj (11008×4096)": (11008, 4096)}
 VARIANTS = {  # label → (method, settings)
-    "delta-come (8:2,3:32,2:*, GPTQ)": ("delta-come", {}),
+    "delta-come (best, GPTQ)": ("delta-come", {}),
+    "delta-come (8:2,3:32,2:*, GPTQ)": ("delta-come", {"schedule": "paper"}),
     "delta-come (auto, GPTQ)": ("delta-come", {"schedule": "auto"}),
-    "delta-come (8:2,3:32,2:*, RTN)": ("delta-come", {"quantizer": "rtn"}),
+    "delta-come (8:2,3:32,2:*, RTN)": ("delta-come", {"schedule": "paper", "quantizer": "rtn"}),
     "low-rank (fp16)": ("low-rank", {}),
     "bitdelta": ("bitdelta", {}),
     "rtn (dense)": ("rtn", {}),

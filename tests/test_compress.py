@@ -102,7 +102,7 @@ def test_delta_come_full_rank_8_bits_nearly_reconstructs() -> None:
 def test_delta_come_budget_and_schedules() -> None:
     delta = long_tailed(256, 128)
     budget = 256 * 128 * 2 // 16
-    paper = compress_delta_come(delta, None, budget, DeltaCoMeParams(), "m")
+    paper = compress_delta_come(delta, None, budget, DeltaCoMeParams(schedule="paper"), "m")
     assert paper.segments[0] == (2, 8) and paper.segments[1][1] == 3
     assert paper.nbytes == factors_nbytes(256, 128, paper.segments) <= budget
     auto = compress_delta_come(delta, None, budget, DeltaCoMeParams(schedule="auto"), "m")
@@ -360,3 +360,32 @@ def test_layer_by_layer_compression_equals_compression_with_whole_model_hessians
         )
     with pytest.raises(CompressError, match="not both"):
         compress_checkpoint(base, ft, hessians=hessians, calibration=sequences, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (128, 256), (96, 96)])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_best_schedule_never_loses_to_its_candidates_at_equal_bytes(
+    shape: tuple[int, int], calibrated: bool
+) -> None:
+    from lorafuse.compress.deltacome import output_error
+    from lorafuse.compress.lowrank import compress_low_rank
+
+    out, in_ = shape
+    budget = out * in_ * 2 // 16
+    H = None
+    if calibrated:
+        X = correlated_inputs(512, in_)
+        H = X.T @ X / len(X)
+    for decay in (0.3, 1.0):  # long-tailed and fast-decaying spectra
+        delta = long_tailed(out, in_, seed=out + in_, decay=decay)
+        best = compress_delta_come(delta, H, budget, DeltaCoMeParams(), "m")
+        assert best.nbytes <= budget and best.label in ("paper", "auto", "low-rank")
+        rivals = [
+            compress_delta_come(delta, H, budget, DeltaCoMeParams(schedule="paper"), "m"),
+            compress_delta_come(delta, H, budget, DeltaCoMeParams(schedule="auto"), "m"),
+            compress_low_rank(delta, H, budget, None, "m"),  # type: ignore[arg-type]
+        ]
+        best_error = output_error(best.delta(), delta, H)
+        for rival in rivals:
+            assert rival.nbytes <= budget
+            assert best_error <= output_error(rival.delta(), delta, H) * (1 + 1e-5)

@@ -94,7 +94,10 @@ def compress_checkpoint(
             "nbytes": module.nbytes,
             "budget_nbytes": allowed,
             "weight_error": float((approx - diff).norm() / diff.norm().clamp_min(1e-30)),
+            "kind": module.kind,
         }
+        if getattr(module, "label", None):
+            entry["choice"] = module.label
         if H is not None:
             entry["activation_error"] = activation_error(diff, approx, H)
         modules[path] = _on_cpu(module, path)

@@ -2,10 +2,16 @@
 
 ``ΔW = U diag(S) Vᵀ`` (fp32 SVD). The leading vectors are split into segments of falling bit
 width (:mod:`lorafuse.compress.budget`: the paper's ``8:2,3:32,2:*``, a custom schedule, or
-``auto``); the tail is dropped. As in the paper, ``Vᵀ``'s rows are quantized first with GPTQ on
-the layer inputs' Hessian ``H_x = Σ x xᵀ``, then ``U``'s columns with the Hessian of
-``z = diag(S) V̂ᵀ x``: ``H_z = diag(S) V̂ᵀ H_x V̂ diag(S)`` (``(r, r)``). ``S`` stays apart, in
-fp32. Without calibration ``H = I`` (GPTQ then reduces to round-to-nearest).
+``auto``); the tail is dropped. The default, ``best``, tries the paper's schedule, ``auto`` and
+the fp16 low-rank truncation on the same SVD and keeps, per module, the one with the smallest
+output error ``tr(E H Eᵀ)`` (``E = ΔŴ − ΔW``) on the calibration inputs — the error GPTQ
+minimises — so at equal bytes it never does worse than either schedule or low-rank there
+(without calibration, ``H = I``: the weight error).
+
+As in the paper, ``Vᵀ``'s rows are quantized first with GPTQ on the layer inputs' Hessian
+``H_x = Σ x xᵀ``, then ``U``'s columns with the Hessian of ``z = diag(S) V̂ᵀ x``:
+``H_z = diag(S) V̂ᵀ H_x V̂ diag(S)`` (``(r, r)``). ``S`` stays apart, in fp32.
+Without calibration ``H = I`` (GPTQ then reduces to round-to-nearest).
 """
 
 from __future__ import annotations
@@ -18,32 +24,83 @@ from torch import Tensor
 from lorafuse.compress.budget import auto_allocate, fit_schedule, parse_schedule, vector_errors
 from lorafuse.compress.quantize import QuantizedMatrix, gptq_quantize, gptq_quantize_segments, rtn_quantize
 from lorafuse.compress.registry import CompressMethod, Params, register
-from lorafuse.compress.types import QuantFactors
+from lorafuse.compress.types import HalfFactors, QuantFactors
+from lorafuse.errors import BudgetError
+
+BEST_CANDIDATES = ("8:2,3:32,2:*", "auto", "low-rank")
 
 
 class DeltaCoMeParams(Params):
-    schedule: str = "8:2,3:32,2:*"  # or "auto", or "BITS:COUNT,..." with * = as many as fit
+    schedule: str = "best"  # or "paper" (8:2,3:32,2:*), "auto", "BITS:COUNT,..." (* = as many as fit)
     quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: int = 128
     act_order: bool = True
     damp: float = 0.01
 
 
+def output_error(approx: Tensor, delta: Tensor, hessian: Tensor | None) -> float:
+    """``tr(E H Eᵀ)`` for ``E = approx − delta`` (``‖E‖_F²`` when ``hessian`` is None)."""
+    E = approx.float() - delta.float()  # (out, in)
+    if hessian is None:
+        return float((E * E).sum())
+    return float(((E @ hessian.float()) * E).sum())
+
+
 def compress_delta_come(
     delta: Tensor, hessian: Tensor | None, budget: int, params: DeltaCoMeParams, path: str
-) -> QuantFactors:
-    out, in_ = delta.shape
+) -> QuantFactors | HalfFactors:
+    """Compress one module's ``ΔW (out, in)`` within ``budget`` bytes (see the module docstring)."""
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, r), (r,), (r, in)
+    if params.schedule != "best":
+        return _quantized(U, S, Vh, params.schedule, hessian, budget, params, path)
+    best: tuple[float, QuantFactors | HalfFactors] | None = None
+    problems = []
+    for candidate in BEST_CANDIDATES:
+        try:
+            if candidate == "low-rank":
+                module: QuantFactors | HalfFactors = _low_rank(U, S, Vh, budget, path)
+            else:
+                module = _quantized(U, S, Vh, candidate, hessian, budget, params, path)
+        except BudgetError as exc:
+            problems.append(str(exc))
+            continue
+        error = output_error(module.delta(), delta, hessian)
+        if best is None or error < best[0]:
+            best = (error, module)
+    if best is None:
+        raise BudgetError(problems[0])
+    return best[1]
+
+
+def _low_rank(U: Tensor, S: Tensor, Vh: Tensor, budget: int, path: str) -> HalfFactors:
+    out, in_ = U.shape[0], Vh.shape[1]
+    k = min(budget // (2 * (out + in_)), S.numel())
+    if k < 1:
+        raise BudgetError(f"{path}: {budget} bytes cannot hold one fp16 singular vector pair")
+    return HalfFactors((U[:, :k] * S[:k]).half(), Vh[:k].half(), label="low-rank")
+
+
+def _quantized(
+    U: Tensor,
+    S: Tensor,
+    Vh: Tensor,
+    schedule: str,
+    hessian: Tensor | None,
+    budget: int,
+    params: DeltaCoMeParams,
+    path: str,
+) -> QuantFactors:
+    out, in_ = U.shape[0], Vh.shape[1]
     act_order = params.act_order and params.quantizer == "gptq"
     estimate = None
-    if params.schedule == "auto":
+    if schedule == "auto":
         eps = vector_errors(U, Vh, params.group_size)
         segments, estimate = auto_allocate(
             S, eps, out, in_, budget, group_size=params.group_size, act_order=act_order, path=path
         )
     else:
         segments = fit_schedule(
-            parse_schedule(params.schedule),
+            parse_schedule(schedule),
             out,
             in_,
             budget,
@@ -74,7 +131,8 @@ def compress_delta_come(
         for n, bits in segments:
             U_q.append(rtn_quantize(U[:, start : start + n], bits, params.group_size))
             start += n
-    return QuantFactors(S.float().clone(), tuple(V_q), tuple(U_q), estimate)
+    label = "paper" if schedule in ("paper", "8:2,3:32,2:*") else schedule
+    return QuantFactors(S.float().clone(), tuple(V_q), tuple(U_q), estimate, label=label)
 
 
 DELTA_COME = register(
@@ -82,7 +140,8 @@ DELTA_COME = register(
         "delta-come",
         compress_delta_come,
         DeltaCoMeParams,
-        "SVD; singular vectors in mixed-precision segments (8/3/2 bits), GPTQ on calibration inputs",
+        "SVD; singular vectors in mixed-precision segments (8/3/2 bits), GPTQ on calibration inputs; "
+        "by default the schedule (or fp16 low-rank) of least output error per module",
         factored=True,
         uses_calibration=True,
     )

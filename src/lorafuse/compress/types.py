@@ -42,6 +42,7 @@ class QuantFactors:
     V: tuple[QuantizedMatrix, ...]  # segment i: (r_i, in) rows of Vᵀ
     U: tuple[QuantizedMatrix, ...]  # segment i: (out, r_i) columns of U
     estimated_error: float | None = None
+    label: str | None = None  # the schedule that made it ("paper", "auto", "4:3,2:*", ...)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -84,6 +85,7 @@ class QuantFactors:
             "V": [v.meta() for v in self.V],
             "U": [u.meta() for u in self.U],
             "estimated_error": self.estimated_error,
+            "label": self.label,
         }
 
     @classmethod
@@ -94,7 +96,7 @@ class QuantFactors:
                 tensors[f"{prefix}.V{i}.perm"] = tensors[f"{prefix}.V0.perm"]
         V = tuple(QuantizedMatrix.from_tensors(tensors, f"{prefix}.V{i}", m) for i, m in enumerate(meta["V"]))
         U = tuple(QuantizedMatrix.from_tensors(tensors, f"{prefix}.U{i}", m) for i, m in enumerate(meta["U"]))
-        return cls(tensors[f"{prefix}.S"], V, U, meta.get("estimated_error"))
+        return cls(tensors[f"{prefix}.S"], V, U, meta.get("estimated_error"), meta.get("label"))
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class HalfFactors:
     factored: ClassVar[bool] = True
     B: Tensor  # (out, k) float16
     A: Tensor  # (k, in) float16
+    label: str | None = None  # "low-rank" when Delta-CoMe's ``best`` chose the truncation
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,11 +127,11 @@ class HalfFactors:
         return {f"{prefix}.B": self.B.half(), f"{prefix}.A": self.A.half()}
 
     def meta(self) -> dict[str, Any]:
-        return {"rank": int(self.A.shape[0])}
+        return {"rank": int(self.A.shape[0]), "label": self.label}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], prefix: str, meta: dict[str, Any]) -> HalfFactors:
-        return cls(tensors[f"{prefix}.B"], tensors[f"{prefix}.A"])
+        return cls(tensors[f"{prefix}.B"], tensors[f"{prefix}.A"], meta.get("label"))
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,10 @@ from lorafuse.skillworld.evaluate import load_world
 
 # (row label, method, settings, BitDelta scale-distillation steps)
 VARIANTS: list[tuple[str, str, dict[str, Any], int]] = [
-    ("delta-come (8:2,3:32,2:*, GPTQ)", "delta-come", {}, 0),
+    ("delta-come (best of both + low-rank, GPTQ)", "delta-come", {}, 0),
+    ("delta-come (8:2,3:32,2:*, GPTQ)", "delta-come", {"schedule": "paper"}, 0),
     ("delta-come (auto, GPTQ)", "delta-come", {"schedule": "auto"}, 0),
-    ("delta-come (8:2,3:32,2:*, RTN)", "delta-come", {"quantizer": "rtn"}, 0),
+    ("delta-come (8:2,3:32,2:*, RTN)", "delta-come", {"schedule": "paper", "quantizer": "rtn"}, 0),
     ("low-rank (fp16)", "low-rank", {}, 0),
     ("bitdelta", "bitdelta", {}, 0),
     ("bitdelta + scale distillation", "bitdelta", {}, 200),
