@@ -389,3 +389,59 @@ def test_best_schedule_never_loses_to_its_candidates_at_equal_bytes(
         for rival in rivals:
             assert rival.nbytes <= budget
             assert best_error <= output_error(rival.delta(), delta, H) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_fine_tune_with_frozen_and_trained_routers(kind: str, tmp_path: Path) -> None:
+    """Routers (``mlp.gate``, ``shared_expert_gate``: a few rows × hidden) cannot hold one singular
+    vector at 1/16: a zero delta is skipped, a trained one stored whole; the rest is compressed."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "mixtral":
+        config = MixtralConfig(
+            **common, intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
+        )
+        make = MixtralForCausalLM
+    else:
+        config = Qwen2MoeConfig(
+            **common,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+        make = Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    base = make(config).eval()
+    base_dir = save_model(base, tmp_path / "base")
+    ft = make(config).eval()
+    ft.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name.endswith("self_attn.q_proj.weight") or name.endswith("layers.1.mlp.gate.weight"):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))  # layer 1's router is trained
+    ft_dir = save_model(ft, tmp_path / "ft")
+    result = compress_checkpoint(base_dir, ft_dir, tmp_path / "c", budget="1/16", progress=False)
+    report = result.info["modules"]
+    # on disk the router is `block_sparse_moe.gate` (Mixtral) or `mlp.gate` (Qwen2-MoE)
+    router = "block_sparse_moe.gate" if kind == "mixtral" else "mlp.gate"
+    frozen, trained = f"model.layers.0.{router}", f"model.layers.1.{router}"
+    assert report[frozen]["choice"] == "zero" and frozen not in result.modules  # not stored
+    entry = report[trained]
+    assert entry["choice"].startswith("full-rank fp16") and entry["nbytes"] > entry["budget_nbytes"]
+    assert entry["weight_error"] < 1e-3
+    q = report["model.layers.0.self_attn.q_proj"]
+    assert q["nbytes"] <= q["budget_nbytes"]
+    experts = [p for p in report if ".experts." in p]
+    assert experts and all(report[p]["choice"] == "zero" for p in experts)  # per-expert 2-D weights
+    out = decompress(tmp_path / "c", base_dir, tmp_path / "m", progress=False)
+    model = make.from_pretrained(str(out)).eval()
+    got = dict(model.named_parameters())["model.layers.1.mlp.gate.weight"]
+    expected = dict(ft.named_parameters())["model.layers.1.mlp.gate.weight"]
+    assert (got - expected).abs().max() < 1e-3
+    if kind == "qwen2_moe":  # shared_expert_gate (1 × hidden): zero here, skipped too
+        assert report["model.layers.0.mlp.shared_expert_gate"]["choice"] == "zero"

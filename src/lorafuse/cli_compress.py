@@ -139,7 +139,11 @@ def compress(
         result = _distill(result, base, finetuned, calib, tokenizer, samples, max_tokens, seed, distill_steps)
         save_compressed(result, out, overwrite=force)
     report = result.info["modules"].values()
-    mean = lambda key: sum(m[key] for m in report) / len(report)  # noqa: E731
+
+    def mean(key: str) -> float:
+        values = [m[key] for m in report if key in m]
+        return sum(values) / max(len(values), 1)
+
     typer.echo(
         f"wrote {out}: {method}, {len(result.modules)} modules, {result.nbytes:,} bytes = "
         f"{result.nbytes / result.fp16_nbytes:.4f} of fp16 ({result.fp16_nbytes:,}); mean weight error "

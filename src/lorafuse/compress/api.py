@@ -29,7 +29,8 @@ from lorafuse.compress.checkpoint import check_pair, is_linear, iter_pairs, iter
 from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
 from lorafuse.compress.registry import get_method
 from lorafuse.compress.sequential import _Reader, iter_layer_hessians
-from lorafuse.errors import CompressError
+from lorafuse.compress.types import HalfFactors
+from lorafuse.errors import BudgetError, CompressError
 
 
 def compress_checkpoint(
@@ -85,9 +86,26 @@ def compress_checkpoint(
     def compress_linear(key: str, w_base: Tensor, w_ft: Tensor, H: Tensor | None) -> None:
         diff = w_ft.to(device, torch.float32) - w_base.to(device, torch.float32)  # (out, in)
         path = key.removesuffix(".weight")
-        H = None if H is None else H.to(device)
         allowed = budget_nbytes(*diff.shape, ratio)
-        module = spec.fn(diff, H, allowed, settings, path)
+        if not bool(diff.any()):  # an untouched layer (a frozen router, say): nothing to store
+            report[path] = {
+                "shape": list(diff.shape),
+                "nbytes": 0,
+                "budget_nbytes": allowed,
+                "choice": "zero",
+            }
+            return
+        H = None if H is None else H.to(device)
+        try:
+            module = spec.fn(diff, H, allowed, settings, path)
+            choice = getattr(module, "label", None)
+        except BudgetError:
+            if min(diff.shape) > THIN:
+                raise  # a real layer whose budget is too small: the user must raise --budget
+            # A matrix too thin for one singular vector at this budget (a MoE router, 8 × 4096):
+            # kept exactly as full-rank fp16 factors, over its share, and said so in the report.
+            module = full_rank_half(diff)
+            choice = "full-rank fp16 (too small for the budget)"
         approx = module.delta()
         entry = {
             "shape": list(diff.shape),
@@ -96,8 +114,8 @@ def compress_checkpoint(
             "weight_error": float((approx - diff).norm() / diff.norm().clamp_min(1e-30)),
             "kind": module.kind,
         }
-        if getattr(module, "label", None):
-            entry["choice"] = module.label
+        if choice:
+            entry["choice"] = choice
         if H is not None:
             entry["activation_error"] = activation_error(diff, approx, H)
         modules[path] = _on_cpu(module, path)
@@ -150,6 +168,17 @@ def compress_checkpoint(
         save_compressed(result, out, overwrite=overwrite)
         result.info["path"] = str(out)
     return result
+
+
+THIN = 64  # a delta with at most this many rows or columns may be stored whole when over budget
+
+
+def full_rank_half(delta: Tensor) -> HalfFactors:
+    """``ΔW`` exactly (to fp16) as ``B A`` of rank ``min(out, in)``: an identity on the thin side."""
+    out, in_ = delta.shape
+    if out <= in_:
+        return HalfFactors(torch.eye(out).half(), delta.half(), label="full-rank")
+    return HalfFactors(delta.half(), torch.eye(in_).half(), label="full-rank")
 
 
 def _on_cpu(module: Any, path: str) -> Any:
