@@ -100,7 +100,7 @@ def compress_checkpoint(
             module = spec.fn(diff, H, allowed, settings, path)
             choice = getattr(module, "label", None)
         except BudgetError:
-            if min(diff.shape) > THIN:
+            if min(diff.shape) > THIN or max(diff.shape) < 16 * min(diff.shape):
                 raise  # a real layer whose budget is too small: the user must raise --budget
             # A matrix too thin for one singular vector at this budget (a MoE router, 8 × 4096):
             # kept exactly as full-rank fp16 factors, over its share, and said so in the report.
@@ -170,7 +170,7 @@ def compress_checkpoint(
     return result
 
 
-THIN = 64  # a delta with at most this many rows or columns may be stored whole when over budget
+THIN = 64  # a delta this thin (≤ 64 rows or columns, 16× longer) may be stored whole over budget
 
 
 def full_rank_half(delta: Tensor) -> HalfFactors:
