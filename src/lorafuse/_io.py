@@ -323,3 +323,24 @@ def atomic_output_dir(out: str | os.PathLike[str], *, overwrite: bool = True) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def record_path(recorded: str) -> str:
+    """``recorded`` made absolute (resolved) when it names an existing path from the current
+    folder, so a description written beside an output works from any folder; otherwise (a hub
+    model id, a path that is gone) kept as written."""
+    path = Path(recorded)
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else recorded
+
+
+def resolve_recorded_path(recorded: str, folder: Path) -> str:
+    """A path read from a description in ``folder``: relative ones are tried from ``folder``,
+    then from the current folder (descriptions written before paths were recorded absolute);
+    names that exist in neither are kept as written."""
+    path = Path(recorded)
+    if path.is_absolute():
+        return recorded
+    for candidate in (folder / path, path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return recorded

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
-from lorafuse._checks import PositiveInt, StrictBool, StrictPositiveFloat, parse_model
+from lorafuse._checks import InvalidValueError, PositiveInt, StrictBool, StrictPositiveFloat, parse_model
 from lorafuse._io import (
     atomic_output_dir,
     read_json_file,
@@ -318,6 +318,10 @@ def save_lora(
     ``lora.metadata["lorafuse"]``: merge recipes, versions) is written beside the adapter as
     ``lorafuse.json``, never into PEFT's config.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidValueError(
+            f"cannot save a LoRA as {dtype}: adapters are floating point (float32, float16, bfloat16)"
+        )
     out = Path(path)
     tensors: dict[str, Tensor] = {}
     for module_path, module in lora.modules.items():

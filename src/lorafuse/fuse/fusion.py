@@ -34,7 +34,15 @@ from lorafuse._checks import (
     finite_or_none,
     parse_model,
 )
-from lorafuse._io import atomic_output_dir, read_json_file, read_safetensors, versions, write_safetensors
+from lorafuse._io import (
+    atomic_output_dir,
+    read_json_file,
+    read_safetensors,
+    record_path,
+    resolve_recorded_path,
+    versions,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.cat_weights import CatWeights
@@ -48,7 +56,7 @@ METHODS = ("lora-flow", "cat-weights", "static")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class FusionFormatError(LorafuseError):
+class FusionFormatError(LorafuseError, ValueError):
     """A fusion folder that cannot be read, or LoRAs that do not match the ones it was made with."""
 
 
@@ -180,24 +188,6 @@ class _FusionMeta(BaseModel):
     info: dict[str, Any] = {}
 
 
-def _absolute(recorded: str) -> str:
-    """``recorded`` made absolute when it names an existing path from the current folder."""
-    path = Path(recorded)
-    return str(path.resolve()) if not path.is_absolute() and path.exists() else recorded
-
-
-def _resolve_recorded(recorded: str, folder: Path) -> str:
-    """A path read from an old fusion: relative ones are tried from the fusion folder, then the
-    current folder; names that exist in neither (a hub model id) are kept as written."""
-    path = Path(recorded)
-    if path.is_absolute():
-        return recorded
-    for candidate in (folder / path, path):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return recorded
-
-
 def _check_tensors(fusion: Fusion, where: str) -> None:
     """Finite tensors no larger than ``MAX_MAGNITUDE`` (a NaN gate would NaN every output)."""
     for name, tensor in fusion.tensors.items():
@@ -244,7 +234,7 @@ def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> P
     info = dict(fusion.info)
     for key in ("base_model", "tokenizer"):
         if isinstance(info.get(key), str):
-            info[key] = _absolute(info[key])
+            info[key] = record_path(info[key])
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -252,7 +242,7 @@ def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> P
         "loras": [
             {
                 "name": n,
-                "path": _absolute(fusion.lora_paths[n]) if fusion.lora_paths.get(n) else None,
+                "path": record_path(fusion.lora_paths[n]) if fusion.lora_paths.get(n) else None,
                 "sha256": fusion.lora_hashes.get(n, {}),
             }
             for n in fusion.lora_names
@@ -339,14 +329,14 @@ def load_fusion(folder: str | Path) -> Fusion:
     info = dict(meta.info)
     for key in ("base_model", "tokenizer"):
         if isinstance(info.get(key), str):
-            info[key] = _resolve_recorded(info[key], folder)
+            info[key] = resolve_recorded_path(info[key], folder)
     fusion = Fusion(
         method=meta.method,
         lora_names=names,
         tensors=tensors,
         gate=gate,
         module_paths=list(meta.module_paths),
-        lora_paths={x.name: _resolve_recorded(x.path, folder) for x in meta.loras if x.path},
+        lora_paths={x.name: resolve_recorded_path(x.path, folder) for x in meta.loras if x.path},
         lora_hashes={x.name: dict(x.sha256) for x in meta.loras},
         info=info,
     )
