@@ -230,6 +230,12 @@ CASES: list[tuple[str, str, Mutation, tuple[str, ...]]] = [
         put(CFG, "rank_pattern", {"q_proj": 2.5}),
         (CFG, "rank_pattern.q_proj", "2.5"),
     ),
+    (
+        "rank-pattern-backtracking",
+        "adapter",
+        put(CFG, "rank_pattern", {"(.*.*)*z": 2}),
+        (CFG, "rank_pattern", "repeated groups"),
+    ),
     ("rslora-string-false", "adapter", put(CFG, "use_rslora", "false"), (CFG, "use_rslora", "'false'")),
     ("rslora-number", "adapter", put(CFG, "use_rslora", 1), (CFG, "use_rslora", "1")),
     ("dora-string", "adapter", put(CFG, "use_dora", "no"), (CFG, "use_dora", "'no'")),

@@ -91,21 +91,8 @@ def _check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
         )
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and check a safetensors header: sizes, offsets and dtypes, without reading data.
-
-    Every failure is an :class:`AdapterFormatError` naming the file (and the tensor): a missing,
-    empty, truncated file; a header that is not a JSON object, or whose entries are not objects
-    with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` of two
-    ordered non-negative integers spanning exactly the shape's bytes.
-    """
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: missing safetensors file")
-    size = path.stat().st_size
-    if size == 0:
-        raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
-    if size < 8:
-        raise AdapterFormatError(f"{path}: {size} bytes is too short for a safetensors file")
+def _parse_header(path: Path, size: int) -> tuple[int, Any]:
+    """The header length and the parsed (not yet checked) JSON header of a safetensors file."""
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > size - 8:
@@ -118,12 +105,34 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
                 f"{path}: not a safetensors file (a {header_len}-byte header; the limit is "
                 f"{MAX_HEADER_BYTES})"
             )
-        try:
-            header = json.loads(f.read(header_len))
-        except RecursionError:
-            raise AdapterFormatError(f"{path}: not a safetensors file (header nested too deeply)") from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
+        text = f.read(header_len)
+    try:
+        return header_len, json.loads(text)
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: not a safetensors file (header nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and check a safetensors header: sizes, offsets and dtypes, without reading data.
+
+    Every failure is an :class:`AdapterFormatError` naming the file (and the tensor): a missing,
+    unreadable, empty or truncated file; a header that is not a JSON object, or whose entries
+    are not objects with a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` of two ordered non-negative integers spanning exactly the shape's bytes.
+    """
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing safetensors file")
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
+    if size < 8:
+        raise AdapterFormatError(f"{path}: {size} bytes is too short for a safetensors file")
+    try:
+        header_len, header = _parse_header(path, size)
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(
             f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an object)"
@@ -215,7 +224,10 @@ def read_json_file(
         raise error(f"{path}: the file is empty")
     if size > MAX_JSON_BYTES:
         raise error(f"{path}: {size} bytes is too large for a {what} (limit {MAX_JSON_BYTES})")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -61,6 +61,10 @@ _INTERPRETED = {
 }
 
 
+MAX_PATTERN_CHARS = 256
+_REPEATED_GROUP = re.compile(r"\)[*+{]")  # a quantified group: the shape of catastrophic backtracking
+
+
 def _pattern_regex(key: str) -> re.Pattern[str]:
     """PEFT's match for a ``rank_pattern`` / ``alpha_pattern`` key: the key ends the module path."""
     return re.compile(rf"(.*\.)?({key})$")
@@ -80,8 +84,8 @@ class AdapterConfig(BaseModel):
     Numbers are JSON numbers (``true`` or ``"8"`` are not a rank), ranks whole and ≥ 1, alphas
     finite, > 0 and ≤ 1e6 (a larger alpha overflows half-precision products), flags real
     booleans (``"false"`` is a string, and a non-empty string is not false), pattern keys valid
-    regular expressions. Fields lorafuse does not interpret are ignored here and kept in
-    :attr:`LoRA.metadata`.
+    regular expressions without repeated groups (which can make matching take forever). Fields
+    lorafuse does not interpret are ignored here and kept in :attr:`LoRA.metadata`.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -101,6 +105,12 @@ class AdapterConfig(BaseModel):
     @classmethod
     def _regex_keys(cls, patterns: dict[str, Any] | None) -> dict[str, Any] | None:
         for key in patterns or {}:
+            if len(key) > MAX_PATTERN_CHARS or _REPEATED_GROUP.search(key):
+                raise ValueError(
+                    f"key {key[:60]!r} is refused: pattern keys are module names (at most "
+                    f"{MAX_PATTERN_CHARS} characters, no repeated groups such as '(a+)*', which can "
+                    "take exponential time to match)"
+                )
             try:
                 _pattern_regex(key)
             except (re.error, RecursionError, OverflowError) as exc:
