@@ -411,6 +411,7 @@ CASES: list[tuple[str, str, Mutation, tuple[str, ...]]] = [
     ("mixture-alpha-nan", "mixture", put(MJ, "config.alpha", nan), (MJ, "config.alpha", "NaN")),
     ("mixture-alpha-huge", "mixture", put(MJ, "config.alpha", 1e300), (MJ, "config.alpha")),
     ("mixture-rank-fraction", "mixture", put(MJ, "config.rank", 2.5), (MJ, "config.rank", "2.5")),
+    ("mixture-rank-disagrees", "mixture", put(MJ, "config.rank", 3), ("e0", "rank 2", "config.rank=3")),
     ("mixture-top-k", "mixture", put(MJ, "config.top_k", 3), (MJ, "config.top_k", "3")),
     ("mixture-router", "mixture", put(MJ, "config.router", "bogus"), (MJ, "config.router", "'bogus'")),
     ("mixture-targets", "mixture", put(MJ, "config.targets", "q_proj"), (MJ, "config.targets")),

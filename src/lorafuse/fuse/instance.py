@@ -199,6 +199,8 @@ class InstanceMixing:
             "versions": versions(),
             **finite_or_none(dict(extra or {})),
         }
+        if isinstance(meta.get("tokenizer"), str):
+            meta["tokenizer"] = record_path(meta["tokenizer"])
         with atomic_output_dir(path) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
             write_json(meta, tmp / "encoder.json")

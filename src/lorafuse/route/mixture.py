@@ -44,6 +44,7 @@ from lorafuse.runtime import AttachedBank, attach, detach
 
 FORMAT = "lorafuse-mixture"
 VERSION = 1
+MIXTURE_JSON = "mixture.json"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -172,7 +173,10 @@ class Mixture:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
                 save_lora(expert, tmp / "experts" / f"e{i}")
-            write_json(finite_or_none({**self.describe(), **(extra or {})}), tmp / MIXTURE_JSON)
+            meta = finite_or_none({**self.describe(), **(extra or {})})
+            if isinstance(meta.get("tokenizer"), str):
+                meta["tokenizer"] = record_path(meta["tokenizer"])
+            write_json(meta, tmp / MIXTURE_JSON)
         return Path(path)
 
     @classmethod
@@ -205,9 +209,6 @@ class Mixture:
         """Remove hooks and banks: the model is the untouched base again."""
         self.source.remove()
         return detach(self.model)
-
-
-MIXTURE_JSON = "mixture.json"
 
 
 class _MixtureSettings(BaseModel):
