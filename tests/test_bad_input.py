@@ -231,3 +231,138 @@ def test_failed_attach_leaves_model_untouched(
     with pytest.raises(CompatibilityError, match="missing module model.layers.9.mlp.up_proj"):
         attach(llama, [good, bad])
     assert {n: id(m) for n, m in llama.named_modules()} == before
+
+
+def test_config_fields_peft_writes_still_load(adapter: Path) -> None:
+    """PEFT compatibility: float alphas, null patterns, fields lorafuse does not interpret."""
+    edit_config(
+        adapter,
+        lora_alpha=7.5,
+        rank_pattern=None,
+        alpha_pattern={},
+        use_dora=None,
+        layers_pattern=None,
+        megatron_config=None,
+        peft_type="lora",
+    )
+    lora = load_lora(adapter)
+    assert {m.scale for m in lora.modules.values()} == {7.5 / 4}
+    assert "megatron_config" in lora.metadata and "layers_pattern" in lora.metadata
+
+
+def test_non_finite_scale_never_reaches_a_module() -> None:
+    from lorafuse import LorafuseError
+
+    for scale in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(LorafuseError, match="LoRA scale must be a finite number"):
+            LoRAModule(torch.zeros(2, 4), torch.zeros(3, 2), scale)
+
+
+def test_merge_refuses_non_float_dtype_and_non_finite_weights(
+    llama_adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import run_cli
+    from lorafuse import LorafuseError, merge, save_lora
+
+    loras = [load_lora(llama_adapters["plain"]), load_lora(llama_adapters["patterned"])]
+    for dtype in (torch.int8, torch.bool, torch.int64):
+        with pytest.raises(LorafuseError, match=rf"merge dtype must be a floating-point .* got {dtype}"):
+            merge(loras, "linear", dtype=dtype, progress=False)
+    for weights in ([float("nan"), 1.0], [1.0, float("inf")], [1e308, 1.0], [True, 1.0]):
+        with pytest.raises(LorafuseError, match="merge weight"):
+            merge(loras, "cat", weights, progress=False)
+    with pytest.raises(LorafuseError, match="merge rank must be a whole number"):
+        merge(loras, "svd", rank=4.5, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(LorafuseError, match="cannot save a LoRA as torch.int8"):
+        save_lora(loras[0], tmp_path / "int8", dtype=torch.int8)
+    out = tmp_path / "merged"
+    inputs = [llama_adapters["plain"], llama_adapters["patterned"]]
+    code, _, err = run_cli(["merge", "--method", "linear", "--dtype", "int8", "--out", out, *inputs], capsys)
+    assert code == 2 and "int8" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "int8").exists()
+
+
+def test_merge_cli_refuses_an_adapter_with_nan_alpha(
+    llama_adapters: dict[str, Path], adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import run_cli
+
+    config = json.loads((adapter / CONFIG).read_text())
+    (adapter / CONFIG).write_text(json.dumps({**config, "lora_alpha": float("nan")}))
+    out = tmp_path / "merged"
+    code, _, err = run_cli(
+        ["merge", "--method", "cat", "--out", out, llama_adapters["plain"], adapter], capsys
+    )
+    assert code == 2 and f"{CONFIG}: lora_alpha: NaN is not a JSON number" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def _static_fusion(loras: dict[str, Path], base: str, **info: str):  # type: ignore[no-untyped-def]
+    from lorafuse.fuse.fusion import Fusion, adapter_hashes
+
+    return Fusion(
+        "static",
+        list(loras),
+        {"weights": torch.full((len(loras),), 1.0 / len(loras))},
+        lora_paths={n: str(p) for n, p in loras.items()},
+        lora_hashes={n: adapter_hashes(Path(p)) for n, p in loras.items()},
+        info={"base_model": base, **info},
+    )
+
+
+def test_fusion_records_absolute_paths_and_generates_from_another_folder(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import run_cli
+    from lorafuse.fuse import load_fusion, save_fusion
+
+    monkeypatch.chdir(tiny_world.parent)
+    world = Path(tiny_world.name)  # relative to the current folder
+    loras = {"lang": world / "loras" / "lang_zorb", "math": world / "loras" / "math"}
+    save_fusion(_static_fusion(loras, str(world / "base")), tmp_path / "fusion")
+    meta = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
+    assert meta["info"]["base_model"] == str((world / "base").resolve())
+    assert [x["path"] for x in meta["loras"]] == [str(p.resolve()) for p in loras.values()]
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(
+        ["generate", "--fusion", "fusion", "--prompt", "zorb one", "--max-new-tokens", "3"], capsys
+    )
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1
+    assert load_fusion("fusion").info["base_model"] == str(tiny_world / "base")
+
+
+def test_old_fusion_with_relative_paths_resolves_from_its_folder_then_the_cwd(
+    llama_adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorafuse.fuse import load_fusion, save_fusion
+
+    library = Path(shutil.copytree(llama_adapters["plain"].parent, tmp_path / "lib"))
+    loras = {"plain": library / "plain", "patterned": library / "patterned"}
+    folder = save_fusion(_static_fusion(loras, "org/some-hub-model"), tmp_path / "lib" / "fusion")
+    meta = json.loads((folder / "fusion.json").read_text())
+    meta["loras"][0]["path"] = "../plain"  # written relative to the fusion folder
+    meta["loras"][1]["path"] = "lib/patterned"  # written relative to the folder it was made in
+    (folder / "fusion.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    fusion = load_fusion(folder)
+    assert fusion.lora_paths == {n: str(p.resolve()) for n, p in loras.items()}
+    assert fusion.info["base_model"] == "org/some-hub-model"  # a hub name is kept as written
+    monkeypatch.chdir(library / "plain")
+    assert sorted(fusion.load_loras()) == ["patterned", "plain"]
+
+
+def test_fusion_loras_without_hashes_are_never_loaded_unchecked(
+    llama_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from lorafuse.fuse import FusionFormatError, save_fusion
+
+    fusion = _static_fusion({"plain": llama_adapters["plain"], "rs": llama_adapters["rslora_qv"]}, "b")
+    fusion.lora_hashes["rs"] = {}
+    with pytest.raises(FusionFormatError, match=r"\['rs'\] have no recorded SHA-256"):
+        save_fusion(fusion, tmp_path / "fusion")
+    assert not (tmp_path / "fusion").exists()
+    with pytest.raises(FusionFormatError, match="LoRA 'rs' of the fusion has no recorded SHA-256"):
+        fusion.load_loras()
+    assert len(fusion.load_loras(verify=False)) == 2

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints, ValidationError
 
 from lorafuse.errors import LorafuseError
 
@@ -33,9 +33,13 @@ __all__ = [
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
+    "Sha256Hex",
     "StrictBool",
+    "StrictFiniteFloat",
+    "StrictPositiveFloat",
     "check_number",
     "describe_validation_error",
+    "finite_or_none",
     "parse_model",
 ]
 
@@ -53,6 +57,10 @@ PositiveFloat = Annotated[float, Field(allow_inf_nan=False, gt=0, le=MAX_MAGNITU
 NonNegativeFloat = Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAX_MAGNITUDE)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+# For values read from files: JSON numbers only (``true`` and ``"8"`` are refused, ints accepted).
+StrictFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+StrictPositiveFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_MAGNITUDE)]
+Sha256Hex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64}$")]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -123,3 +131,18 @@ def parse_model(model: type[M], data: Any, where: str, error: type[LorafuseError
         raise error(f"{where}: {describe_validation_error(exc)}") from None
     except (ValueError, TypeError) as exc:
         raise error(f"{where}: {exc}") from None
+
+
+def finite_or_none(data: Any) -> Any:
+    """A copy of JSON-ready ``data`` with every NaN/inf float replaced by ``None``.
+
+    For records written beside outputs (training losses that diverged, ...): JSON has no NaN, and
+    a record must never make its own folder unreadable.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_or_none(v) for v in data]
+    return data

@@ -9,6 +9,7 @@ folder behind and an existing output is only replaced once the new one is comple
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -27,13 +28,71 @@ from lorafuse.errors import AdapterFormatError, LorafuseError, PickleRefusedErro
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and check a safetensors header: sizes, offsets and dtypes, without reading data."""
-    size = path.stat().st_size
-    if size == 0:
-        raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
-    if size < 8:
-        raise AdapterFormatError(f"{path}: {size} bytes is too short for a safetensors file")
+# Bytes per element of every dtype the safetensors format defines.
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (``true`` and ``4.0`` are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
+    """One tensor entry of a header: ``{"dtype", "shape", "data_offsets"}``, sizes consistent."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise AdapterFormatError(f"{where}: header entry is a {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise AdapterFormatError(f"{where}: header entry has no {key!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise AdapterFormatError(
+            f"{where}: unknown dtype {dtype!r}; safetensors dtypes are {', '.join(DTYPE_SIZES)}"
+        )
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise AdapterFormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise AdapterFormatError(
+            f"{where}: data_offsets must be two non-negative integers [begin, end], got {offsets!r}"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise AdapterFormatError(f"{where}: data_offsets {offsets} end before they begin")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * DTYPE_SIZES[dtype]:
+        raise AdapterFormatError(
+            f"{where}: data_offsets {offsets} hold {end - begin} bytes but shape {shape} of "
+            f"{dtype} needs {numel * DTYPE_SIZES[dtype]}; the header is inconsistent"
+        )
+    if end > data_len:
+        raise AdapterFormatError(
+            f"{path}: truncated safetensors file: tensors need {end} bytes of data but the "
+            f"file holds {data_len}; the file was cut short (interrupted download or copy?)"
+        )
+
+
+def _parse_header(path: Path, size: int) -> tuple[int, Any]:
+    """The header length and the parsed (not yet checked) JSON header of a safetensors file."""
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > size - 8:
@@ -41,23 +100,59 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
                 f"{path}: truncated safetensors file: the header claims {header_len} bytes but "
                 f"only {size - 8} follow; the file was cut short (interrupted download or copy?)"
             )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
-    header.pop("__metadata__", None)
-    data_len = size - 8 - header_len
-    needed = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if needed > data_len:
+        if header_len > MAX_HEADER_BYTES:
+            raise AdapterFormatError(
+                f"{path}: not a safetensors file (a {header_len}-byte header; the limit is "
+                f"{MAX_HEADER_BYTES})"
+            )
+        text = f.read(header_len)
+    try:
+        return header_len, json.loads(text)
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: not a safetensors file (header nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and check a safetensors header: sizes, offsets and dtypes, without reading data.
+
+    Every failure is an :class:`AdapterFormatError` naming the file (and the tensor): a missing,
+    unreadable, empty or truncated file; a header that is not a JSON object, or whose entries
+    are not objects with a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` of two ordered non-negative integers spanning exactly the shape's bytes.
+    """
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing safetensors file")
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterFormatError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
+    if size < 8:
+        raise AdapterFormatError(f"{path}: {size} bytes is too short for a safetensors file")
+    try:
+        header_len, header = _parse_header(path, size)
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(header, dict):
         raise AdapterFormatError(
-            f"{path}: truncated safetensors file: tensors need {needed} bytes of data but the "
-            f"file holds {data_len}; the file was cut short (interrupted download or copy?)"
+            f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an object)"
         )
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise AdapterFormatError(f"{path}: __metadata__ is a {type(metadata).__name__}, not an object")
+    data_len = size - 8 - header_len
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data_len)
     return header
 
 
-def read_safetensors(path: Path, *, require_float: bool = True) -> dict[str, Tensor]:
-    """Load every tensor of a safetensors file on CPU, after validating it."""
+def read_safetensors(
+    path: Path, *, require_float: bool = True, require_finite: bool = False
+) -> dict[str, Tensor]:
+    """Load every tensor of a safetensors file on CPU, after validating it.
+
+    ``require_finite`` also refuses a floating-point tensor holding NaN or ±inf, naming it.
+    """
     header = read_safetensors_header(path)
     if require_float:
         bad = {k: v["dtype"] for k, v in header.items() if v["dtype"] not in FLOAT_DTYPES}
@@ -68,9 +163,27 @@ def read_safetensors(path: Path, *, require_float: bool = True) -> dict[str, Ten
                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             )
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own untyped errors
         raise AdapterFormatError(f"{path}: cannot read safetensors file: {exc}") from None
+    if require_finite:
+        check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(
+    tensors: dict[str, Tensor], path: Path | str, error: type[LorafuseError] = AdapterFormatError
+) -> None:
+    """Raise ``error`` naming the first floating-point tensor of ``tensors`` that holds NaN or ±inf."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                raise error(
+                    f"{path}: tensor {name!r} {tuple(tensor.shape)} has {int((~finite).sum())} "
+                    "non-finite values (NaN/inf); the file is corrupt or its training diverged"
+                )
 
 
 def read_pickle_weights(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
@@ -111,7 +224,10 @@ def read_json_file(
         raise error(f"{path}: the file is empty")
     if size > MAX_JSON_BYTES:
         raise error(f"{path}: {size} bytes is too large for a {what} (limit {MAX_JSON_BYTES})")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -120,15 +236,53 @@ def read_json_file(
     if not text.strip():
         raise error(f"{path}: the file is empty")
 
-    def _no_constants(name: str) -> float:
-        raise ValueError(f"{name} is not a JSON number")
-
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        data = json.loads(text, parse_constant=_Constant)
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to be a {what}") from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise error(f"{path}: invalid JSON: {exc}") from None
+    found = _first_non_finite(data)
+    if found is not None:
+        where, value = found
+        problem = (
+            f"{value.name} is not a JSON number"
+            if isinstance(value, _Constant)
+            else "a number too large for a float (it overflows to infinity)"
+        )
+        raise error(f"{path}: {where}: {problem}; every number must be finite")
+    return data
+
+
+class _Constant(float):
+    """``NaN`` / ``Infinity`` / ``-Infinity`` read from JSON text (remembered to name it)."""
+
+    name: str
+
+    def __new__(cls, name: str) -> _Constant:
+        value = super().__new__(cls, name)
+        value.name = name
+        return value
+
+
+def _first_non_finite(data: Any) -> tuple[str, float] | None:
+    """``(where, value)`` of the first NaN/inf float inside parsed JSON (``a.b[2]``), else None.
+
+    Iterative, so data nested as deep as the parser allows is walked without recursion.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "value", value
+        if isinstance(value, dict):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return None
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -181,3 +335,24 @@ def atomic_output_dir(out: str | os.PathLike[str], *, overwrite: bool = True) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def record_path(recorded: str) -> str:
+    """``recorded`` made absolute (resolved) when it names an existing path from the current
+    folder, so a description written beside an output works from any folder; otherwise (a hub
+    model id, a path that is gone) kept as written."""
+    path = Path(recorded)
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else recorded
+
+
+def resolve_recorded_path(recorded: str, folder: Path) -> str:
+    """A path read from a description in ``folder``: relative ones are tried from ``folder``,
+    then from the current folder (descriptions written before paths were recorded absolute);
+    names that exist in neither are kept as written."""
+    path = Path(recorded)
+    if path.is_absolute():
+        return recorded
+    for candidate in (folder / path, path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return recorded

@@ -33,3 +33,7 @@ class CompressError(LorafuseError, ValueError):
 
 class BudgetError(CompressError):
     """The byte budget is too small for the method (not even one singular vector fits, ...)."""
+
+
+class CheckpointError(LorafuseError, ValueError):
+    """A training checkpoint folder that cannot be resumed from (damaged, or another run's)."""

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorafuse._checks import InvalidValueError
+
 
 @dataclass(frozen=True)
 class LoRAModule:
@@ -35,6 +37,15 @@ class LoRAModule:
             raise ValueError(
                 f"LoRA rank mismatch: A is {tuple(self.A.shape)} (r×in) but B is "
                 f"{tuple(self.B.shape)} (out×r)"
+            )
+        try:
+            finite = math.isfinite(float(self.scale))
+        except (TypeError, ValueError, RuntimeError):
+            finite = False
+        if not finite:
+            raise InvalidValueError(
+                f"LoRA scale must be a finite number, got {self.scale!r}; a NaN or infinite scale "
+                "would turn every output of the adapted layer into NaN"
             )
 
     @property

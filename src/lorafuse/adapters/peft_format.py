@@ -14,7 +14,6 @@ alpha, the modules that differ in ``rank_pattern``/``alpha_pattern`` under their
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
+from lorafuse._checks import InvalidValueError, PositiveInt, StrictBool, StrictPositiveFloat, parse_model
 from lorafuse._io import (
     atomic_output_dir,
+    read_json_file,
     read_pickle_weights,
     read_safetensors,
     write_json,
@@ -59,61 +61,121 @@ _INTERPRETED = {
 }
 
 
+MAX_PATTERN_CHARS = 256
+_REPEATED_GROUP = re.compile(r"\)[*+{]")  # a quantified group: the shape of catastrophic backtracking
+
+
+def _pattern_regex(key: str) -> re.Pattern[str]:
+    """PEFT's match for a ``rank_pattern`` / ``alpha_pattern`` key: the key ends the module path."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
     """The first key of ``patterns`` matching ``path`` as PEFT matches it, or ``None``."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if _pattern_regex(key).match(path):
             return key
     return None
 
 
-def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """Read and sanity-check ``adapter_config.json`` of a PEFT folder."""
+class AdapterConfig(BaseModel):
+    """The fields of ``adapter_config.json`` lorafuse interprets, with PEFT's defaults.
+
+    Numbers are JSON numbers (``true`` or ``"8"`` are not a rank), ranks whole and ≥ 1, alphas
+    finite, > 0 and ≤ 1e6 (a larger alpha overflows half-precision products), flags real
+    booleans (``"false"`` is a string, and a non-empty string is not false), pattern keys valid
+    regular expressions without repeated groups (which can make matching take forever). Fields
+    lorafuse does not interpret are ignored here and kept in :attr:`LoRA.metadata`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    peft_type: str | None = None
+    r: PositiveInt = 8
+    lora_alpha: StrictPositiveFloat = 8.0
+    rank_pattern: dict[str, PositiveInt] | None = None
+    alpha_pattern: dict[str, StrictPositiveFloat] | None = None
+    use_rslora: StrictBool = False
+    use_dora: StrictBool | None = False
+    modules_to_save: Any = None
+    base_model_name_or_path: str | None = None
+    target_modules: Any = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regex_keys(cls, patterns: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in patterns or {}:
+            if len(key) > MAX_PATTERN_CHARS or _REPEATED_GROUP.search(key):
+                raise ValueError(
+                    f"key {key[:60]!r} is refused: pattern keys are module names (at most "
+                    f"{MAX_PATTERN_CHARS} characters, no repeated groups such as '(a+)*', which can "
+                    "take exponential time to match)"
+                )
+            try:
+                _pattern_regex(key)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ValueError(f"key {key!r} is not a valid regular expression ({exc})") from None
+        return patterns
+
+    def rank_for(self, path: str) -> tuple[int, str]:
+        """The rank of module ``path`` and where it comes from (``rank_pattern['q_proj']`` or ``r``)."""
+        key = pattern_key(self.rank_pattern or {}, path)
+        if key is None:
+            return self.r, "r"
+        return (self.rank_pattern or {})[key], f"rank_pattern[{key!r}]"
+
+    def alpha_for(self, path: str) -> tuple[float, str]:
+        """The alpha of module ``path`` and where it comes from."""
+        key = pattern_key(self.alpha_pattern or {}, path)
+        if key is None:
+            return self.lora_alpha, "lora_alpha"
+        return (self.alpha_pattern or {})[key], f"alpha_pattern[{key!r}]"
+
+
+def read_config_file(folder: Path) -> tuple[dict[str, Any], AdapterConfig]:
+    """Read ``adapter_config.json``: the raw object and its validated interpreted fields.
+
+    Every problem is one :class:`AdapterFormatError` (or :class:`UnsupportedAdapterError` for
+    features lorafuse does not handle) naming the file, the field and the value.
+    """
     config_path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise AdapterFormatError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_NAME}")
     if not config_path.is_file():
         raise AdapterFormatError(f"{config_path}: missing; is {folder} a PEFT adapter folder?")
-    text = config_path.read_text()
-    if not text.strip():
-        raise AdapterFormatError(f"{config_path}: the file is empty")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{config_path}: invalid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    raw = read_json_file(config_path, AdapterFormatError, what="adapter config")
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise UnsupportedAdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+            f"{config_path}: peft_type is {peft_type!r}; only LORA adapters are supported"
         )
-    if config.get("use_dora"):
+    config = parse_model(AdapterConfig, raw, str(config_path), error=AdapterFormatError)
+    if config.use_dora:
         raise UnsupportedAdapterError(
             f"{config_path}: use_dora is true. DoRA rescales each output column by a learned "
             "magnitude, so it is not a sum of low-rank terms and cannot join a LoRA bank. Merge "
             "it into the base with PEFT (merge_and_unload) and treat the result as a fine-tune."
         )
-    if config.get("modules_to_save"):
+    if config.modules_to_save:
         raise UnsupportedAdapterError(
-            f"{config_path}: modules_to_save={config['modules_to_save']!r} is not supported: "
+            f"{config_path}: modules_to_save={config.modules_to_save!r} is not supported: "
             "those modules are full trained copies, not low-rank factors. Merge the adapter into "
             "the base with PEFT, or retrain it without modules_to_save."
         )
     for field in ("target_parameters", "layer_replication", "trainable_token_indices"):
-        if config.get(field):
+        if raw.get(field):
             raise UnsupportedAdapterError(
-                f"{config_path}: {field}={config[field]!r} is not supported; lorafuse handles "
+                f"{config_path}: {field}={raw[field]!r} is not supported; lorafuse handles "
                 "LoRAs on linear layers given by target_modules only"
             )
-    for field in ("r", "lora_alpha"):
-        value = config.get(field, 8)
-        if not isinstance(value, int | float) or value <= 0:
-            raise AdapterFormatError(f"{config_path}: {field} must be a positive number, got {value!r}")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
-            raise AdapterFormatError(f"{config_path}: {field} must be an object")
-    return config
+    return raw, config
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json`` of a PEFT folder; the raw object."""
+    return read_config_file(folder)[0]
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, Tensor]]:
@@ -143,7 +205,7 @@ def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name:
     ``weights_only=True``.
     """
     folder = Path(path)
-    config = read_adapter_config(folder)
+    raw, config = read_config_file(folder)
     weights_path, state = _read_weights(folder, allow_pickle)
     if not state:
         raise AdapterFormatError(f"{weights_path}: holds no tensors")
@@ -171,9 +233,7 @@ def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name:
     if len(adapters) > 1:
         raise AdapterFormatError(f"{weights_path}: holds several adapters {sorted(adapters)}; save one")
 
-    rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
+    config_path = folder / CONFIG_NAME
     modules: dict[str, LoRAModule] = {}
     for module_path in sorted(factors):
         pair = factors[module_path]
@@ -194,25 +254,27 @@ def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name:
                     f"{int((~finite).sum())} non-finite values (NaN/inf); the adapter is corrupt "
                     "or its training diverged"
                 )
-        key = pattern_key(rank_pattern, module_path)
-        expected_r = int(rank_pattern[key]) if key is not None else int(config.get("r", 8))
+        expected_r, source = config.rank_for(module_path)
         if expected_r != a.shape[0]:
-            source = f"rank_pattern[{key!r}]" if key is not None else "r"
             raise AdapterFormatError(
                 f"{folder}: the config disagrees with the tensors: {module_path} has rank "
                 f"{a.shape[0]} in {weights_path.name} (lora_A {tuple(a.shape)}) but "
                 f"{CONFIG_NAME} says {source}={expected_r}"
             )
-        key = pattern_key(alpha_pattern, module_path)
-        alpha = float(alpha_pattern[key]) if key is not None else float(config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(expected_r) if use_rslora else alpha / expected_r
+        alpha, alpha_source = config.alpha_for(module_path)
+        scale = alpha / math.sqrt(expected_r) if config.use_rslora else alpha / expected_r
+        if not (math.isfinite(scale) and scale > 0):
+            raise AdapterFormatError(
+                f"{config_path}: {alpha_source}={alpha!r} and rank {expected_r} give {module_path} "
+                f"the scale {scale!r}; the scale must be a positive finite number"
+            )
         modules[module_path] = LoRAModule(a, b, scale)
 
-    metadata = {k: v for k, v in config.items() if k not in _INTERPRETED}
+    metadata = {k: v for k, v in raw.items() if k not in _INTERPRETED}
     metadata["source"] = str(folder)
     return LoRA(
         modules,
-        base_model=config.get("base_model_name_or_path"),
+        base_model=config.base_model_name_or_path,
         name=name or folder.name,
         metadata=metadata,
     )
@@ -266,6 +328,10 @@ def save_lora(
     ``lora.metadata["lorafuse"]``: merge recipes, versions) is written beside the adapter as
     ``lorafuse.json``, never into PEFT's config.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidValueError(
+            f"cannot save a LoRA as {dtype}: adapters are floating point (float32, float16, bfloat16)"
+        )
     out = Path(path)
     tensors: dict[str, Tensor] = {}
     for module_path, module in lora.modules.items():

@@ -8,17 +8,18 @@ tensors in memory, never two models. Pickle checkpoints are refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from safetensors import safe_open
 from torch import Tensor
 
-from lorafuse._io import read_safetensors_header
+from lorafuse._checks import parse_model
+from lorafuse._io import read_json_file, read_safetensors_header
 from lorafuse.errors import CompressError
 
 INDEX = "model.safetensors.index.json"
@@ -41,17 +42,46 @@ class Checkpoint:
         return ",".join(archs)
 
 
+class _ModelConfig(BaseModel):
+    """The fields of a model's ``config.json`` read here (the rest is passed through)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    architectures: list[Annotated[str, StringConstraints(strict=True)]] | None = None
+    model_type: Annotated[str, StringConstraints(strict=True)] | None = None
+
+
+class _ShardIndex(BaseModel):
+    """``model.safetensors.index.json``: which shard file holds each tensor."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    weight_map: Annotated[
+        dict[str, Annotated[str, StringConstraints(strict=True, min_length=1)]], Field(min_length=1)
+    ]
+
+
+def _inside(root: Path, name: str) -> bool:
+    """``name`` is a relative path that stays inside ``root`` (no ``..``, not absolute)."""
+    path = Path(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
 def open_checkpoint(root: str | Path) -> Checkpoint:
     """Read ``config.json`` and every shard's header; errors name the missing or broken file."""
     root = Path(root)
     if not (root / "config.json").is_file():
         raise CompressError(f"{root}: no config.json; expected a HuggingFace model folder")
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CompressError(f"{root / 'config.json'}: not valid JSON ({exc})") from None
+    config = read_json_file(root / "config.json", CompressError, what="model config")
+    if not isinstance(config, dict):
+        raise CompressError(f"{root / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    parse_model(_ModelConfig, config, str(root / "config.json"), CompressError)
     if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text()).get("weight_map", {})
+        index = read_json_file(root / INDEX, CompressError, what="shard index")
+        weight_map = parse_model(_ShardIndex, index, str(root / INDEX), CompressError).weight_map
+        outside = sorted(f for f in set(weight_map.values()) if not _inside(root, f))
+        if outside:
+            raise CompressError(
+                f"{root / INDEX}: weight_map names shard(s) outside the model folder: {outside[:3]}"
+            )
         files = sorted(set(weight_map.values()))
     elif (root / SINGLE).is_file():
         files, weight_map = [SINGLE], None

@@ -13,18 +13,28 @@ folder is written atomically; reading it never runs pickle.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, parse_model
+from lorafuse._io import (
+    atomic_output_dir,
+    read_json_file,
+    read_safetensors,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters.lora import LoRA, LoRAModule
-from lorafuse.compress.types import KINDS, CompressedModule
-from lorafuse.errors import CompressError
+from lorafuse.compress.quantize import QuantizedMatrix
+from lorafuse.compress.types import KINDS, CompressedModule, DenseQuant, HalfFactors, QuantFactors
+from lorafuse.errors import CompressError, LorafuseError
 
 FORMAT = "lorafuse-compressed-delta"
 VERSION = 1
@@ -111,33 +121,149 @@ def save_compressed(delta: CompressedDelta, out: str | os.PathLike[str], *, over
     return Path(out)
 
 
-def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
-    """Read a folder written by :func:`save_compressed` (errors name the file and the problem)."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise CompressError(f"{path}: no {META}; not a compressed delta folder") from None
-    except json.JSONDecodeError as exc:
-        raise CompressError(f"{path / META}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+class _QuantRecord(BaseModel):
+    """A quantized matrix's description: shape, bit width, group size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rows: PositiveInt
+    cols: PositiveInt
+    bits: Annotated[StrictInt, Field(ge=1, le=8)]
+    group_size: PositiveInt
+
+
+class _QuantFactorsRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    segments: list[tuple[PositiveInt, Annotated[StrictInt, Field(ge=1, le=8)]]]
+    V: Annotated[list[_QuantRecord], Field(min_length=1)]
+    U: Annotated[list[_QuantRecord], Field(min_length=1)]
+    estimated_error: StrictFiniteFloat | None = None
+    label: Annotated[str, Field(max_length=64)] | None = None  # the schedule that made it
+
+
+class _RankRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rank: PositiveInt
+    label: Annotated[str, Field(max_length=64)] | None = None  # "low-rank", "full-rank"
+
+
+class _SignRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rows: PositiveInt
+    cols: PositiveInt
+
+
+_KIND_RECORDS: dict[str, type[BaseModel]] = {
+    "quant_factors": _QuantFactorsRecord,
+    "half_factors": _RankRecord,
+    "sign": _SignRecord,
+    "dense_quant": _QuantRecord,
+}
+
+
+class _ModuleRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    kind: Literal[tuple(KINDS)]  # type: ignore[valid-type]
+    shape: tuple[PositiveInt, PositiveInt]
+    nbytes: NonNegativeInt | None = None
+    meta: dict[str, Any]
+
+
+class _CompressedMeta(BaseModel):
+    """What :func:`load_compressed` needs from ``compressed.json`` (format and version checked first)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    method: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    params: dict[str, Any] = {}
+    budget: Annotated[StrictFiniteFloat, Field(gt=0, le=1)]
+    modules: Annotated[dict[str, _ModuleRecord], Field(min_length=1)]
+    other: list[Annotated[str, StringConstraints(strict=True)]] = []
+    info: dict[str, Any] = {}
+
+
+def _check_quantized(q: QuantizedMatrix, where: str) -> None:
+    """Scales and zero points per row and group, a permutation that is one: else ``CompressError``."""
+    rows, cols = q.shape
+    groups = -(-cols // q.group_size)
+    if tuple(q.scales.shape) != (rows, groups) or not q.scales.is_floating_point():
         raise CompressError(
-            f"{path / META}: format {meta.get('format')!r} version {meta.get('version')!r}; this lorafuse "
+            f"{where}: scales are {tuple(q.scales.shape)} {q.scales.dtype}, "
+            f"expected ({rows}, {groups}) floats"
+        )
+    if q.perm is not None and (
+        tuple(q.perm.shape) != (cols,)
+        or not torch.equal(torch.sort(q.perm.long()).values, torch.arange(cols))
+    ):
+        raise CompressError(f"{where}: perm is not a permutation of the {cols} columns")
+
+
+def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) -> None:
+    """The rebuilt module has the recorded shape and consistent parts (cheap, no ΔW formed)."""
+    if isinstance(module, HalfFactors) and (
+        module.B.ndim != 2 or module.A.ndim != 2 or module.B.shape[1] != module.A.shape[0]
+    ):
+        raise CompressError(
+            f"{where}: B {tuple(module.B.shape)} and A {tuple(module.A.shape)} are not (out, k), (k, in)"
+        )
+    if isinstance(module, QuantFactors) and module.S.ndim != 1:
+        raise CompressError(f"{where}: S is {tuple(module.S.shape)}, expected a vector")
+    if tuple(module.shape) != shape:
+        raise CompressError(f"{where}: the tensors give shape {tuple(module.shape)}, the record says {shape}")
+    if isinstance(module, DenseQuant):
+        _check_quantized(module.q, where)
+    elif isinstance(module, QuantFactors):
+        for part in (*module.V, *module.U):
+            _check_quantized(part, where)
+        r = module.rank
+        if sum(v.shape[0] for v in module.V) != r or sum(u.shape[1] for u in module.U) != r:
+            raise CompressError(f"{where}: the factor segments do not add up to the rank {r} of S")
+        if any(v.shape[1] != shape[1] for v in module.V) or any(u.shape[0] != shape[0] for u in module.U):
+            raise CompressError(f"{where}: factor segments disagree with the shape {shape}")
+
+
+def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
+    """Read a folder written by :func:`save_compressed` (errors name the file and the problem).
+
+    Every problem is one :class:`CompressError` naming the file and field: a missing or malformed
+    ``compressed.json`` (wrong types, NaN, unknown kinds, a budget outside (0, 1]), missing or
+    damaged tensors, tensors that disagree with the description, NaN/inf scales or factors.
+    """
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CompressError(f"{path}: no {META}; not a compressed delta folder")
+    raw = read_json_file(meta_path, CompressError, what="compressed-delta description")
+    if not isinstance(raw, dict):
+        raise CompressError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise CompressError(
+            f"{meta_path}: format {raw.get('format')!r} version {raw.get('version')!r}; this lorafuse "
             f"reads {FORMAT!r} version {VERSION}"
         )
+    meta = parse_model(_CompressedMeta, raw, str(meta_path), error=CompressError)
+    for name, record in meta.modules.items():
+        parse_model(
+            _KIND_RECORDS[record.kind], record.meta, f"{meta_path}: modules.{name}.meta", CompressError
+        )
     try:
-        tensors = read_safetensors(path / DELTA, require_float=False)
-        other = read_safetensors(path / OTHER) if meta["other"] else {}
-    except Exception as exc:
-        raise CompressError(f"{path}: {exc}") from None
+        tensors = read_safetensors(path / DELTA, require_float=False, require_finite=True)
+        other = read_safetensors(path / OTHER, require_finite=True) if meta.other else {}
+    except LorafuseError as exc:
+        raise CompressError(str(exc)) from None
+    if sorted(other) != sorted(meta.other):
+        raise CompressError(
+            f"{path / OTHER}: holds {sorted(other)[:5]}, {META} lists {sorted(meta.other)[:5]}"
+        )
     modules: dict[str, CompressedModule] = {}
-    for name, m in meta["modules"].items():
+    for name, record in meta.modules.items():
+        where = f"{path / DELTA}: module {name} ({record.kind})"
         try:
-            modules[name] = KINDS[m["kind"]].from_tensors(tensors, name, m["meta"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CompressError(
-                f"{path / DELTA}: module {name} ({m.get('kind')}) is damaged: {exc}"
-            ) from None
-    info = dict(meta.get("info", {}))
+            module = KINDS[record.kind].from_tensors(tensors, name, record.meta)
+        except KeyError as exc:
+            raise CompressError(f"{where} is damaged: tensor {exc} is missing") from None
+        except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise CompressError(f"{where} is damaged: {exc}") from None
+        _check_module(module, record.shape, where)
+        modules[name] = module
+    info = dict(meta.info)
     info["path"] = str(path)
-    return CompressedDelta(meta["method"], meta["params"], meta["budget"], modules, other, info)
+    return CompressedDelta(meta.method, dict(meta.params), meta.budget, modules, other, info)

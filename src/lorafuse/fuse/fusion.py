@@ -19,12 +19,30 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_safetensors
+from lorafuse._checks import (
+    MAX_MAGNITUDE,
+    PositiveInt,
+    Sha256Hex,
+    StrictBool,
+    StrictPositiveFloat,
+    finite_or_none,
+    parse_model,
+)
+from lorafuse._io import (
+    atomic_output_dir,
+    read_json_file,
+    read_safetensors,
+    record_path,
+    resolve_recorded_path,
+    versions,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.cat_weights import CatWeights
@@ -38,7 +56,7 @@ METHODS = ("lora-flow", "cat-weights", "static")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class FusionFormatError(LorafuseError):
+class FusionFormatError(LorafuseError, ValueError):
     """A fusion folder that cannot be read, or LoRAs that do not match the ones it was made with."""
 
 
@@ -113,7 +131,12 @@ class Fusion:
                 raise FusionFormatError(
                     f"LoRA {name!r} of the fusion is not at {path}; pass its folder with --lora {name}=DIR"
                 )
-            if verify and self.lora_hashes.get(name) and adapter_hashes(path) != self.lora_hashes[name]:
+            if verify and not self.lora_hashes.get(name):
+                raise FusionFormatError(
+                    f"LoRA {name!r} of the fusion has no recorded SHA-256, so it cannot be checked; "
+                    "pass verify=False to load it unchecked"
+                )
+            if verify and adapter_hashes(path) != self.lora_hashes[name]:
                 raise FusionFormatError(
                     f"LoRA {name!r} at {path} differs from the one the fusion was trained with "
                     "(SHA-256 mismatch); use the original adapter or retrain the fusion"
@@ -131,71 +154,191 @@ class Fusion:
         return handle
 
 
+class _LoRAEntry(BaseModel):
+    """One LoRA of ``fusion.json``: its name, folder and the SHA-256 of its files."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    name: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    path: str | None = None
+    sha256: Annotated[dict[Literal[ADAPTER_FILES], Sha256Hex], Field(min_length=1)]  # type: ignore[valid-type]
+
+
+class _GateSettings(BaseModel):
+    """``fusion.json``'s ``gate`` (the fields of :class:`GateConfig`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    k: PositiveInt
+    hidden_size: PositiveInt
+    num_layers: PositiveInt
+    granularity: Literal["layer", "module", "step"] = "layer"
+    temperature: StrictPositiveFloat = 1.0
+    bias_in_softmax: StrictBool = False
+    start: StrictInt | None = -1
+    module_paths: list[Annotated[str, StringConstraints(strict=True)]] = []
+
+
+class _FusionMeta(BaseModel):
+    """What :func:`load_fusion` needs from ``fusion.json`` (format and version checked first)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    method: Literal[METHODS]  # type: ignore[valid-type]
+    loras: Annotated[list[_LoRAEntry], Field(min_length=1)]
+    gate: _GateSettings | None = None
+    module_paths: list[Annotated[str, StringConstraints(strict=True)]] = []
+    info: dict[str, Any] = {}
+
+
+def _check_tensors(fusion: Fusion, where: str) -> None:
+    """Finite tensors no larger than ``MAX_MAGNITUDE`` (a NaN gate would NaN every output)."""
+    for name, tensor in fusion.tensors.items():
+        values = tensor.detach().float()
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise FusionFormatError(
+                f"{where}: {name} {tuple(tensor.shape)} has {bad} non-finite values (NaN/inf)"
+            )
+        if values.numel() and float(values.abs().max()) > MAX_MAGNITUDE:
+            raise FusionFormatError(
+                f"{where}: {name} holds {float(values.abs().max()):g}; fusion weights must lie within "
+                f"±{MAX_MAGNITUDE:g}"
+            )
+
+
+def _expected_shapes(
+    method: str, k: int, gate: GateConfig | None, module_paths: list[str]
+) -> dict[str, tuple[int, ...]]:
+    if method == "static":
+        return {"weights": (k,)}
+    if method == "cat-weights":
+        return {"logits": (len(module_paths), k)}
+    assert gate is not None
+    return {"gate.weight": (gate.num_gates, gate.k, gate.hidden_size), "gate.bias": (gate.num_gates, gate.k)}
+
+
 def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> Path:
-    """Write ``fusion`` to the folder ``out`` atomically."""
+    """Write ``fusion`` to the folder ``out`` atomically.
+
+    LoRA folders and a base model recorded as a path are written absolute, so the fusion works
+    from any current folder. Every LoRA must have the SHA-256 of its files (a fusion never loads
+    LoRAs it cannot check), and the tensors must be finite.
+    """
     if fusion.method not in METHODS:
-        raise ValueError(f"unknown fusion method {fusion.method!r}; one of {METHODS}")
+        raise FusionFormatError(f"unknown fusion method {fusion.method!r}; one of {METHODS}")
+    unhashed = [n for n in fusion.lora_names if not fusion.lora_hashes.get(n)]
+    if unhashed:
+        raise FusionFormatError(
+            f"the fusion's LoRA(s) {unhashed} have no recorded SHA-256; fuse LoRAs given by their "
+            "folders (or loaded from them) so the fusion can check them when it is loaded"
+        )
+    _check_tensors(fusion, "cannot save the fusion")
+    info = dict(fusion.info)
+    for key in ("base_model", "tokenizer"):
+        if isinstance(info.get(key), str):
+            info[key] = record_path(info[key])
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "method": fusion.method,
         "loras": [
-            {"name": n, "path": fusion.lora_paths.get(n), "sha256": fusion.lora_hashes.get(n, {})}
+            {
+                "name": n,
+                "path": record_path(fusion.lora_paths[n]) if fusion.lora_paths.get(n) else None,
+                "sha256": fusion.lora_hashes.get(n, {}),
+            }
             for n in fusion.lora_names
         ],
         "gate": fusion.gate.to_json() if fusion.gate else None,
         "module_paths": fusion.module_paths,
         "num_params": fusion.num_params,
-        "info": fusion.info,
+        "info": finite_or_none(info),
         "versions": versions(),
     }
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_safetensors({k: v.float() for k, v in fusion.tensors.items()}, tmp / "weights.safetensors")
-        (tmp / "fusion.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "fusion.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return Path(out)
 
 
 def load_fusion(folder: str | Path) -> Fusion:
-    """Read a fusion folder written by :func:`save_fusion`."""
+    """Read a fusion folder written by :func:`save_fusion`.
+
+    Every problem is one :class:`FusionFormatError` naming the file and field: a missing or
+    malformed ``fusion.json`` (missing fields, wrong types, ``gate: null`` for ``lora-flow``, a
+    LoRA without a well-formed SHA-256, repeated names), a missing or damaged
+    ``weights.safetensors``, tensors whose shapes disagree with the description, NaN/inf or
+    out-of-range weights. Relative paths of older fusions are resolved from the fusion folder
+    (else the current folder).
+    """
     folder = Path(folder)
     meta_path = folder / "fusion.json"
     if not meta_path.is_file():
         raise FusionFormatError(f"{folder}: not a fusion folder (no fusion.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FusionFormatError(f"{meta_path}: invalid JSON ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    raw = read_json_file(meta_path, FusionFormatError, what="fusion description")
+    if not isinstance(raw, dict):
+        raise FusionFormatError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise FusionFormatError(
-            f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"{meta_path}: format {raw.get('format')!r} version {raw.get('version')!r}, "
             f"expected {FORMAT!r} version {VERSION}"
         )
-    if meta.get("method") not in METHODS:
-        raise FusionFormatError(f"{meta_path}: unknown method {meta.get('method')!r}")
-    tensors = read_safetensors(folder / "weights.safetensors")
+    meta = parse_model(_FusionMeta, raw, str(meta_path), error=FusionFormatError)
+    names = [x.name for x in meta.loras]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FusionFormatError(f"{meta_path}: loras: the name(s) {repeated} appear more than once")
     gate = None
-    if meta["method"] == "lora-flow":
-        g = dict(meta["gate"])
-        g["module_paths"] = tuple(g.get("module_paths", ()))
-        gate = GateConfig(**g)
-        expected = {
-            "gate.weight": (gate.num_gates, gate.k, gate.hidden_size),
-            "gate.bias": (gate.num_gates, gate.k),
-        }
-        for name, shape in expected.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise FusionFormatError(
-                    f"{folder / 'weights.safetensors'}: {name} is {got}, expected {shape}"
-                )
-    loras = meta["loras"]
-    return Fusion(
-        method=meta["method"],
-        lora_names=[x["name"] for x in loras],
+    if meta.method == "lora-flow":
+        if meta.gate is None:
+            raise FusionFormatError(
+                f"{meta_path}: gate: missing or null, but a lora-flow fusion needs its gate settings"
+            )
+        if meta.gate.k != len(names):
+            raise FusionFormatError(
+                f"{meta_path}: gate.k is {meta.gate.k} but the fusion lists {len(names)} LoRAs"
+            )
+        if meta.gate.start is not None and not -meta.gate.k <= meta.gate.start < meta.gate.k:
+            raise FusionFormatError(
+                f"{meta_path}: gate.start is {meta.gate.start}; it must index one of the {meta.gate.k} LoRAs"
+            )
+        settings = meta.gate.model_dump()
+        settings["module_paths"] = tuple(settings["module_paths"])
+        try:
+            gate = GateConfig(**settings)
+        except ValueError as exc:
+            raise FusionFormatError(f"{meta_path}: gate: {exc}") from None
+    paths = meta.module_paths
+    if meta.method == "cat-weights" and (not paths or len(set(paths)) != len(paths)):
+        raise FusionFormatError(
+            f"{meta_path}: module_paths must list each adapted module once for a cat-weights fusion"
+        )
+    weights_path = folder / "weights.safetensors"
+    if not weights_path.is_file():
+        raise FusionFormatError(f"{weights_path}: missing; the fusion folder is incomplete")
+    try:
+        tensors = read_safetensors(weights_path)
+    except LorafuseError as exc:
+        raise FusionFormatError(str(exc)) from None
+    expected = _expected_shapes(meta.method, len(names), gate, meta.module_paths)
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape) if name in tensors else "missing"
+        if got != shape:
+            raise FusionFormatError(f"{weights_path}: {name} is {got}, expected {shape} from fusion.json")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise FusionFormatError(f"{weights_path}: unexpected tensor(s) {extra} for a {meta.method} fusion")
+    info = dict(meta.info)
+    for key in ("base_model", "tokenizer"):
+        if isinstance(info.get(key), str):
+            info[key] = resolve_recorded_path(info[key], folder)
+    fusion = Fusion(
+        method=meta.method,
+        lora_names=names,
         tensors=tensors,
         gate=gate,
-        module_paths=list(meta.get("module_paths", [])),
-        lora_paths={x["name"]: x["path"] for x in loras if x.get("path")},
-        lora_hashes={x["name"]: x.get("sha256", {}) for x in loras},
-        info=meta.get("info", {}),
+        module_paths=list(meta.module_paths),
+        lora_paths={x.name: resolve_recorded_path(x.path, folder) for x in meta.loras if x.path},
+        lora_hashes={x.name: dict(x.sha256) for x in meta.loras},
+        info=info,
     )
+    _check_tensors(fusion, str(weights_path))
+    return fusion

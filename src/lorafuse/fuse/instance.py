@@ -24,20 +24,30 @@ names a set of LoRAs and becomes a fixed weight row (1 on the set, 0 elsewhere):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._io import (
+    atomic_output_dir,
+    read_json_file,
+    read_safetensors,
+    record_path,
+    resolve_recorded_path,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.loop import TrainConfig, train_loop
@@ -184,11 +194,13 @@ class InstanceMixing:
             "version": VERSION,
             "config": asdict(self.encoder.config),
             "hidden_size": int(self.encoder.query.shape[1]),
-            "basis": {name: str(basis_paths[name]) for name in self.names},
-            "base_model": base_model,
+            "basis": {name: record_path(str(basis_paths[name])) for name in self.names},
+            "base_model": record_path(base_model) if base_model else base_model,
             "versions": versions(),
-            **(extra or {}),
+            **finite_or_none(dict(extra or {})),
         }
+        if isinstance(meta.get("tokenizer"), str):
+            meta["tokenizer"] = record_path(meta["tokenizer"])
         with atomic_output_dir(path) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
             write_json(meta, tmp / "encoder.json")
@@ -199,27 +211,67 @@ class InstanceMixing:
         return detach(self.model)
 
 
+class _EncoderSettings(BaseModel):
+    """``encoder.json``'s ``config`` (the fields of :class:`EncoderConfig`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    activation: Literal[ACTIVATIONS] = "softmax"  # type: ignore[valid-type]
+    dim: PositiveInt = 64
+    top_k: PositiveInt | None = None
+    temperature: StrictPositiveFloat = 1.0
+    seed: StrictInt = 0
+
+
+class _EncoderMeta(BaseModel):
+    """What :func:`read_encoder` needs from ``encoder.json`` (format and version checked first)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    config: _EncoderSettings
+    hidden_size: PositiveInt
+    basis: Annotated[
+        dict[str, Annotated[str, StringConstraints(strict=True, min_length=1)]], Field(min_length=1)
+    ]
+    base_model: str | None = None
+
+
 def read_encoder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], InstanceEncoder]:
-    """The description and the encoder of a saved folder (the basis LoRAs are loaded by the caller)."""
+    """The description and the encoder of a saved folder (the basis LoRAs are loaded by the caller).
+
+    Every problem is one :class:`LorafuseError` naming the file and field: a missing or malformed
+    ``encoder.json`` (wrong types, NaN, an empty basis, ``top_k`` beyond the basis), a missing or
+    damaged ``encoder.safetensors``, tensors whose shapes disagree with the description or hold
+    NaN/inf. Relative basis and base paths are resolved from the folder, else the current folder.
+    """
     folder = Path(path)
-    try:
-        meta = json.loads((folder / "encoder.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LorafuseError(
-            f"{folder / 'encoder.json'}: cannot read the encoder description: {exc}"
-        ) from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    meta_path = folder / "encoder.json"
+    raw = read_json_file(meta_path, LorafuseError, what="encoder description")
+    if not isinstance(raw, dict):
+        raise LorafuseError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise LorafuseError(f"{folder}: not a lorafuse instance encoder of version {VERSION}")
-    encoder = InstanceEncoder(meta["hidden_size"], len(meta["basis"]), EncoderConfig(**meta["config"]))
-    state = read_safetensors(folder / "encoder.safetensors")
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise LorafuseError(
-            f"{folder / 'encoder.safetensors'}: tensors do not fit the encoder: {exc}"
-        ) from None
+    meta = parse_model(_EncoderMeta, raw, str(meta_path), error=LorafuseError)
+    k, settings = len(meta.basis), meta.config
+    if settings.top_k is not None and settings.top_k > k:
+        raise LorafuseError(f"{meta_path}: config.top_k is {settings.top_k} but the basis holds {k} LoRAs")
+    weights_path = folder / "encoder.safetensors"
+    state = read_safetensors(weights_path, require_finite=True)
+    expected = {"query": (settings.dim, meta.hidden_size), "keys": (k, settings.dim)}
+    for name, shape in expected.items():
+        got = tuple(state[name].shape) if name in state else "missing"
+        if got != shape:
+            raise LorafuseError(f"{weights_path}: {name} is {got}, expected {shape} from encoder.json")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise LorafuseError(f"{weights_path}: unexpected tensor(s) {extra}")
+    encoder = InstanceEncoder(meta.hidden_size, k, EncoderConfig(**settings.model_dump()))
+    encoder.load_state_dict(state)
     encoder.requires_grad_(False)
-    return meta, encoder
+    described = dict(raw)
+    described["basis"] = {name: resolve_recorded_path(p, folder) for name, p in meta.basis.items()}
+    for key in ("base_model", "tokenizer"):
+        if isinstance(described.get(key), str):
+            described[key] = resolve_recorded_path(described[key], folder)
+    return described, encoder
 
 
 def train_encoder(

@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lorafuse._checks import NonNegativeInt, StrictFiniteFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded, collate
-from lorafuse._io import read_safetensors, write_safetensors
-from lorafuse.errors import LorafuseError
+from lorafuse._io import read_json_file, read_safetensors, write_safetensors
+from lorafuse.errors import CheckpointError, LorafuseError
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -164,7 +166,7 @@ class _Checkpoint:
         tmp = self.folder / f".state.{os.getpid()}.tmp"
         write_safetensors(tensors, tmp)
         os.replace(tmp, self.folder / "state.safetensors")
-        meta = {"fingerprint": self.fingerprint, "step": step, "result": asdict(result)}
+        meta = {"fingerprint": self.fingerprint, "step": step, "result": finite_or_none(asdict(result))}
         tmp_json = self.folder / f".state.{os.getpid()}.json.tmp"
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp_json, self.folder / "state.json")
@@ -175,13 +177,24 @@ class _Checkpoint:
         meta_path, state_path = self.folder / "state.json", self.folder / "state.safetensors"
         if not meta_path.is_file() or not state_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+        raw = read_json_file(meta_path, CheckpointError, what="checkpoint description")
+        if not isinstance(raw, dict) or raw.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
                 f"{self.folder}: this checkpoint belongs to another run (different data, settings or "
                 "parameters); use another checkpoint folder or delete it to start afresh"
             )
-        tensors = read_safetensors(state_path)
+        meta = parse_model(_CheckpointMeta, raw, str(meta_path), error=CheckpointError)
+        try:
+            tensors = read_safetensors(state_path, require_finite=True)
+        except LorafuseError as exc:
+            raise CheckpointError(str(exc)) from None
+        for i, p in enumerate(params):
+            for prefix in ("param", "best") if "best.0" in tensors else ("param",):
+                got = tuple(tensors[f"{prefix}.{i}"].shape) if f"{prefix}.{i}" in tensors else "missing"
+                if got != tuple(p.shape):
+                    raise CheckpointError(
+                        f"{state_path}: {prefix}.{i} is {got}, the parameter is {tuple(p.shape)}"
+                    )
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"param.{i}"])
@@ -189,9 +202,29 @@ class _Checkpoint:
                 if state:
                     optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
         best = [tensors[f"best.{i}"] for i in range(len(params))] if "best.0" in tensors else None
-        result = TrainResult(**meta["result"])
+        result = TrainResult(**meta.result.model_dump())
         result.dev = [tuple(x) for x in result.dev]  # type: ignore[misc]
-        return int(meta["step"]), best, result
+        return meta.step, best, result
+
+
+class _ResultRecord(BaseModel):
+    """``state.json``'s ``result`` (the fields of :class:`TrainResult`; diverged losses are null)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    losses: list[StrictFiniteFloat | None] = []
+    dev: list[tuple[NonNegativeInt, StrictFiniteFloat | None]] = []
+    best_step: NonNegativeInt | None = None
+    best_dev_loss: StrictFiniteFloat | None = None
+    resumed_from: NonNegativeInt | None = None
+
+
+class _CheckpointMeta(BaseModel):
+    """``state.json`` of a checkpoint folder."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    fingerprint: Any
+    step: NonNegativeInt
+    result: _ResultRecord
 
 
 @contextmanager

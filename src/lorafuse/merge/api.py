@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lorafuse._checks import MAX_MAGNITUDE, InvalidValueError, check_number
 from lorafuse._io import versions
 from lorafuse.adapters.lora import LoRA, LoRAModule
 from lorafuse.merge.registry import get_method
@@ -87,11 +88,20 @@ def merge(
         raise ValueError("merge needs at least one LoRA")
     spec = get_method(method)
     settings = spec.params(**params)
-    weights = [1.0] * len(lora_list) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(lora_list) if weights is None else list(weights)
     if len(weights) != len(lora_list):
         raise ValueError(f"got {len(weights)} weights for {len(lora_list)} LoRAs")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    weights = [
+        float(check_number(w, f"merge weight {i + 1}", low=-MAX_MAGNITUDE, high=MAX_MAGNITUDE))
+        for i, w in enumerate(weights)
+    ]
+    if rank is not None:
+        rank = int(check_number(rank, "merge rank", integer=True, low=1))
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidValueError(
+            f"merge dtype must be a floating-point torch dtype (float32, float16, bfloat16), got "
+            f"{dtype}; a LoRA's factors are real numbers and PEFT and lorafuse load only float adapters"
+        )
     names = _check_inputs(lora_list, union, allow_different_bases)
     out_dtype = dtype or next(iter(lora_list[0].modules.values())).A.dtype
 
@@ -111,7 +121,13 @@ def merge(
             settings,
             generator,
         )
-        modules[path] = LoRAModule(a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous(), 1.0)
+        a, b = a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous()
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise InvalidValueError(
+                f"{path}: the merged factors are not finite in {out_dtype} (the weights {weights} "
+                "or the adapters' scales are too large for it)"
+            )
+        modules[path] = LoRAModule(a, b, 1.0)
 
     bases = {lo.base_model for lo in lora_list if lo.base_model}
     recipe = {

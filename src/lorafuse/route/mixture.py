@@ -12,28 +12,39 @@ The base never changes. Saved as a folder (written atomically)::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._checks import PositiveInt, StrictFiniteFloat, StrictPositiveFloat, finite_or_none, parse_model
+from lorafuse._io import (
+    atomic_output_dir,
+    read_json_file,
+    read_safetensors,
+    record_path,
+    resolve_recorded_path,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.adapters.validate import linear_shape
 from lorafuse.errors import LorafuseError
 from lorafuse.route.remix import remix_loss
-from lorafuse.route.router import Router, RouterSource, decoder_layers
+from lorafuse.route.router import ROUTINGS, Router, RouterSource, decoder_layers
 from lorafuse.route.softmax import softmax_loss
 from lorafuse.runtime import AttachedBank, attach, detach
 
 FORMAT = "lorafuse-mixture"
 VERSION = 1
+MIXTURE_JSON = "mixture.json"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -152,7 +163,7 @@ class Mixture:
             "config": {**asdict(self.config), "targets": list(self.config.targets)},
             "num_layers": self.router.num_layers,
             "hidden_size": int(self.router.weight.shape[-1]),
-            "base_model": self.base_model,
+            "base_model": record_path(self.base_model) if self.base_model else self.base_model,
             "versions": versions(),
         }
 
@@ -162,37 +173,34 @@ class Mixture:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
                 save_lora(expert, tmp / "experts" / f"e{i}")
-            write_json({**self.describe(), **(extra or {})}, tmp / "mixture.json")
+            meta = finite_or_none({**self.describe(), **(extra or {})})
+            if isinstance(meta.get("tokenizer"), str):
+                meta["tokenizer"] = record_path(meta["tokenizer"])
+            write_json(meta, tmp / MIXTURE_JSON)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: nn.Module) -> Mixture:
-        """Attach a saved mixture to ``model`` (frozen, ready for ``generate``)."""
+        """Attach a saved mixture to ``model`` (frozen, ready for ``generate``).
+
+        Every problem of the folder is one :class:`LorafuseError` naming the file and field (see
+        :func:`read_mixture`); the model is untouched when loading fails.
+        """
         folder = Path(path)
-        try:
-            meta = json.loads((folder / "mixture.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LorafuseError(
-                f"{folder / 'mixture.json'}: cannot read the mixture description: {exc}"
-            ) from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise LorafuseError(
-                f"{folder}: not a lorafuse mixture of version {VERSION} "
-                f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
-            )
-        settings = dict(meta["config"])
-        settings["targets"] = tuple(settings["targets"])
-        config = MixtureConfig(**settings)
-        weight = read_safetensors(folder / "router.safetensors")["weight"]
-        expected = (meta["num_layers"], config.experts, meta["hidden_size"])
-        if tuple(weight.shape) != expected:
-            raise LorafuseError(
-                f"{folder / 'router.safetensors'}: weight is {tuple(weight.shape)}, expected {expected}"
-            )
+        meta, config, weight = read_mixture(folder)
         router = Router(config.router, meta["num_layers"], meta["hidden_size"], config.experts, config.top_k)
         with torch.no_grad():
             router.weight.copy_(weight)
-        experts = [load_lora(folder / "experts" / f"e{i}") for i in range(config.experts)]
+        experts = []
+        for i in range(config.experts):
+            expert = load_lora(folder / "experts" / f"e{i}")
+            wrong = sorted(p for p, m in expert.modules.items() if m.rank != config.rank)
+            if wrong:
+                raise LorafuseError(
+                    f"{folder / 'experts' / f'e{i}'}: {wrong[0]} has rank {expert[wrong[0]].rank} but "
+                    f"{MIXTURE_JSON} says config.rank={config.rank}"
+                )
+            experts.append(expert)
         mixture = cls(model, experts, router, config, meta.get("base_model"))
         mixture.freeze()
         return mixture
@@ -201,3 +209,81 @@ class Mixture:
         """Remove hooks and banks: the model is the untouched base again."""
         self.source.remove()
         return detach(self.model)
+
+
+class _MixtureSettings(BaseModel):
+    """``mixture.json``'s ``config`` (the fields of :class:`MixtureConfig`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    router: Annotated[str, StringConstraints(strict=True)] = "remix"
+    experts: PositiveInt = 8
+    top_k: PositiveInt = 2
+    rank: PositiveInt = 16
+    alpha: StrictPositiveFloat = 32.0
+    targets: Annotated[
+        list[Annotated[str, StringConstraints(strict=True, min_length=1)]], Field(min_length=1)
+    ]
+    samples: PositiveInt = 4
+    balance: Annotated[StrictFiniteFloat, Field(ge=0)] = 0.01
+    seed: StrictInt = 0
+    extra: dict[str, Any] = {}
+
+
+class _MixtureMeta(BaseModel):
+    """What :meth:`Mixture.load` needs from ``mixture.json`` (format and version checked first)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    config: _MixtureSettings
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    base_model: str | None = None
+
+
+def read_mixture_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``mixture.json`` of a mixture folder (recorded paths resolved from it).
+
+    Raises one :class:`LorafuseError` naming the file and field for a missing file, bad JSON,
+    another format or version, wrong types, NaN/inf, ``top_k`` beyond the experts, an unknown
+    router kind.
+    """
+    return _read_meta(Path(path))[0]
+
+
+def _read_meta(folder: Path) -> tuple[dict[str, Any], _MixtureMeta]:
+    meta_path = folder / MIXTURE_JSON
+    raw = read_json_file(meta_path, LorafuseError, what="mixture description")
+    if not isinstance(raw, dict):
+        raise LorafuseError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise LorafuseError(
+            f"{folder}: not a lorafuse mixture of version {VERSION} "
+            f"(format {raw.get('format')!r}, version {raw.get('version')!r})"
+        )
+    meta = parse_model(_MixtureMeta, raw, str(meta_path), error=LorafuseError)
+    settings = meta.config
+    if settings.router not in ROUTINGS:
+        raise LorafuseError(f"{meta_path}: config.router is {settings.router!r}; one of {sorted(ROUTINGS)}")
+    if settings.top_k > settings.experts:
+        raise LorafuseError(
+            f"{meta_path}: config.top_k is {settings.top_k} but there are {settings.experts} experts"
+        )
+    described = dict(raw)
+    for key in ("base_model", "tokenizer"):
+        if isinstance(described.get(key), str):
+            described[key] = resolve_recorded_path(described[key], folder)
+    return described, meta
+
+
+def read_mixture(folder: Path) -> tuple[dict[str, Any], MixtureConfig, Tensor]:
+    """``mixture.json`` (validated), its :class:`MixtureConfig` and the router weight ``(L, n, H)``,
+    checked against the description and for NaN/inf before any module is built."""
+    meta, parsed = _read_meta(folder)
+    settings = parsed.config
+    config = MixtureConfig(**{**settings.model_dump(), "targets": tuple(settings.targets)})
+    weights_path = folder / "router.safetensors"
+    tensors = read_safetensors(weights_path, require_finite=True)
+    expected = (meta["num_layers"], config.experts, meta["hidden_size"])
+    got = tuple(tensors["weight"].shape) if "weight" in tensors else "missing"
+    if got != expected:
+        raise LorafuseError(f"{weights_path}: weight is {got}, expected {expected} from {MIXTURE_JSON}")
+    return meta, config, tensors["weight"]
