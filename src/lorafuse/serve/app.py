@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from lorafuse._checks import check_number
 from lorafuse._data import tokenize
-from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type, public_text
+from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
 from lorafuse.serve.metrics import ServerMetrics
@@ -94,8 +94,8 @@ def error_response(
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: object = None) -> dict:
-    """The OpenAI error object; the message is made safe to send (no lone surrogates, no paths)."""
-    safe = public_text(message)
+    """The OpenAI error object; the message is made safe to send as UTF-8 (no lone surrogates)."""
+    safe = message.encode("utf-8", "replace").decode("utf-8")
     return {"error": {"message": safe, "type": error_type(status), "param": param, "code": code}}
 
 
