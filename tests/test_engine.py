@@ -4,15 +4,18 @@ batch (KV caches of different lengths merged), and every answer equals batch-1 g
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from lorafuse import attach, detach, load_lora
+from lorafuse._checks import InvalidValueError
 from lorafuse.runtime.pool import AdapterPool
-from lorafuse.serve.compose import Composition, Part
-from lorafuse.serve.engine import Engine, Event, Request, SamplingParams
+from lorafuse.serve.compose import Composition, Part, RequestError
+from lorafuse.serve.engine import Engine, EngineMetrics, Event, QueueFull, Request, SamplingParams
 from lorafuse.tiny import random_peft_adapter, tiny_causal_lm, word_tokenizer
 
 
@@ -95,3 +98,112 @@ def test_cancelled_row_leaves_the_batch(tmp_path: Path) -> None:
         assert len(long.generated) < 200 and not any(e.kind == "done" for e in events)
     finally:
         engine.stop()
+
+
+class _Recorder(EngineMetrics):
+    """Keeps the last gauge values and every finish reason the engine reports."""
+
+    def __init__(self) -> None:
+        self.last_state: tuple[int, int, int] | None = None
+        self.reasons: list[str] = []
+        self.thread_count: int | None = None
+
+    def state(self, rows: int, distinct: int, queue: int) -> None:
+        self.last_state = (rows, distinct, queue)
+
+    def finished(self, request: Request, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def threads(self, count: int) -> None:
+        self.thread_count = count
+
+
+def _long(emit: Callable[[Event], None], n: int = 200) -> Request:
+    return Request([1, 5, 6], Composition("base"), SamplingParams(max_tokens=n, min_tokens=n), emit)
+
+
+def _until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``condition`` (every 10 ms) until it holds or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("max_batch", 0), ("max_queue", 0), ("max_loaded", -1), ("threads", 0)]
+)
+def test_engine_refuses_settings_that_cannot_serve(setting: str, value: int) -> None:
+    model = tiny_causal_lm("llama")
+    with pytest.raises(InvalidValueError, match=setting):
+        Engine(model, word_tokenizer(), AdapterPool(model), **{setting: value})
+
+
+def test_multi_prompt_admission_is_all_or_nothing() -> None:
+    model = tiny_causal_lm("llama")
+    engine = Engine(model, word_tokenizer(), AdapterPool(model), max_queue=3)  # not started: nothing leaves
+    engine.submit(_long(lambda e: None))
+    with pytest.raises(QueueFull):
+        engine.submit_all([_long(lambda e: None) for _ in range(3)])
+    assert engine.queue_length == 1  # none of the three was queued
+    engine.submit_all([_long(lambda e: None) for _ in range(2)])
+    assert engine.queue_length == 3
+
+
+def test_cancelled_waiting_requests_leave_the_queue_and_gauges_return_to_zero() -> None:
+    model = tiny_causal_lm("llama")
+    metrics = _Recorder()
+    engine = Engine(model, word_tokenizer(), AdapterPool(model), max_batch=1, metrics=metrics, threads=1)
+    started = threading.Event()
+    running = _long(lambda e: started.set(), n=250)
+    waiting = [_long(lambda e: None, n=250) for _ in range(3)]
+    engine.start()
+    try:
+        engine.submit(running)
+        assert started.wait(30)
+        engine.submit_all(waiting)
+        for request in waiting:
+            request.cancel()
+        assert _until(lambda: engine.queue_length == 0)  # dropped while the only row still runs
+        running.cancel()
+        assert _until(lambda: metrics.last_state == (0, 0, 0))
+    finally:
+        engine.stop()
+    assert sorted(metrics.reasons) == ["cancelled"] * 4
+    assert all(not r.generated for r in waiting) and len(running.generated) < 250
+    assert engine.threads_in_use == 1 and metrics.thread_count == 1
+
+
+def test_shutdown_refuses_waiting_and_cancels_running_after_the_grace() -> None:
+    model = tiny_causal_lm("llama")
+    metrics = _Recorder()
+    engine = Engine(model, word_tokenizer(), AdapterPool(model), max_batch=1, metrics=metrics).start()
+    events: dict[str, list[Event]] = {"running": [], "waiting": []}
+    running = _long(events["running"].append, n=250)
+    waiting = _long(events["waiting"].append, n=250)
+    engine.submit(running)
+    assert _until(lambda: bool(events["running"]))
+    engine.submit(waiting)
+    engine.stop(timeout=30, grace=0.0)
+    assert not engine.alive
+    assert [(e.kind, e.status) for e in events["waiting"]] == [("error", 503)]
+    assert (events["running"][-1].kind, events["running"][-1].status) == ("error", 503)
+    assert len(running.generated) < 250 and not engine.rows and engine.queue_length == 0
+    assert sorted(metrics.reasons) == ["shutdown", "shutdown"] and metrics.last_state == (0, 0, 0)
+    with pytest.raises(RequestError) as info:
+        engine.submit(_long(lambda e: None))
+    assert info.value.status == 503
+
+
+def test_shutdown_lets_running_rows_finish_within_the_grace() -> None:
+    model = tiny_causal_lm("llama")
+    engine = Engine(model, word_tokenizer(), AdapterPool(model), max_batch=1).start()
+    events: list[Event] = []
+    short = _long(events.append, n=5)
+    engine.submit(short)
+    assert _until(lambda: bool(events))
+    engine.stop(timeout=30, grace=600.0)  # returns when the row is done, not after the grace
+    assert not engine.alive
+    assert events[-1].kind == "done" and len(short.generated) == 5

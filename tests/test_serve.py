@@ -7,8 +7,11 @@ fusions, a compressed delta, the base) must equal the single-request path token 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafuse.serve import Limits, Server, ServeSettings
-from lorafuse.serve.compose import Composition
+from lorafuse.serve.compose import Composition, error_type
 from lorafuse.serve.engine import Engine, QueueFull, Request, SamplingParams
 from lorafuse.skillworld.serving import reference, serving_folder
 
@@ -58,7 +61,7 @@ def served(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 @pytest.fixture(scope="module")
 def server(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
     settings = ServeSettings(
-        base_name=BASE, api_key=KEY, max_batch=8, max_loaded=4, limits=Limits(max_tokens=64)
+        base_name=BASE, api_key=KEY, max_batch=8, max_loaded=4, limits=Limits(max_tokens=64), threads=1
     )
     srv = Server(_model(served["world"]), served["tokenizer"], served["folder"], settings)
     with srv.background() as url:
@@ -227,13 +230,63 @@ def _post(url: str, body: Any, *, raw: bytes | None = None, key: str = KEY) -> h
         ({"model": "dense", "prompt": "a"}, 400, "dense"),
         ({"model": "flow", "prompt": "a", "compose": {"flow": 1}}, 400, "base model"),
         ({"model": BASE, "prompt": "a", "compose": {"flow": 1}}, 400, "fusion"),
+        # raw bodies: what json.loads accepts but no handler should see
+        (b'{"model": "math", "prompt": "a \\ud800 b"}', 400, "prompt: not valid Unicode"),
+        (b'{"model": "math", "prompt": ["a", "\\udfff"]}', 400, "prompt.1: not valid Unicode"),
+        (b'{"model": "math", "prompt": "a", "stop": ["\\ud800"]}', 400, "stop.0: not valid Unicode"),
+        (b'{"model": "math", "prompt": "a", "user": ' + b"1" * 4400 + b"}", 400, "4300"),
+        (b'{"model": "math", "prompt": "a", "max_tokens": ' + b"9" * 4400 + b"}", 400, "4300"),
+        (b'{"model": "world", "prompt": "a", "compose": {"math": 1' + b"0" * 400 + b"}}", 400, "finite"),
+        (b'{"model": "math", "prompt": "a", "extra": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "nests deeper"),
+        (
+            b'{"model": "math", "prompt": "a", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+            "deeper",
+        ),
+        ({"model": "math", "prompt": "a", "seed": 2**64}, 400, "seed"),
+        ({"model": "math", "prompt": "a", "seed": -1}, 400, "seed"),
+        ({"model": "math", "prompt": "a", "seed": 2**64 - 1, "temperature": 1, "max_tokens": 2}, 200, ""),
+        ({"model": "math", "prompt": "a", "max_tokens": True}, 400, "max_tokens"),
+        ({"model": "math", "prompt": "a", "stream": "yes"}, 400, "stream"),
+        ({"model": "x" * 100_000, "prompt": "a"}, 404, "does not exist"),
     ],
 )
 def test_bad_input_gets_4xx_json(server: dict[str, Any], body: Any, status: int, words: str) -> None:
-    response = _post(server["url"], body, raw=b"{not json" if body is None else None)
+    raw = body if isinstance(body, bytes) else (b"{not json" if body is None else None)
+    response = _post(server["url"], body, raw=raw)
     assert response.status_code == status, response.text
+    if status == 200:
+        return
     error = response.json()["error"]
-    assert words in error["message"] and error["type"]
+    assert words in error["message"] and error["type"] == error_type(status)
+    assert len(error["message"]) < 1000  # never the client's whole input echoed back
+
+
+def test_chat_message_with_a_lone_surrogate_is_400(server: dict[str, Any]) -> None:
+    raw = b'{"model": "math", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(server["url"] + "/v1/chat/completions", content=raw, headers=headers)
+    assert response.status_code == 400
+    assert "messages.0.content: not valid Unicode" in response.json()["error"]["message"]
+
+
+def test_gauges_return_to_zero_when_idle(server: dict[str, Any]) -> None:
+    client = _client(server["url"])
+    _complete(client, {"model": "rand2", "prompt": server["prompts"][0], "max_tokens": 4, "min_tokens": 4})
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(server["url"] + "/metrics", headers=headers).text
+        names = ("lorafuse_running_rows", "lorafuse_waiting_requests", "lorafuse_batch_distinct_compositions")
+        return {
+            line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(names)
+        }
+
+    deadline = time.monotonic() + 10
+    while any(gauges().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gauges() == dict.fromkeys(gauges(), 0.0) and len(gauges()) == 3
+    assert "lorafuse_engine_threads 1.0" in httpx.get(server["url"] + "/metrics", headers=headers).text
 
 
 def test_auth_body_size_and_unknown_route(server: dict[str, Any]) -> None:
@@ -287,11 +340,8 @@ def test_queue_limit_is_429(served: dict[str, Any]) -> None:
 
 
 def test_cli_serve_starts_and_answers(served: dict[str, Any]) -> None:
-    import os
-    import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -334,4 +384,153 @@ def test_cli_serve_starts_and_answers(served: dict[str, Any]) -> None:
         assert httpx.get(url + "/v1/models").status_code == 401  # the key from the environment
     finally:
         process.terminate()
-        process.wait(30)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output  # SIGTERM is a graceful shutdown, not a kill
+    assert "intra-op thread(s) of" in output and "lorafuse serve: shut down" in output
+
+
+def test_multi_prompt_request_is_queued_whole_or_not_at_all(served: dict[str, Any]) -> None:
+    """Through the app on an engine that is not running: nothing leaves its queue."""
+    import asyncio
+
+    from lorafuse.runtime.pool import AdapterPool
+    from lorafuse.serve import Registry, Resolver, build_app
+
+    model = _model(served["world"])
+    engine = Engine(model, served["tokenizer"], AdapterPool(model), max_queue=3)
+    app = build_app(engine, Resolver(Registry(served["folder"]), BASE), api_key=KEY)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    prompts = served["prompts"]
+
+    async def call(method: str, route: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.request(method, route, json=body, headers=headers)
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return asyncio.run(call("POST", "/v1/completions", body))
+
+    engine.submit(Request([1, 5], Composition("base"), SamplingParams(), lambda e: None))
+    full = post({"model": "math", "prompt": prompts[:3]})
+    assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
+    assert engine.queue_length == 1  # none of the three prompts was left queued
+    engine.shutdown()  # from now on every route but /metrics answers 503
+    draining = [post({"model": "math", "prompt": "a"}), asyncio.run(call("GET", "/health"))]
+    for response in draining:
+        assert response.status_code == 503 and "shutting down" in response.json()["error"]["message"]
+    assert asyncio.run(call("GET", "/metrics")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["--max-batch", "0"], None, "--max-batch must be ≥ 1, got 0"),
+        (["--max-queue", "0"], None, "--max-queue must be ≥ 1"),
+        (["--max-loaded", "0"], None, "--max-loaded must be ≥ 1"),
+        (["--max-prompt-tokens", "0"], None, "--max-prompt-tokens must be ≥ 1"),
+        (["--max-tokens", "0"], None, "--max-tokens must be ≥ 1"),
+        (["--max-batch", "-3"], None, "--max-batch must be ≥ 1, got -3"),
+        (["--port", "99999"], None, "--port must be ≥ 1 and ≤ 65535, got 99999"),
+        (["--port", "-1"], None, "--port must be ≥ 1 and ≤ 65535, got -1"),
+        (["--port", "0"], None, "--port must be ≥ 1"),
+        (["--threads", "0"], None, "--threads must be ≥ 1"),
+        (["--shutdown-grace", "-1"], None, "--shutdown-grace must be ≥ 0"),
+        (["--shutdown-grace", "nan"], None, "--shutdown-grace must be a finite number"),
+        (["--log-level", "loud"], None, "--log-level must be one of"),
+        (["--api-key", ""], None, "--api-key is empty"),
+        (["--api-key", "  "], None, "--api-key is empty"),
+        ([], "", "$LORAFUSE_API_KEY is set but empty"),
+        (["--host", "no.such.host.invalid"], None, "--host"),
+        (["--port", "IN_USE"], None, "cannot listen there"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(
+    args: list[str],
+    env: str | None,
+    words: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.conftest import run_cli
+
+    if env is None:
+        monkeypatch.delenv("LORAFUSE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("LORAFUSE_API_KEY", env)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [str(busy.getsockname()[1]) if a == "IN_USE" else a for a in args]
+        code, out, err = run_cli(
+            ["serve", "--base", tmp_path / "no-base", "--adapters", tmp_path, *args], capsys
+        )
+    assert code == 2, (out, err)
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"max_batch": 0}, "max_batch must be ≥ 1"),
+        ({"max_queue": 0}, "max_queue must be ≥ 1"),
+        ({"max_loaded": 0}, "max_loaded must be ≥ 1"),
+        ({"max_batch": 2.5}, "max_batch must be a whole number"),
+        ({"api_key": ""}, "api_key is empty"),
+        ({"threads": 0}, "threads must be ≥ 1"),
+        ({"shutdown_grace": float("inf")}, "shutdown_grace must be a finite number"),
+        ({"table_ratio": float("nan")}, "table_ratio must be a finite number"),
+        ({"limits": "max_tokens=0"}, "Limits.max_tokens must be ≥ 1"),
+        ({"limits": "max_body_bytes=0"}, "Limits.max_body_bytes must be ≥ 1"),
+        ({"limits": "default_max_tokens=99"}, "Limits.default_max_tokens must be ≤ 64"),
+        ({"weights": "max_abs=0"}, "weights.max_abs must be > 0"),
+    ],
+)
+def test_serve_settings_are_checked_when_made(settings: dict[str, Any], words: str) -> None:
+    from lorafuse._checks import InvalidValueError
+    from lorafuse.serve import WeightLimits
+
+    def build() -> ServeSettings:
+        fields = dict(settings)
+        for key, cls in (("limits", Limits), ("weights", WeightLimits)):
+            if key in fields:
+                name, value = fields[key].split("=")
+                extra = {"max_tokens": 64} if name == "default_max_tokens" else {}
+                fields[key] = cls(**{name: int(value), **extra})
+        return ServeSettings(**fields)
+
+    with pytest.raises(InvalidValueError, match=words.replace("$", "\\$")):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("text", "folders", "expected"),
+    [
+        (
+            "/srv/adapters/math/adapter_model.safetensors: truncated",
+            {"/srv/adapters/math": "math"},
+            "math/adapter_model.safetensors: truncated",
+        ),
+        ("cannot open /home/me/secret/x.json (no such file)", {}, "cannot open x.json (no such file)"),
+        (
+            "rank 4/8 of q_proj, see https://example.org/a/b",
+            {},
+            "rank 4/8 of q_proj, see https://example.org/a/b",
+        ),
+        ("bad text \ud800 here", {}, "bad text ? here"),
+    ],
+)
+def test_public_text_hides_server_paths(text: str, folders: dict[str, str], expected: str) -> None:
+    from lorafuse.serve.compose import public_text
+
+    assert public_text(text, folders) == expected
+
+
+def test_engine_threads_default_to_the_available_cores_less_one() -> None:
+    from lorafuse.serve.engine import available_cores, default_threads
+
+    cores = available_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert default_threads() == max(1, cores - 1)
+    assert (
+        ServeSettings().engine_threads == default_threads() and ServeSettings(threads=3).engine_threads == 3
+    )

@@ -1,12 +1,59 @@
-"""``lorafuse serve``: an OpenAI-compatible server for every adapter under one folder."""
+"""``lorafuse serve``: an OpenAI-compatible server for every adapter under one folder.
+
+Every flag is checked before anything is loaded; a bad one is one ``error:`` line and exit 2.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from lorafuse._checks import InvalidValueError, check_number
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def api_key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key: ``--api-key`` or else ``$LORAFUSE_API_KEY``; ``None`` when neither is set.
+    An empty (or blank) key is refused rather than taken as "no key": it would serve every route
+    without authentication, usually because a variable was unset."""
+    if flag is not None:
+        if not flag.strip():
+            raise InvalidValueError(
+                "--api-key is empty (an unset variable?); the server would run without authentication. "
+                "Give a key, or leave out --api-key to serve without one"
+            )
+        return flag
+    env = environ.get("LORAFUSE_API_KEY")
+    if env is not None and not env.strip():
+        raise InvalidValueError(
+            "$LORAFUSE_API_KEY is set but empty; the server would run without authentication. "
+            "Set a key, or unset the variable to serve without one"
+        )
+    return env
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a host or port that cannot be listened on (unknown address, port in use) before
+    the model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidValueError(f"--host {host!r}: not an address to listen on ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidValueError(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})"
+            ) from None
 
 
 def serve(
@@ -42,6 +89,16 @@ def serve(
     allow_negative_weights: Annotated[
         bool, typer.Option(help="Allow negative weights in `compose` (task arithmetic).")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch intra-op threads of the engine (the only thread running the model). "
+            "Default: the cores this process may use, less one for the HTTP side."
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float, typer.Option(help="Seconds running requests get to finish on SIGTERM before cancelling.")
+    ] = 5.0,
     dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, or auto.")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -52,7 +109,27 @@ def serve(
     "stream": true), GET /v1/models, GET /health, GET /metrics (Prometheus). Name an adapter in
     "model", or set "model" to the base and "compose" to {"math": 0.7, "zh": 0.5} or a fusion name.
     Requests for different adapters are batched together, each row with its own adapter.
+    SIGTERM stops admitting, lets running requests finish (--shutdown-grace) and exits.
     """
+    for flag, value, low in (
+        ("--max-batch", max_batch, 1),
+        ("--max-queue", max_queue, 1),
+        ("--max-loaded", max_loaded, 1),
+        ("--max-prompt-tokens", max_prompt_tokens, 1),
+        ("--max-tokens", max_tokens, 1),
+    ):
+        check_number(value, flag, integer=True, low=low)
+    check_number(port, "--port", integer=True, low=1, high=65535)
+    if threads is not None:
+        check_number(threads, "--threads", integer=True, low=1, high=4096)
+    check_number(shutdown_grace, "--shutdown-grace", low=0, high=3600)
+    if log_level.lower() not in LOG_LEVELS:
+        raise InvalidValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    key = api_key_setting(api_key, os.environ)
+    if adapters is not None and not adapters.is_dir():
+        raise InvalidValueError(f"--adapters {adapters}: no such folder")
+    check_listen(host, port)
+
     import torch
 
     from lorafuse.cli_fuse import load_base
@@ -65,27 +142,35 @@ def serve(
         base, tokenizer = root / "base", tokenizer or root / "tokenizer"
         adapters = adapters or root / "loras"
     if adapters is None or not adapters.is_dir():
-        raise typer.BadParameter(f"--adapters {adapters}: no such folder")
+        raise InvalidValueError(f"--adapters {adapters}: no such folder")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_base(base, tokenizer, dtype, device)
     settings = ServeSettings(
         base_name=model_name or base.resolve().name,
-        api_key=api_key or os.environ.get("LORAFUSE_API_KEY") or None,
+        api_key=key,
         max_batch=max_batch,
         max_queue=max_queue,
         max_loaded=max_loaded,
-        limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens),
+        limits=Limits(
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens=max_tokens,
+            default_max_tokens=min(Limits.default_max_tokens, max_tokens),
+        ),
         weights=WeightLimits(allow_negative=allow_negative_weights),
+        threads=threads,
+        shutdown_grace=shutdown_grace,
     )
+    model, tok = load_base(base, tokenizer, dtype, device)
     server = Server(model, tok, adapters, settings)
     names = [e.name for e in server.registry.entries()]
     typer.echo(f"serving {settings.base_name!r} + {len(names)} adapters/fusions/deltas from {adapters}")
     typer.echo(f"  {', '.join(names[:12])}{' …' if len(names) > 12 else ''}")
+    typer.echo(f"  {server.startup_line}")
     typer.echo(
-        f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else "")
+        f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else ""),
     )
-    server.run(host=host, port=port, log_level=log_level)
+    server.run(host=host, port=port, log_level=log_level.lower())
+    typer.echo("lorafuse serve: shut down")
 
 
 def register(app: typer.Typer) -> None:

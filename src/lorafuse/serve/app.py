@@ -4,7 +4,21 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream wit
 true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus). With an API key set, every route but ``/health`` needs
 ``Authorization: Bearer <key>``. Errors are OpenAI-style JSON: ``{"error": {"message", "type",
-"param", "code"}}`` with a 4xx status for anything the client can fix.
+"param", "code"}}`` with a 4xx status for anything the client can fix, a JSON 500 for anything
+else (never a traceback or a path of the server's filesystem).
+
+What a client cannot do to the server:
+
+- send a body past ``Limits.max_body_bytes``: the body is read as it streams (with a
+  ``Content-Length`` or chunked) and refused with 413 at the limit; the rest is never read;
+- keep rows running after it left: a non-streaming request watches its connection (the ASGI
+  ``http.disconnect`` event) while the engine works and cancels its rows when the client goes
+  away; streaming requests stop when a send fails or the client disconnects;
+- half-queue a multi-prompt request: its prompts are queued all together or not at all (429);
+- crash a handler with odd JSON: lone surrogates, integers past Python's 4,300-digit limit,
+  ``NaN`` / ``Infinity`` literals, nesting deeper than ``MAX_JSON_DEPTH`` are all 400s.
+
+While the engine shuts down every route answers 503.
 """
 
 from __future__ import annotations
@@ -12,28 +26,42 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from lorafuse._checks import check_number
 from lorafuse._data import tokenize
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
-from lorafuse.serve.engine import Engine, Event, SamplingParams
+from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
 from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.schemas import ChatRequest, CompletionRequest, _Common
 
+log = logging.getLogger("lorafuse.serve")
+
+MAX_JSON_DEPTH = 32  # request bodies nest a few levels (messages → content → parts)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits; breaking one is a 400 (413 for the body)."""
+    """Per-request limits; breaking one is a 400 (413 for the body). Every limit is ≥ 1."""
 
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
@@ -41,15 +69,182 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompts: int = 32
 
+    def __post_init__(self) -> None:
+        for name in (
+            "max_prompt_tokens",
+            "max_tokens",
+            "default_max_tokens",
+            "max_body_bytes",
+            "max_prompts",
+        ):
+            check_number(getattr(self, name), f"Limits.{name}", integer=True, low=1)
+        if self.default_max_tokens > self.max_tokens:
+            check_number(
+                self.default_max_tokens, "Limits.default_max_tokens", integer=True, high=self.max_tokens
+            )
+
 
 def error_response(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param=param, code=code), status_code=status)
+    headers = {"Connection": "close"} if status == 413 else None  # the rest of the body is not read
+    return JSONResponse(
+        error_body(status, message, param=param, code=code), status_code=status, headers=headers
+    )
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: object = None) -> dict:
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+    """The OpenAI error object; the message is made safe to send as UTF-8 (no lone surrogates)."""
+    safe = message.encode("utf-8", "replace").decode("utf-8")
+    return {"error": {"message": safe, "type": error_type(status), "param": param, "code": code}}
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, a declared ``Content-Length`` over the
+    limit (413 before anything is read), 503 while shutting down, request counts by route and
+    status (unknown paths counted as ``other``)."""
+
+    def __init__(
+        self, app: ASGIApp, *, engine: Engine, limits: Limits, api_key: str | None, metrics: ServerMetrics
+    ) -> None:
+        self.app = app
+        self.engine = engine
+        self.limits = limits
+        self.api_key = api_key
+        self.metrics = metrics
+
+    def refusal(self, scope: Scope) -> JSONResponse | None:
+        route = scope["path"]
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.engine.draining and route != "/metrics":
+            return error_response(503, SHUTTING_DOWN)
+        if self.api_key and route != "/health":
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode()):
+                return error_response(
+                    401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+                )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            return error_response(413, f"request body is larger than {self.limits.max_body_bytes} bytes")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        refusal = self.refusal(scope)
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of one generation; the generation is cancelled however the response
+    ends (finished, the client gone, even before the first event was sent)."""
+
+    def __init__(self, content: AsyncIterator[str], generation: GenerationRequest) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()  # no-op once finished
+
+
+def check_json(value: object) -> None:
+    """Refuse (400) what ``json.loads`` lets through but no handler should see: strings with lone
+    surrogates (not Unicode text, the tokenizer cannot take them) and nesting past
+    ``MAX_JSON_DEPTH``. Walks without recursion; names the field."""
+    pending: list[tuple[object, str, int]] = [(value, "", 0)]
+    while pending:
+        item, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                field = where or "body"
+                raise RequestError(
+                    400,
+                    f"{field}: not valid Unicode text: a lone surrogate (\\u{ord(item[exc.start]):04x}) "
+                    f"at character {exc.start}",
+                    param=where or None,
+                ) from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                path = f"{where}.{key}" if where else str(key)
+                pending.append((key, where or "body", depth + 1))
+                pending.append((child, path, depth + 1))
+        elif isinstance(item, list):
+            pending.extend(
+                (child, f"{where}.{i}" if where else str(i), depth + 1) for i, child in enumerate(item)
+            )
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has gone (the body must have been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect_or_leave(
+    receive: Receive, started: list[tuple[GenerationRequest, asyncio.Queue[Event]]]
+) -> list[Event] | None:
+    """The final events of ``started`` requests, or ``None`` if the client disconnected first.
+    Either way no row runs on: the first failure, a disconnect or a cancellation cancels them all."""
+    tasks = [asyncio.ensure_future(collect(r, q)) for r, q in started]
+    gone = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while pending:
+            done, _ = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                return None
+            for task in done:
+                pending.discard(task)
+                task.result()  # raises the request's error
+        return [t.result() for t in tasks]
+    finally:
+        gone.cancel()
+        for task in tasks:
+            task.cancel()
+        for request, _ in started:
+            request.cancel()  # no-op for finished rows
+
+
+async def collect(request: GenerationRequest, queue: asyncio.Queue[Event]) -> Event:
+    """Wait for one request's final event; its text is the concatenated text events."""
+    parts: list[str] = []
+    while True:
+        event = await queue.get()
+        if event.kind == "text":
+            parts.append(event.text)
+        elif event.kind == "error":
+            raise RequestError(event.status, event.text)
+        else:
+            event.text = "".join(parts)
+            return event
 
 
 def build_app(
@@ -68,26 +263,7 @@ def build_app(
     app = FastAPI(title="lorafuse", description="Many LoRA adapters and compositions on one base model")
     app.state.engine = engine
     app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        route = request.url.path
-        if api_key and route != "/health":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                metrics.requests.labels(route, "401").inc()
-                return error_response(
-                    401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key"
-                )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            metrics.requests.labels(route, "413").inc()
-            return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes")
-        response = await call_next(request)
-        if route in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"):
-            metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, engine=engine, limits=limits, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -96,6 +272,15 @@ def build_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; counted as 499 (client closed request)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error in a request handler", exc_info=exc)
+        return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
 
     @app.get("/health")
     async def health() -> dict[str, object]:
@@ -136,15 +321,24 @@ def build_app(
         return {"object": "list", "data": data}
 
     async def read_body(request: Request, schema: type[_Common]) -> _Common:
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise RequestError(413, f"request body is larger than {limits.max_body_bytes} bytes")
+        """The body, read as it arrives and refused (413) as soon as it passes the limit."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestError(413, f"request body is larger than {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw = json.loads(body, parse_constant=_no_constant)
+        except RecursionError:
+            raise RequestError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            # ValueError: an integer past Python's digit limit, NaN / Infinity literals
             raise RequestError(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise RequestError(400, "the body must be a JSON object")
+        check_json(raw)
         try:
             return schema.model_validate(raw)
         except ValidationError as exc:
@@ -181,31 +375,19 @@ def build_app(
         return await run_in_threadpool(resolver.resolve, body.model, body.compose)
 
     def start(
-        ids: list[int], composition: Composition, params: SamplingParams
-    ) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
+        jobs: list[tuple[list[int], SamplingParams]], composition: Composition
+    ) -> list[tuple[GenerationRequest, asyncio.Queue[Event]]]:
+        """Queue one generation per ``(ids, params)``, all or none (429 leaves nothing queued)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        request = GenerationRequest(
-            ids, composition, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        )
-        engine.submit(request)
-        return request, queue
-
-    async def collect(request: GenerationRequest, queue: asyncio.Queue[Event]) -> Event:
-        parts: list[str] = []
-        try:
-            while True:
-                event = await queue.get()
-                if event.kind == "text":
-                    parts.append(event.text)
-                elif event.kind == "error":
-                    raise RequestError(event.status, event.text)
-                else:
-                    event.text = "".join(parts)
-                    return event
-        except asyncio.CancelledError:
-            request.cancel()
-            raise
+        started = []
+        for ids, params in jobs:
+            queue: asyncio.Queue[Event] = asyncio.Queue()
+            request = GenerationRequest(
+                ids, composition, params, lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev)
+            )
+            started.append((request, queue))
+        engine.submit_all([r for r, _ in started])
+        return started
 
     async def stream(
         request: GenerationRequest,
@@ -262,7 +444,7 @@ def build_app(
         params = [sampling(body, len(ids), body.max_tokens) for ids in encoded]
         rid, created, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
         if body.stream:
-            request, queue = start(encoded[0], composition, params[0])
+            ((request, queue),) = start([(encoded[0], params[0])], composition)
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict | None:
                 if opening:
@@ -270,9 +452,12 @@ def build_app(
                 ends = [done] if done else []
                 return envelope(kind, rid, created, body.model, [choice(0, done, text=text or "")], ends)
 
-            return StreamingResponse(stream(request, queue, chunk), media_type="text/event-stream")
-        started = [start(ids, composition, p) for ids, p in zip(encoded, params, strict=True)]
-        events = list(await asyncio.gather(*(collect(r, q) for r, q in started)))
+            return EventStream(stream(request, queue, chunk), request)
+        events = await collect_or_leave(
+            http.receive, start(list(zip(encoded, params, strict=True)), composition)
+        )
+        if events is None:
+            return Response(status_code=499)  # the client left; its rows were cancelled
         choices = [choice(i, e, text=e.text) for i, e in enumerate(events)]
         return JSONResponse(envelope(kind, rid, created, body.model, choices, events))
 
@@ -285,7 +470,7 @@ def build_app(
         params = sampling(body, len(ids), body.token_limit)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            request, queue = start(ids, composition, params)
+            ((request, queue),) = start([(ids, params)], composition)
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict:
                 delta = (
@@ -296,8 +481,11 @@ def build_app(
                     "chat.completion.chunk", rid, created, body.model, [choice(0, done, delta=delta)], ends
                 )
 
-            return StreamingResponse(stream(request, queue, chunk), media_type="text/event-stream")
-        event = await collect(*start(ids, composition, params))
+            return EventStream(stream(request, queue, chunk), request)
+        events = await collect_or_leave(http.receive, start([(ids, params)], composition))
+        if events is None:
+            return Response(status_code=499)  # the client left; its rows were cancelled
+        (event,) = events
         message = {"role": "assistant", "content": event.text}
         return JSONResponse(
             envelope(

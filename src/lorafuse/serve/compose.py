@@ -7,12 +7,16 @@
   weights per module, or LoRA-Flow gates per token and layer;
 - ``model=<base>`` alone → the base model.
 
-Errors are :class:`RequestError` (HTTP status, OpenAI error type, message).
+Errors are :class:`RequestError` (HTTP status, OpenAI error type, message). A served folder that
+cannot be read (a corrupt adapter, fusion or delta) is a 400 naming it by its served name; no
+message shows a path of the server's filesystem (:func:`public_text`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +27,35 @@ from lorafuse.compress import load_compressed
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.fusion import Fusion, adapter_hashes, load_fusion
 from lorafuse.serve.registry import Entry, Registry
+
+log = logging.getLogger("lorafuse.serve")
+
+# An absolute POSIX path: "/" not preceded by a word character, ".", ":" or "/" (so "4/8", "a/b"
+# and URLs stay), then path characters.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()\[\]{}<>]*")
+MAX_SHOWN = 120  # characters of a client-given name shown back in a message
+
+
+def public_text(text: str, folders: Mapping[str | Path, str] | None = None) -> str:
+    """``text`` without absolute paths of the server's filesystem: each of ``folders`` (a path →
+    the name clients know it by) is replaced by its name, any other absolute path by its last
+    component; lone surrogates become ``?`` so the text can always be sent as UTF-8 JSON."""
+    for folder, name in sorted((folders or {}).items(), key=lambda kv: -len(str(kv[0]))):
+        text = text.replace(str(folder), name)
+
+    def last(match: re.Match[str]) -> str:
+        parts = [p for p in match.group(0).rstrip(".").split("/") if p]
+        tail = match.group(0)[len(match.group(0).rstrip(".")) :]
+        return (parts[-1] if parts else "/") + tail
+
+    text = _ABSOLUTE_PATH.sub(last, text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def shown(name: object) -> str:
+    """A client-given value for a message: at most ``MAX_SHOWN`` characters."""
+    text = name if isinstance(name, str) else repr(name)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 1] + "…"
 
 
 class RequestError(Exception):
@@ -118,7 +151,7 @@ class Resolver:
         if entry is None:
             raise RequestError(
                 404,
-                f"The model `{name}` does not exist: it is neither the base model nor a folder under "
+                f"The model `{shown(name)}` does not exist: it is neither the base model nor a folder under "
                 "the adapters folder (GET /v1/models lists what is served)",
                 param=param,
                 code="model_not_found",
@@ -133,22 +166,46 @@ class Resolver:
 
     def _part(self, entry: Entry, weight: float) -> Part:
         if entry.kind == "adapter":
-            path = entry.path
-            return Part(entry.key, lambda: load_lora(path, name=entry.name), weight)
+            load = self._loader(
+                "adapter", entry.name, entry.path, lambda: load_lora(entry.path, name=entry.name)
+            )
+            return Part(entry.key, load, weight)
         if entry.kind == "compressed":
-
-            def load() -> LoRA:
-                try:
-                    return load_compressed(entry.path).to_lora(entry.name)
-                except LorafuseError as exc:
-                    raise RequestError(
-                        400, f"compressed delta `{entry.name}` cannot be served: {exc}"
-                    ) from None
-
+            load = self._loader(
+                "compressed delta",
+                entry.name,
+                entry.path,
+                lambda: load_compressed(entry.path).to_lora(entry.name),
+            )
             return Part(entry.key, load, weight)
         raise RequestError(
             400, f"`{entry.name}` is a fusion; name it alone in `model` or `compose`, not as a weight"
         )
+
+    def _loader(self, what: str, name: str, folder: Path, load: Callable[[], LoRA]) -> Callable[[], LoRA]:
+        """``load`` (run in the engine thread) with every failure a 400 naming ``what`` by its
+        served ``name``, after checking again that no file of a served folder links outside the
+        adapters folder."""
+
+        def guarded() -> LoRA:
+            try:
+                if folder.is_relative_to(self.registry.root):
+                    self.registry.check_contained(folder)
+                return load()
+            except RequestError:
+                raise
+            except Exception as exc:  # a corrupt folder must not answer 500 nor show paths
+                if not isinstance(exc, (LorafuseError, OSError)):
+                    log.warning("%s %s failed to load", what, name, exc_info=True)
+                raise RequestError(
+                    400, f"{what} `{name}` cannot be served: {self._public(exc, folder, name)}"
+                ) from None
+
+        return guarded
+
+    def _public(self, exc: BaseException, folder: Path, name: str) -> str:
+        text = str(exc) or type(exc).__name__
+        return public_text(text, {folder: name, self.registry.root: "<adapters>"})
 
     def _weighted(self, compose: Mapping[object, object]) -> Composition:
         if not compose:
@@ -167,24 +224,29 @@ class Resolver:
                 raise RequestError(400, "`compose` keys must be adapter names", param="compose")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise RequestError(
-                    400, f"weight of `{name}` must be a number, got {weight!r}", param="compose"
+                    400, f"weight of `{shown(name)}` must be a number, got {shown(weight)}", param="compose"
                 )
-            w = float(weight)
+            try:
+                w = float(weight)
+            except OverflowError:  # an integer too large for a float (10**400)
+                w = math.inf
             if not math.isfinite(w):
                 raise RequestError(
-                    400, f"weight of `{name}` is {weight}; weights must be finite", param="compose"
+                    400,
+                    f"weight of `{shown(name)}` is {shown(weight)}; weights must be finite",
+                    param="compose",
                 )
             if w < 0 and not self.limits.allow_negative:
                 raise RequestError(
                     400,
-                    f"weight of `{name}` is negative ({w}); start the server with --allow-negative-weights "
-                    "to subtract adapters (task arithmetic)",
+                    f"weight of `{shown(name)}` is negative ({w}); start the server with "
+                    "--allow-negative-weights to subtract adapters (task arithmetic)",
                     param="compose",
                 )
             if abs(w) > self.limits.max_abs:
                 raise RequestError(
                     400,
-                    f"weight of `{name}` is {w}; |weight| must be ≤ {self.limits.max_abs}",
+                    f"weight of `{shown(name)}` is {w}; |weight| must be ≤ {self.limits.max_abs}",
                     param="compose",
                 )
             parts.append(self._part(self._entry(name, "compose"), w))
@@ -192,15 +254,26 @@ class Resolver:
         return Composition(label=label, parts=tuple(p for p in parts if p.weight != 0.0))
 
     def _fusion(self, entry: Entry) -> Composition:
+        """The fusion's composition (a corrupt fusion folder is a 400 naming the fusion)."""
+        try:
+            return self._fusion_composition(entry)
+        except RequestError:
+            raise
+        except Exception as exc:  # a corrupt folder must not answer 500 nor show paths
+            if not isinstance(exc, (LorafuseError, OSError)):
+                log.warning("fusion %s failed to load", entry.name, exc_info=True)
+            raise RequestError(
+                400, f"fusion `{entry.name}` cannot be read: {self._public(exc, entry.path, entry.name)}"
+            ) from None
+
+    def _fusion_composition(self, entry: Entry) -> Composition:
         """The fusion's composition, cached by its key and the keys of the served adapters it was
         resolved against (hashing the LoRA files happens once, not per request)."""
         with self._lock:
             fusion = self._fusions.get(entry.key)
         if fusion is None:
-            try:
-                fusion = load_fusion(entry.path)
-            except (LorafuseError, OSError, ValueError) as exc:
-                raise RequestError(400, f"fusion `{entry.name}` cannot be read: {exc}") from None
+            self.registry.check_contained(entry.path)
+            fusion = load_fusion(entry.path)
             with self._lock:
                 self._fusions[entry.key] = fusion
         served = tuple((e.key if (e := self.registry.get(n)) else "") for n in fusion.lora_names)
@@ -214,9 +287,10 @@ class Resolver:
         for name, weight in zip(fusion.lora_names, weights, strict=True):
             folder = self._fusion_lora(entry.name, fusion, name)
             key = f"adapter:{folder}:" + ",".join(sorted(fusion.lora_hashes.get(name, {}).values()))
-            parts.append(
-                Part(key, lambda folder=folder, name=name: load_lora(folder, name=name), float(weight))
+            load = self._loader(
+                f"LoRA `{name}` of fusion", entry.name, folder, lambda f=folder, n=name: load_lora(f, name=n)
             )
+            parts.append(Part(key, load, float(weight)))
         composition = Composition(
             label=entry.name,
             parts=tuple(parts),

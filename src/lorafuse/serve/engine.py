@@ -8,28 +8,37 @@ one token for every running row, each with its own adapter, weighted combination
 streams new text to each request and drops finished rows from the batch and the cache.
 
 A request that fails while being prepared (an adapter that does not load) or in its prefill
-fails alone; the batch goes on.
+fails alone; the batch goes on. A cancelled request (its client went away) leaves the waiting
+queue or the batch at the next step. :meth:`Engine.shutdown` stops admitting, refuses what is
+still waiting, lets running rows finish for a grace period and cancels the rest.
+
+Torch's intra-op threads are set once, in the engine thread, which is the only thread that runs
+torch operations while serving (``threads``; see :func:`default_threads`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from lorafuse._checks import check_number
 from lorafuse._data import decode
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.flow import decoder_layers
 from lorafuse.runtime.pool import AdapterPool, Allocation, BatchPlan
-from lorafuse.serve.compose import Composition, RequestError
+from lorafuse.serve.compose import Composition, RequestError, public_text
 from lorafuse.serve.dynamic import FusionRows
 
 log = logging.getLogger("lorafuse.serve")
@@ -87,12 +96,49 @@ class QueueFull(RequestError):
         super().__init__(429, f"the server has {limit} requests waiting (its limit); retry later")
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (``cpu.max``, as set by ``docker --cpus``) when there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_threads() -> int:
+    """Intra-op threads of the engine by default: the available cores less one, left to the HTTP
+    side (event loop, tokenizer, JSON), and at least one. More threads than cores oversubscribe
+    them and collapse throughput on small models (spinning OpenMP workers starve the HTTP side)."""
+    return max(1, available_cores() - 1)
+
+
 class EngineMetrics:
     """Hooks the engine calls; the server's Prometheus metrics subclass this (no-ops here)."""
 
-    def batch(self, rows: int, distinct: int, queue: int) -> None: ...
-    def finished(self, request: Request, reason: str) -> None: ...
-    def adapters(self, loaded: int, loads: int, evictions: int) -> None: ...
+    def batch(self, rows: int, distinct: int, queue: int) -> None:
+        """One batched decoding step of ``rows`` rows."""
+
+    def state(self, rows: int, distinct: int, queue: int) -> None:
+        """The current batch and queue, after every step and when the engine goes idle."""
+
+    def finished(self, request: Request, reason: str) -> None:
+        """A request left (``stop``, ``length``, ``cancelled``, ``error``, ``shutdown``)."""
+
+    def adapters(self, loaded: int, loads: int, evictions: int) -> None:
+        """The adapter pool after an admission."""
+
+    def threads(self, count: int) -> None:
+        """The intra-op threads the engine thread runs with."""
 
 
 class Engine:
@@ -109,13 +155,18 @@ class Engine:
         max_loaded: int = 64,
         max_length: int | None = None,
         metrics: EngineMetrics | None = None,
+        threads: int | None = None,
     ) -> None:
+        """``threads``: torch intra-op threads set in the engine thread (``None``: leave torch's
+        setting alone). ``max_batch``, ``max_queue`` and ``max_loaded`` must be at least 1."""
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.max_loaded = max_loaded
+        self.max_batch = int(check_number(max_batch, "max_batch", integer=True, low=1))
+        self.max_queue = int(check_number(max_queue, "max_queue", integer=True, low=1))
+        self.max_loaded = int(check_number(max_loaded, "max_loaded", integer=True, low=1))
+        self.threads = None if threads is None else int(check_number(threads, "threads", integer=True, low=1))
+        self.threads_in_use: int | None = None  # what torch reports inside the engine thread
         config = getattr(model, "config", None)
         self.max_length = max_length or int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.metrics = metrics or EngineMetrics()
@@ -127,6 +178,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._deadline = 0.0  # when stopping: running rows are cancelled after this time
         # the running batch
         self.rows: list[Request] = []
         self._cache: DynamicCache | None = None
@@ -143,22 +195,48 @@ class Engine:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop admitting (``submit`` answers 503), refuse waiting requests with a 503 error event
+        now, let running rows finish for up to ``grace`` seconds and then cancel them with a 503
+        error event; the engine thread then ends. Returns at once (see :meth:`stop`)."""
+        grace = float(check_number(grace, "grace", low=0))
         with self._cond:
+            deadline = time.monotonic() + grace
+            self._deadline = min(self._deadline, deadline) if self._stopping else deadline
             self._stopping = True
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 10.0, grace: float = 0.0) -> None:
+        """:meth:`shutdown` with ``grace``, then wait up to ``grace + timeout`` s for the thread."""
+        self.shutdown(grace)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(grace + timeout)
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`shutdown` was called (new requests are refused)."""
+        return self._stopping
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; raises :class:`QueueFull` past ``max_queue`` waiting requests."""
+        self.submit_all([request])
+
+    def submit_all(self, requests: Sequence[Request]) -> None:
+        """Queue all of ``requests`` or none: raises :class:`QueueFull` (nothing queued) when they
+        do not all fit under ``max_queue``, or a 503 :class:`RequestError` while shutting down."""
         with self._cond:
             if self._stopping:
-                raise RequestError(503, "the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+                raise RequestError(503, SHUTTING_DOWN)
+            if len(requests) > self.max_queue:
+                raise RequestError(
+                    400,
+                    f"{len(requests)} prompts in one request; this server queues at most {self.max_queue}",
+                )
+            if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(self.max_queue)
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._cond.notify()
+        self._report()
 
     @property
     def alive(self) -> bool:
@@ -169,17 +247,37 @@ class Engine:
     def queue_length(self) -> int:
         return len(self._waiting)
 
+    def _report(self) -> None:
+        rows = list(self.rows)
+        self.metrics.state(len(rows), len({r.composition.label for r in rows}), len(self._waiting))
+
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's OpenMP team; the only torch user
+        self.threads_in_use = torch.get_num_threads()
+        self.metrics.threads(self.threads_in_use)
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self.rows:
                     self._cond.wait()
+                dropped = [r for r in self._waiting if r.cancelled]
+                if dropped:  # their clients went away while they waited
+                    self._waiting = deque(r for r in self._waiting if not r.cancelled)
                 if self._stopping:
-                    break
-                room = self.max_batch - len(self.rows)
-                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    refused, admitted = list(self._waiting), []
+                    self._waiting.clear()
+                else:
+                    refused = []
+                    room = self.max_batch - len(self.rows)
+                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for request in dropped:
+                self.metrics.finished(request, "cancelled")
+            for request in refused:
+                self._refuse(request)
+            if self._stopping and (not self.rows or time.monotonic() >= self._deadline):
+                break
             try:
                 if admitted:
                     self._admit(admitted)
@@ -188,8 +286,19 @@ class Engine:
             except Exception as exc:  # never let the engine thread die
                 log.exception("engine step failed")
                 self._fail_all(exc)
-        for request in [*self.rows, *self._waiting]:
-            request.emit(Event("error", text="the server is shutting down", status=503))
+            self._report()
+        rows, self.rows = self.rows, []
+        for request in rows:
+            self._refuse(request)
+        self._select([])
+        self._report()
+
+    def _refuse(self, request: Request) -> None:
+        """End ``request`` because the server is shutting down (a 503 error event)."""
+        self._release(request)
+        self.metrics.finished(request, "shutdown")
+        if not request.cancelled:
+            request.emit(Event("error", text=SHUTTING_DOWN, status=503))
 
     def _admit(self, requests: list[Request]) -> None:
         ready = []
@@ -226,7 +335,8 @@ class Engine:
                 try:
                     self.pool.add(part.key, lora)
                 except LorafuseError as exc:
-                    raise RequestError(400, f"`{request.composition.label}`: {exc}") from None
+                    message = public_text(str(exc))
+                    raise RequestError(400, f"`{request.composition.label}`: {message}") from None
             allocation = self.pool.touch(part.key)
             allocation.refs += 1
             request.allocations.append(allocation)
@@ -432,8 +542,9 @@ class Engine:
         if isinstance(exc, RequestError):
             request.emit(Event("error", text=exc.message, status=exc.status))
         else:
-            log.warning("request %s failed: %s", request.id, exc)
-            request.emit(Event("error", text=f"{type(exc).__name__}: {exc}", status=500))
+            log.warning("request %s failed: %s: %s", request.id, type(exc).__name__, exc)
+            text = f"internal error while generating ({type(exc).__name__}: {public_text(str(exc))})"
+            request.emit(Event("error", text=text, status=500))
         self.metrics.finished(request, "error")
 
     def _fail_all(self, exc: Exception) -> None:

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the server (``GET /metrics``), one registry per app."""
+"""Prometheus metrics of the server (``GET /metrics``), one registry per app.
+
+Gauges (running rows, distinct compositions, waiting requests) follow the engine after every
+step and drop back to 0 when it goes idle.
+"""
 
 from __future__ import annotations
 
@@ -40,12 +44,19 @@ class ServerMetrics(EngineMetrics):
         self.loads = Gauge("lorafuse_adapter_loads", "Adapter loads since start", registry=r)
         self.evictions = Gauge("lorafuse_adapter_evictions", "Adapter evictions since start", registry=r)
         self.steps = Counter("lorafuse_decode_steps", "Batched decoding steps", registry=r)
+        self.threads_gauge = Gauge("lorafuse_engine_threads", "Intra-op threads of the engine", registry=r)
 
     def batch(self, rows: int, distinct: int, queue: int) -> None:
+        self.state(rows, distinct, queue)
+        self.steps.inc()
+
+    def state(self, rows: int, distinct: int, queue: int) -> None:
         self.running.set(rows)
         self.distinct.set(distinct)
         self.waiting.set(queue)
-        self.steps.inc()
+
+    def threads(self, count: int) -> None:
+        self.threads_gauge.set(count)
 
     def finished(self, request: Request, reason: str) -> None:
         now = time.monotonic()

@@ -9,19 +9,27 @@ Each direct sub-folder of the adapters folder whose name is a valid model name i
 
 Names from requests are only ever looked up in this registry, never joined into paths, so no
 request can reach a file outside the folder. Sub-folders that are links resolving outside the
-folder are skipped. The folder is scanned again when a name is not found, so adding a folder
-makes it servable without a restart; a changed adapter (new file time or size) gets a new key
+folder are skipped, and so are sub-folders holding a linked file (or folder) that resolves
+outside the adapters folder; loading checks this again (:meth:`Registry.check_contained`).
+The folder is scanned again when a name is not found, so adding a folder makes it servable
+without a restart; a changed adapter (new file time or size) gets a new key
 and is loaded again (noticed within ``rescan_interval`` seconds).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from lorafuse.errors import LorafuseError
+
+log = logging.getLogger("lorafuse.serve")
 
 Kind = Literal["adapter", "fusion", "compressed"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,6 +69,34 @@ def fingerprint(folder: Path) -> str:
     return "|".join(parts)
 
 
+class OutsideLinkError(LorafuseError, PermissionError):
+    """A served folder holds a link that resolves outside the adapters folder."""
+
+
+def outside_link(folder: Path, root: Path) -> str | None:
+    """The first link under ``folder`` (walked without following links) that resolves outside
+    ``root``, as a path relative to ``folder``; ``None`` when there is none."""
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            children = list(os.scandir(current))
+        except OSError:
+            continue
+        for child in children:
+            path = Path(child.path)
+            if child.is_symlink():
+                try:
+                    target = path.resolve(strict=False)
+                except (OSError, RuntimeError):  # a loop of links
+                    return str(path.relative_to(folder))
+                if not target.is_relative_to(root):
+                    return str(path.relative_to(folder))
+            elif child.is_dir(follow_symlinks=False):
+                pending.append(path)
+    return None
+
+
 class Registry:
     """Adapters, fusions and compressed deltas under ``root``, by name."""
 
@@ -72,6 +108,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._scanned = 0.0
+        self._refused: set[str] = set()  # folders skipped for links out (warned once)
         self.scan()
 
     def scan(self) -> dict[str, Entry]:
@@ -83,6 +120,12 @@ class Registry:
             resolved = folder.resolve()
             if not resolved.is_relative_to(self.root):
                 continue  # a link out of the adapters folder
+            link = outside_link(resolved, self.root)
+            if link is not None:
+                if folder.name not in self._refused:
+                    log.warning("not serving %s: %s links outside the adapters folder", folder.name, link)
+                self._refused.add(folder.name)
+                continue
             for marker, kind in MARKERS:
                 if (resolved / marker).is_file():
                     key = f"{kind}:{resolved}:{fingerprint(resolved)}"
@@ -93,6 +136,13 @@ class Registry:
             self._entries = found
             self._scanned = time.monotonic()
         return found
+
+    def check_contained(self, folder: Path) -> None:
+        """Raise :class:`OutsideLinkError` when a file under ``folder`` links outside the adapters
+        folder (checked again right before loading: files may change after a scan)."""
+        link = outside_link(folder, self.root)
+        if link is not None:
+            raise OutsideLinkError(f"{link} is a link that points outside the adapters folder")
 
     def entries(self) -> list[Entry]:
         with self._lock:

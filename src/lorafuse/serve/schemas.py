@@ -3,31 +3,37 @@
 Fields the server does not implement are refused when set to a non-default value (``n > 1``,
 ``logprobs``, penalties, ``best_of``), never silently ignored. Unknown fields are ignored, as the
 OpenAI API does. ``compose`` is lorafuse's extension: ``{adapter: weight}`` or a fusion's name.
+Numbers are strict: integers are integers (``4.5`` and ``true`` are refused), floats are finite,
+``seed`` fits 64 bits unsigned (``0 … 2**64-1``, what torch's generator takes).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+from lorafuse._checks import NonNegativeInt, PositiveInt
+
+MAX_SEED = 2**64 - 1
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInt | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = 1
-    stream: bool = False
+    n: StrictInt = 1
+    stream: StrictBool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
-    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-sequence before this many
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    min_tokens: NonNegativeInt = 0  # vLLM's extension: no end-of-sequence before this many
     compose: dict[str, Any] | str | None = None
     logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
 
     @field_validator("n")
     @classmethod
@@ -59,8 +65,8 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    echo: bool = False
-    best_of: int | None = None
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -96,7 +102,7 @@ class Message(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
 
     @property
     def token_limit(self) -> int | None:

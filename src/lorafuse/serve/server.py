@@ -5,26 +5,34 @@ server.run(host="127.0.0.1", port=8000)           # blocking, like `lorafuse ser
 
 with server.background(port=0) as url:            # tests and notebooks: a real server on
     openai.OpenAI(base_url=url + "/v1", ...)       # loopback in a thread, stopped on exit
+
+Settings are checked when :class:`ServeSettings` is made (``max_batch ≥ 1``, a non-empty API key
+when one is given, ...), so a server that cannot work never starts. On SIGTERM or SIGINT the
+server stops admitting (503), refuses waiting requests, gives running rows ``shutdown_grace``
+seconds to finish, cancels the rest and exits (status 0); a second signal exits at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import torch
 import uvicorn
 from torch import nn
 
+from lorafuse._checks import InvalidValueError, check_number
 from lorafuse.runtime.pool import AdapterPool
 from lorafuse.serve.app import Limits, build_app
 from lorafuse.serve.compose import Resolver, WeightLimits
-from lorafuse.serve.engine import Engine
+from lorafuse.serve.engine import Engine, available_cores, default_threads
 from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.registry import Registry
 
@@ -43,6 +51,64 @@ class ServeSettings:
     lora_dtype: torch.dtype | None = None  # default: the base layers' dtype
     table_max_ranks: int = 64  # table kernel up to this many distinct ranks in a batch …
     table_ratio: float = 4.0  # … or this many times the widest row; else gather per row
+    threads: int | None = None  # torch intra-op threads of the engine; None: default_threads()
+    shutdown_grace: float = 5.0  # seconds running rows may take to finish on SIGTERM
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would serve badly or not at all (one line naming the field)."""
+        for name in ("max_batch", "max_queue", "max_loaded"):
+            check_number(getattr(self, name), name, integer=True, low=1)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise InvalidValueError(
+                "api_key is empty: the server would run without authentication; give a key or none"
+            )
+        if self.threads is not None:
+            check_number(self.threads, "threads", integer=True, low=1, high=4096)
+        check_number(self.shutdown_grace, "shutdown_grace", low=0, high=3600)
+        check_number(self.table_max_ranks, "table_max_ranks", integer=True, low=0)
+        check_number(self.table_ratio, "table_ratio", low=0, high=1e6)
+        check_number(self.weights.max_abs, "weights.max_abs", low=0, low_open=True, high=1e6)
+        check_number(self.weights.max_parts, "weights.max_parts", integer=True, low=1)
+
+    @property
+    def engine_threads(self) -> int:
+        """The engine's intra-op threads: ``threads`` or :func:`default_threads`."""
+        return self.threads if self.threads is not None else default_threads()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that drains the engine on shutdown and exits normally after a signal.
+
+    The first SIGTERM / SIGINT starts the graceful shutdown (the engine refuses new and waiting
+    requests at once, running rows get ``grace`` seconds); a second one forces the exit.
+    Connections still open ``grace + 5`` s later (slow readers) are cancelled.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._drain()
+        await super().shutdown(sockets)
 
 
 class Server:
@@ -53,6 +119,7 @@ class Server:
     ):  # type: ignore[no-untyped-def]
         self.settings = settings or ServeSettings()
         s = self.settings
+        self.threads = s.engine_threads
         self.registry = Registry(adapters)
         self.pool = AdapterPool(
             model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks, table_ratio=s.table_ratio
@@ -66,19 +133,42 @@ class Server:
             max_queue=s.max_queue,
             max_loaded=s.max_loaded,
             metrics=self.metrics,
+            threads=self.threads,
         )
         self.resolver = Resolver(self.registry, s.base_name, s.weights)
         self.app = build_app(
             self.engine, self.resolver, limits=s.limits, api_key=s.api_key, metrics=self.metrics
         )
 
+    @property
+    def startup_line(self) -> str:
+        """What the engine runs with, for the server's first lines."""
+        cores = available_cores()
+        over = "  (more threads than cores: oversubscribed)" if self.threads > cores else ""
+        return (
+            f"engine: {self.threads} intra-op thread(s) of {cores} available core(s), max batch "
+            f"{self.settings.max_batch}, queue {self.settings.max_queue}{over}"
+        )
+
+    def _uvicorn(self, host: str, port: int, log_level: str) -> _Uvicorn:
+        grace = self.settings.shutdown_grace
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=max(1, round(grace + 5)),
+        )
+        return _Uvicorn(config, lambda: self.engine.shutdown(grace))
+
     def run(self, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-        """Serve until interrupted (Ctrl-C)."""
+        """Serve until SIGTERM or SIGINT (Ctrl-C), then shut down gracefully."""
         self.engine.start()
         try:
-            uvicorn.run(self.app, host=host, port=port, log_level=log_level)
+            self._uvicorn(host, port, log_level).run()
         finally:
-            self.engine.stop()
+            self.engine.stop(timeout=5)
 
     @contextlib.contextmanager
     def background(self, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
@@ -88,8 +178,7 @@ class Server:
                 probe.bind((host, 0))
                 port = probe.getsockname()[1]
         self.engine.start()
-        config = uvicorn.Config(self.app, host=host, port=port, log_level=log_level, lifespan="off")
-        server = uvicorn.Server(config)
+        server = self._uvicorn(host, port, log_level)
         thread = threading.Thread(target=server.run, name="lorafuse-http", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
@@ -101,5 +190,5 @@ class Server:
             yield f"http://{host}:{port}"
         finally:
             server.should_exit = True
-            thread.join(10)
-            self.engine.stop()
+            thread.join(self.settings.shutdown_grace + 10)
+            self.engine.stop(timeout=5)
