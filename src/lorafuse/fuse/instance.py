@@ -48,6 +48,7 @@ from lorafuse._io import (
     write_json,
     write_safetensors,
 )
+from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.loop import TrainConfig, train_loop
@@ -70,18 +71,7 @@ class EncoderConfig:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a HF causal LM (``model.model.layers``, ``transformer.h``, ...)."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module) == count
-            and name.rsplit(".", 1)[-1] in {"layers", "h"}
-        ):
-            return module
-    raise LorafuseError(
-        f"cannot find the decoder layers of {type(model).__name__} (a ModuleList named 'layers' or "
-        f"'h' with config.num_hidden_layers={count} entries)"
-    )
+    return find_decoder_layers(model)[1]
 
 
 class InstanceEncoder(nn.Module):
