@@ -112,3 +112,40 @@ def test_merges_reload_in_peft(
         assert (expected - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+
+
+@torch.no_grad()
+def test_serve_answers_chat_with_the_models_template(
+    real_dir: Path, real_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """`/v1/chat/completions` renders the model's own chat template; the answer (base and
+    adapter) equals HF greedy generation on the same rendering, and stops at end of turn."""
+    import shutil
+
+    import openai
+
+    from lorafuse.serve import Server, ServeSettings
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    shutil.copytree(real_adapters["qv"], folder / "qv")
+    tok = AutoTokenizer.from_pretrained(str(real_dir))
+    messages = [{"role": "user", "content": "What is 12 plus 7? Answer with the number."}]
+    inputs = chat_ids(real_dir)
+    expected = {}
+    for name in ("base", "qv"):
+        model = (
+            load(real_dir)
+            if name == "base"
+            else PeftModel.from_pretrained(load(real_dir), str(folder / "qv"))
+        )
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
+        expected[name] = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    server = Server(load(real_dir), tok, folder, ServeSettings(base_name="base"))
+    with server.background() as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        for name in ("base", "qv"):
+            reply = client.chat.completions.create(
+                model=name, messages=messages, max_tokens=12, temperature=0
+            )
+            assert reply.choices[0].message.content == expected[name], name
