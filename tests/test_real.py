@@ -52,23 +52,36 @@ def load(path: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def real_adapters(real_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two PEFT-made adapters: q/v rank 8, and all seven projections rank 4 with rsLoRA."""
+    """Two PEFT-made adapters: q/v rank 8, and all seven projections rank 4 with rsLoRA (scale 1).
+
+    Random factors (std 0.1) on every projection already move the logits far; with larger
+    scales fp32 summation-order noise grows past 1e-4 through Gemma's layers (PEFT's own merged
+    and unmerged models then differ by as much), which would test float luck, not the bank.
+    """
     root = tmp_path_factory.mktemp(f"adapters-{real_dir.name}")
     model = load(real_dir)
     return {
         "qv": random_peft_adapter(model, root / "qv", seed=1, r=8, lora_alpha=16, target_modules=QV),
         "all": random_peft_adapter(
-            model, root / "all", seed=2, r=4, lora_alpha=8, target_modules=ALL, use_rslora=True
+            model, root / "all", seed=2, r=4, lora_alpha=2, target_modules=ALL, use_rslora=True
         ),
     }
 
 
+QUESTION = "What is 12 plus 7? Answer with the number."
+
+
 def chat_ids(path: Path) -> dict[str, torch.Tensor]:
+    """The question as the model's users send it: its chat template (SmolLM2), or plain text after
+    BOS for a base model without one (Gemma 3 270M), as ``lorafuse serve`` encodes both."""
     tok = AutoTokenizer.from_pretrained(str(path))
-    messages = [{"role": "user", "content": "What is 12 plus 7? Answer with the number."}]
-    return tok.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    if tok.chat_template:
+        messages = [{"role": "user", "content": QUESTION}]
+        return tok.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    ids = [tok.bos_token_id, *tok(QUESTION, add_special_tokens=False)["input_ids"]]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
 
 
 @torch.no_grad()
@@ -118,8 +131,8 @@ def test_merges_reload_in_peft(
 def test_serve_answers_chat_with_the_models_template(
     real_dir: Path, real_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
-    """`/v1/chat/completions` renders the model's own chat template; the answer (base and
-    adapter) equals HF greedy generation on the same rendering, and stops at end of turn."""
+    """`/v1/chat/completions` renders the model's own chat template (completions for a model
+    without one); the answer (base and adapter) equals HF greedy generation on the same tokens."""
     import shutil
 
     import openai
@@ -130,7 +143,6 @@ def test_serve_answers_chat_with_the_models_template(
     folder.mkdir()
     shutil.copytree(real_adapters["qv"], folder / "qv")
     tok = AutoTokenizer.from_pretrained(str(real_dir))
-    messages = [{"role": "user", "content": "What is 12 plus 7? Answer with the number."}]
     inputs = chat_ids(real_dir)
     expected = {}
     for name in ("base", "qv"):
@@ -145,7 +157,13 @@ def test_serve_answers_chat_with_the_models_template(
     with server.background() as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         for name in ("base", "qv"):
-            reply = client.chat.completions.create(
-                model=name, messages=messages, max_tokens=12, temperature=0
-            )
-            assert reply.choices[0].message.content == expected[name], name
+            if tok.chat_template:
+                messages = [{"role": "user", "content": QUESTION}]
+                reply = client.chat.completions.create(
+                    model=name, messages=messages, max_tokens=12, temperature=0
+                )
+                text = reply.choices[0].message.content
+            else:  # a base model without a template: plain completions
+                text = client.completions.create(model=name, prompt=QUESTION, max_tokens=12, temperature=0)
+                text = text.choices[0].text
+            assert text == expected[name], name
