@@ -33,3 +33,11 @@ class CompressError(LorafuseError, ValueError):
 
 class BudgetError(CompressError):
     """The byte budget is too small for the method (not even one singular vector fits, ...)."""
+
+
+class OutputPathError(LorafuseError, ValueError):
+    """An output path would overwrite, delete or write inside one of the command's inputs."""
+
+
+class OutputExistsError(LorafuseError, FileExistsError):
+    """The output exists (or is not a folder) and replacing it was not asked for (``--force``)."""

@@ -21,7 +21,15 @@ from typing import Any
 
 from torch import Tensor
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._io import (
+    OutputInputs,
+    atomic_output_dir,
+    combine_inputs,
+    read_safetensors,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters.lora import LoRA, LoRAModule
 from lorafuse.compress.types import KINDS, CompressedModule
 from lorafuse.errors import CompressError
@@ -81,14 +89,25 @@ class CompressedDelta:
         )
 
 
-def save_compressed(delta: CompressedDelta, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``delta`` to the folder ``out`` atomically; returns the folder."""
+def save_compressed(
+    delta: CompressedDelta,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: OutputInputs = (),
+) -> Path:
+    """Write ``delta`` to the folder ``out`` atomically; returns the folder.
+
+    ``out`` must not be, contain or lie inside the base or fine-tuned model the delta records,
+    nor any of ``inputs``.
+    """
     tensors: dict[str, Tensor] = {}
     modules: dict[str, Any] = {}
     for path, m in delta.modules.items():
         tensors |= m.to_tensors(path)
         modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": m.meta()}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    known = {"base": delta.info.get("base"), "finetuned": delta.info.get("finetuned")}
+    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors(tensors, tmp / DELTA)
         if delta.other:
             write_safetensors(delta.other, tmp / OTHER)

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_safetensors
+from lorafuse._io import (
+    OutputInputs,
+    atomic_output_dir,
+    combine_inputs,
+    read_safetensors,
+    versions,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.cat_weights import CatWeights
@@ -131,8 +138,14 @@ class Fusion:
         return handle
 
 
-def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> Path:
-    """Write ``fusion`` to the folder ``out`` atomically."""
+def save_fusion(
+    fusion: Fusion, out: str | Path, *, overwrite: bool = True, inputs: OutputInputs = ()
+) -> Path:
+    """Write ``fusion`` to the folder ``out`` atomically.
+
+    ``out`` must not be, contain or lie inside the fusion's LoRAs, its base model or tokenizer,
+    nor any of ``inputs`` (training data, checkpoints): those are never replaced.
+    """
     if fusion.method not in METHODS:
         raise ValueError(f"unknown fusion method {fusion.method!r}; one of {METHODS}")
     meta = {
@@ -149,7 +162,8 @@ def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> P
         "info": fusion.info,
         "versions": versions(),
     }
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    known = [*fusion.lora_paths.values(), fusion.info.get("base_model"), fusion.info.get("tokenizer")]
+    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors({k: v.float() for k, v in fusion.tensors.items()}, tmp / "weights.safetensors")
         (tmp / "fusion.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)

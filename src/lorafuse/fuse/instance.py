@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lorafuse._data import Encoded
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._io import (
+    OutputInputs,
+    atomic_output_dir,
+    combine_inputs,
+    read_safetensors,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.loop import TrainConfig, train_loop
@@ -177,8 +185,15 @@ class InstanceMixing:
         basis_paths: Mapping[str, str],
         base_model: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = True,
+        inputs: OutputInputs = (),
     ) -> Path:
-        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``."""
+        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``.
+
+        ``path`` must not be, contain or lie inside a basis LoRA, the base model, the tokenizer
+        recorded in ``extra``, nor any of ``inputs`` (training data).
+        """
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -189,7 +204,8 @@ class InstanceMixing:
             "versions": versions(),
             **(extra or {}),
         }
-        with atomic_output_dir(path) as tmp:
+        known = [*basis_paths.values(), base_model, (extra or {}).get("tokenizer")]
+        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
             write_json(meta, tmp / "encoder.json")
         return Path(path)

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafuse._io import atomic_output_dir, read_safetensors, versions, write_json, write_safetensors
+from lorafuse._io import (
+    OutputInputs,
+    atomic_output_dir,
+    combine_inputs,
+    read_safetensors,
+    versions,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.adapters.validate import linear_shape
 from lorafuse.errors import LorafuseError
@@ -156,9 +164,21 @@ class Mixture:
             "versions": versions(),
         }
 
-    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write the mixture folder atomically (see the module docstring)."""
-        with atomic_output_dir(path) as tmp:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        extra: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = True,
+        inputs: OutputInputs = (),
+    ) -> Path:
+        """Write the mixture folder atomically (see the module docstring).
+
+        ``path`` must not be, contain or lie inside the base model, the tokenizer recorded in
+        ``extra``, nor any of ``inputs`` (training data).
+        """
+        known = [self.base_model, (extra or {}).get("tokenizer")]
+        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
                 save_lora(expert, tmp / "experts" / f"e{i}")
