@@ -358,6 +358,27 @@ def prepare_output(
     return out
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask asks for.
+
+    ``mkdtemp`` makes the folder 0700 and some writers (safetensors) create their files 0600
+    whatever the umask; what was just written is set to ``0o777`` (folders, executables) or
+    ``0o666`` (other files) less the umask. Symlinks are left alone.
+    """
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def _replace(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` is renamed aside first, deleted last."""
     if not os.path.lexists(target):
@@ -386,7 +407,8 @@ def atomic_output_dir(
     First :func:`prepare_output` (``out`` must not be, contain or lie inside any of ``inputs``).
     On error the temporary folder is removed and an existing ``out`` is left untouched; at no
     moment is there nothing under the name ``out`` that a later write could not restore (see
-    :func:`recover_leftovers`). The folder gets the mode the umask gives (not ``mkdtemp``'s 0700).
+    :func:`recover_leftovers`). The folder and its files get the modes the umask gives (not
+    ``mkdtemp``'s 0700 or safetensors' 0600).
     """
     prepare_output(out, inputs, overwrite=overwrite, what=what)
     target = Path(os.path.abspath(out))
@@ -394,7 +416,7 @@ def atomic_output_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())
+        _apply_umask(tmp)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
