@@ -24,7 +24,13 @@ import torch
 
 import lorafuse
 from conftest import run_cli
-from lorafuse._io import atomic_output_dir, current_umask, recover_leftovers, write_text_atomic
+from lorafuse._io import (
+    atomic_output_dir,
+    current_umask,
+    recover_leftovers,
+    write_safetensors,
+    write_text_atomic,
+)
 from lorafuse.adapters import load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, decompress
 from lorafuse.errors import OutputExistsError, OutputPathError
@@ -337,10 +343,11 @@ def test_outputs_honour_the_umask(w: Path, umask: int) -> None:
         assert current_umask() == umask
         out = save_lora(load_lora(w / "lib/a"), w / "copy")
         page = write_text_atomic(w / "page.txt", "text")
+        write_safetensors({"x": torch.ones(1)}, w / "state.safetensors")  # as checkpoints are written
     finally:
         os.umask(saved)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
-    for file in (*out.iterdir(), page):
+    for file in (*out.iterdir(), page, w / "state.safetensors"):
         assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
 
 

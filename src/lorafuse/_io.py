@@ -142,12 +142,16 @@ def read_json_file(
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory)."""
+    """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory).
+
+    safetensors creates the file 0600; it is given the mode the umask asks for, like any file.
+    """
     save_file(
         {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
         str(path),
         metadata=metadata,
     )
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def versions() -> dict[str, str]:

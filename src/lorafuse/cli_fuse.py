@@ -114,7 +114,6 @@ def fuse(
         "--base": base,
         "--train": train,
         "--dev": dev,
-        "--checkpoint": checkpoint,
         "--tokenizer": tokenizer,
     }
     sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
