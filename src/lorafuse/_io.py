@@ -3,18 +3,22 @@
 Safetensors files are validated before torch sees them (empty, truncated, unknown dtype), so a
 bad file gets an error naming it instead of a stack trace from deep inside the loader. Outputs are
 written to a temporary sibling folder and renamed into place, so a crash never leaves half a
-folder behind and an existing output is only replaced once the new one is complete.
+folder behind and an existing output is only replaced once the new one is complete. An output is
+never allowed to be, contain or lie inside one of the inputs it is made from, and what a killed
+writer left beside an output is repaired by the next write to it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lorafuse.errors import AdapterFormatError, LorafuseError, PickleRefusedError
+from lorafuse.errors import (
+    AdapterFormatError,
+    LorafuseError,
+    OutputExistsError,
+    OutputPathError,
+    PickleRefusedError,
+)
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -286,12 +296,16 @@ def _first_non_finite(data: Any) -> tuple[str, float] | None:
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory)."""
+    """Save contiguous CPU copies of ``tensors`` (safetensors refuses shared or strided memory).
+
+    safetensors creates the file 0600; it is given the mode the umask asks for, like any file.
+    """
     save_file(
         {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
         str(path),
         metadata=metadata,
     )
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def versions() -> dict[str, str]:
@@ -310,28 +324,258 @@ def write_json(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename.
+# --- Output paths -------------------------------------------------------------------------------
+#
+# Every writer goes through `atomic_output_dir` (folders) or `write_text_atomic` (single files):
+# the output is checked against the command's inputs, leftovers of an interrupted earlier write are
+# recovered, the new output is built in a temporary sibling and renamed into place, and an existing
+# output is only removed once the new one stands under its name.
 
-    On error the temporary folder is removed and an existing ``out`` is left untouched.
+#: The inputs of a writer: paths, ``(label, path)`` pairs or ``{label: path}`` (the label, e.g.
+#: ``--finetuned``, is shown in messages). ``None`` entries are skipped, so optional inputs can be
+#: passed as they are.
+_InputPath = str | os.PathLike[str] | None
+OutputInputs = Mapping[str, _InputPath] | Iterable[_InputPath | tuple[str, _InputPath]]
+
+_log = logging.getLogger(__name__)
+_LEFTOVER = re.compile(r"(tmp|old)-(\d+)(?:-[A-Za-z0-9_]+)?")
+_CONSEQUENCE = {
+    "is": "writing it would replace that input",
+    "contains": "replacing it would delete that input",
+    "lies inside": "writing it would change that input",
+}
+
+
+def _path_forms(path: Path) -> list[Path]:
+    """The absolute path as written and, if different, the one with every symlink followed."""
+    written = Path(os.path.abspath(path))
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: only the written form can be compared
+        return [written]
+    return [written] if resolved == written else [written, resolved]
+
+
+def combine_inputs(*groups: OutputInputs) -> list[tuple[str | None, Path]]:
+    """One list of ``(label or None, path)`` from several groups of inputs; missing paths dropped.
+
+    A path that does not exist (a hub model id recorded as the base, a file not made yet) holds
+    nothing that could be lost, so it is not kept.
+    """
+    found: list[tuple[str | None, Path]] = []
+    for group in groups:
+        if isinstance(group, str | os.PathLike):  # one path, not an iterable of characters
+            group = [group]
+        items = group.items() if isinstance(group, Mapping) else group
+        for item in items:
+            label, path = item if isinstance(item, tuple) else (None, item)
+            if path is not None and os.fspath(path) != "" and os.path.lexists(path):
+                found.append((label, Path(path)))
+    return found
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: OutputInputs, *, what: str = "output") -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (``--force`` or not).
+
+    Paths are compared both as written (made absolute) and with symlinks followed, so an output
+    that is a symlink to an input, an input that is a symlink into the output, and ``..`` tricks
+    are all caught. Inputs that do not exist are skipped. Raises :class:`OutputPathError` naming
+    the output and the input.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
+    out_forms = _path_forms(out)
+    for label, source in combine_inputs(inputs):
+        source_forms = _path_forms(source)
+        for o in out_forms:
+            for i in source_forms:
+                if o == i:
+                    relation = "is"
+                elif o.is_relative_to(i):
+                    relation = "lies inside"
+                elif i.is_relative_to(o):
+                    relation = "contains"
+                else:
+                    continue
+                named = f"{label} {source}" if label else f"{source}"
+                via = ""
+                if (o, i) != (out_forms[0], source_forms[0]):
+                    via = f" (following symlinks: {o} and {i})"
+                raise OutputPathError(
+                    f"{what} {out} {relation} the input {named}{via}; {_CONSEQUENCE[relation]}. "
+                    f"Inputs are never modified: choose another {what}"
+                )
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux ``/proc``).
+
+    Elsewhere it is read by setting it and restoring it at once; the value set meanwhile is the
+    restrictive ``0o077``, so a file another thread creates in that instant is only more private.
+    """
+    with suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a process of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:  # never written by lorafuse; leave such a folder alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # not a possible process id
+        return False
+    except OSError:  # EPERM: it exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> bool:
+    """Delete a file, symlink or folder tree; whether it is gone."""
+    if path.is_symlink() or not path.is_dir():
+        with suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def recover_leftovers(out: str | os.PathLike[str]) -> None:
+    """Repair what an interrupted write to ``out`` left beside it (by a process no longer running).
+
+    * ``.NAME.old-PID*`` while ``NAME`` is missing: the process died between the two renames of a
+      replace; the previous output is restored under ``NAME``.
+    * ``.NAME.old-PID*`` while ``NAME`` exists: the new output was in place, only the deletion of
+      the previous one was missed; it is deleted.
+    * ``.NAME.tmp-PID-*``: an unfinished output; it is deleted.
+
+    Leftovers of a running process (it may be writing right now) are left alone. Each repair is
+    reported as a warning on the ``lorafuse._io`` logger (shown on stderr by default).
+    """
+    target = Path(os.path.abspath(out))
+    parent, prefix = target.parent, f".{target.name}."
+    if not target.name or not parent.is_dir():
+        return
+    olds: list[Path] = []
+    tmps: list[Path] = []
+    for entry in parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        match = _LEFTOVER.fullmatch(entry.name[len(prefix) :])
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        (olds if match.group(1) == "old" else tmps).append(entry)
+    if olds and not os.path.lexists(target):
+        newest = max(olds, key=lambda p: p.lstat().st_mtime_ns)
+        with suppress(OSError):
+            os.replace(newest, target)
+            olds.remove(newest)
+            _log.warning(
+                "%s: restored the previous output from %s (a replace was interrupted before the "
+                "new output was in place)",
+                target,
+                newest.name,
+            )
+    if os.path.lexists(target):
+        for old in olds:
+            if _remove(old):
+                _log.warning(
+                    "%s: removed %s, the previous output left by an interrupted replace", target, old.name
+                )
+    for tmp in tmps:
+        if _remove(tmp):
+            _log.warning(
+                "%s: removed %s, an unfinished output of a process that no longer runs", target, tmp.name
+            )
+
+
+def prepare_output(
+    out: str | os.PathLike[str], inputs: OutputInputs = (), *, overwrite: bool, what: str = "output"
+) -> Path:
+    """Everything to check before work starts on the output folder ``out``; returns ``out``.
+
+    The guard against overwriting an input (:func:`check_output_path`), recovery of an interrupted
+    earlier write (:func:`recover_leftovers`), then :class:`OutputExistsError` when ``out`` is not
+    a folder, or exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    check_output_path(out, inputs, what=what)
+    recover_leftovers(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputExistsError(f"{what} {out}: exists and is not a folder")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        raise OutputExistsError(f"{what} {out}: exists; pass overwrite=True (--force) to replace it")
+    return out
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask asks for.
+
+    ``mkdtemp`` makes the folder 0700 and some writers (safetensors) create their files 0600
+    whatever the umask; what was just written is set to ``0o777`` (folders, executables) or
+    ``0o666`` (other files) less the umask. Symlinks are left alone.
+    """
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is renamed aside first, deleted last."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove(old)  # if this fails, the next write to ``target`` deletes it
+
+
+@contextmanager
+def atomic_output_dir(
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    inputs: OutputInputs = (),
+    what: str = "output",
+) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out`` by renames.
+
+    First :func:`prepare_output` (``out`` must not be, contain or lie inside any of ``inputs``).
+    On error the temporary folder is removed and an existing ``out`` is left untouched; at no
+    moment is there nothing under the name ``out`` that a later write could not restore (see
+    :func:`recover_leftovers`). The folder and its files get the modes the umask gives (not
+    ``mkdtemp``'s 0700 or safetensors' 0600).
+    """
+    prepare_output(out, inputs, overwrite=overwrite, what=what)
+    target = Path(os.path.abspath(out))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _apply_umask(tmp)
+        _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -356,3 +600,33 @@ def resolve_recorded_path(recorded: str, folder: Path) -> str:
         if candidate.exists():
             return str(candidate.resolve())
     return recorded
+
+
+def write_text_atomic(
+    path: str | os.PathLike[str],
+    text: str,
+    *,
+    inputs: OutputInputs = (),
+    what: str = "output",
+    encoding: str = "utf-8",
+) -> Path:
+    """Write the file ``path`` through a temporary sibling and one rename (mode from the umask).
+
+    ``path`` must not be, contain or lie inside any of ``inputs`` (:func:`check_output_path`).
+    """
+    path = Path(path)
+    check_output_path(path, inputs, what=what)
+    recover_leftovers(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{what} {path}: is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with tmp.open("x", encoding=encoding) as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path

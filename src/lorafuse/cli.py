@@ -6,12 +6,15 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lorafuse import __version__
 from lorafuse.errors import LorafuseError
+
+if TYPE_CHECKING:
+    from lorafuse._io import OutputInputs
 
 app = typer.Typer(
     name="lorafuse",
@@ -40,6 +43,20 @@ def _root(
     ] = False,
 ) -> None:
     """lorafuse: merge, fuse, route, compress and serve LoRA adapters on one base model."""
+
+
+def check_out(out: Path, inputs: OutputInputs, *, force: bool, flag: str = "--out") -> None:
+    """Check an output before any work: never an input, nor inside or around one (``--force`` or
+    not; an ``OutputPathError``: one line, status 2), leftovers of an interrupted write repaired,
+    and an existing output only replaced with ``--force``."""
+    from lorafuse._io import check_output_path, recover_leftovers
+
+    check_output_path(out, inputs, what=flag)
+    recover_leftovers(out)
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder")
 
 
 @app.command()
@@ -184,10 +201,8 @@ def merge(
             params["majority_sign_method"] = majority_sign_method
     if out is None:
         raise typer.BadParameter("--out is required (or `out:` in the recipe)")
-    if out.exists() and not force:
-        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
-    if out.resolve() in {a.resolve() for a in adapters}:
-        raise typer.BadParameter(f"{out} is one of the inputs; inputs are never modified")
+    sources = [*adapters, *(("recipe", r) for r in inputs if r.suffix in (".yaml", ".yml"))]
+    check_out(out, sources, force=force)
     torch_dtype = getattr(torch, dtype) if dtype else None
     loras = [load_lora(a, allow_pickle=allow_pickle) for a in adapters]
     try:
@@ -205,7 +220,7 @@ def merge(
     except ValueError as exc:  # bad settings, incompatible LoRAs: one clear line
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    save_lora(merged, out)
+    save_lora(merged, out, inputs=sources)
     ranks = sorted({m.rank for m in merged.modules.values()})
     typer.echo(f"wrote {out} ({method_name}, {len(merged)} modules, rank {', '.join(map(str, ranks))})")
 
@@ -246,6 +261,7 @@ def demo(
 
     import torch
 
+    from lorafuse._io import check_output_path
     from lorafuse.demo import format_demo, run_demo
     from lorafuse.skillworld import COMPOSITES, build_world
     from lorafuse.skillworld.build import PROFILES, default_world_dir
@@ -265,6 +281,7 @@ def demo(
         if not check["ok"]:
             raise typer.Exit(1)
     root = build_world(world_dir or default_world_dir(profile, world_seed), profile=profile, seed=world_seed)
+    check_output_path(report, {"--dir": root}, what="--report")
     typer.echo(f"skill world: {root}")
     torch.set_num_threads(PROFILES[profile].threads)
     result = composition_study(
@@ -277,7 +294,7 @@ def demo(
     )
     result["command"] = "lorafuse demo" + (" --quick" if quick else "")
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    write_report(result, report)
+    write_report(result, report, inputs={"--dir": root})
     typer.echo("")
     typer.echo(format_table(result))
     typer.echo(f"\nreport: {report}/study.md, study.json, study.png ({result['total_seconds']} s in all)")
@@ -333,16 +350,21 @@ def world_eval(
 
     Builds the world first if needed; the matrix is also recorded in the world's manifest.json.
     """
+    from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
     from lorafuse.skillworld.evaluate import accuracy_matrix, format_matrix, record_eval
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    if json_out:
+        check_output_path(json_out, {"--dir": root}, what="--json")
     result = accuracy_matrix(root, limit=limit)
     record_eval(root, result)
     typer.echo(format_matrix(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(
+            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
+        )
 
 
 @world_app.command("merge-study")
@@ -362,16 +384,21 @@ def world_merge_study(
     Prints Markdown tables: per composite, accuracy on the composite / the task skill / the
     language skill for each method next to the single LoRAs; and the pool merge on every task.
     """
+    from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir, read_manifest
     from lorafuse.skillworld.merge_study import format_study, merge_study
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    if json_out:
+        check_output_path(json_out, {"--dir": root}, what="--json")
     result = merge_study(root, limit=limit, seed=seed)
     matrix = (read_manifest(root) or {}).get("eval", {}).get("matrix")
     typer.echo(format_study(result, matrix))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(
+            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
+        )
 
 
 @world_app.command("flow-ablation")
@@ -389,15 +416,20 @@ def world_flow_ablation(
 ) -> None:
     """LoRA-Flow's ablations on every composite task: gate per layer (the paper's), per module,
     one gate for all layers (step), the bias inside the softmax, and a 10× learning rate."""
+    from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
     from lorafuse.skillworld.study import flow_ablation, format_ablation
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    if json_out:
+        check_output_path(json_out, {"--dir": root}, what="--json")
     result = flow_ablation(root, seeds=tuple(range(seeds)), limit=limit)
     typer.echo(format_ablation(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(
+            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
+        )
 
 
 from lorafuse import cli_fuse  # noqa: E402, F401  (registers fuse, generate, explain)

@@ -106,11 +106,11 @@ def compress(
 
     Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
     """
-    from lorafuse.cli import _parse_settings
+    from lorafuse.cli import _parse_settings, check_out
     from lorafuse.compress import compress_checkpoint, save_compressed
 
-    if out.exists() and not force:
-        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    sources = {"--base": base, "--finetuned": finetuned, "--calib": calib, "--tokenizer": tokenizer}
+    check_out(out, sources, force=force)
     params: dict[str, object] = _parse_settings(settings or [])
     if schedule is not None:
         params["schedule"] = schedule
@@ -134,10 +134,11 @@ def compress(
         params=params,
         overwrite=force,
         device=device,
+        inputs=sources,
     )
     if distill_steps:
         result = _distill(result, base, finetuned, calib, tokenizer, samples, max_tokens, seed, distill_steps)
-        save_compressed(result, out, overwrite=force)
+        save_compressed(result, out, overwrite=force, inputs=sources)
     report = result.info["modules"].values()
 
     def mean(key: str) -> float:
@@ -183,10 +184,10 @@ def decompress(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write BASE + the decompressed delta as a normal HF model folder (AutoModelForCausalLM loads it)."""
+    from lorafuse.cli import check_out
     from lorafuse.compress import decompress as run
 
-    if out.exists() and not force:
-        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    check_out(out, {"--base": base, "COMPRESSED": compressed}, force=force)
     run(compressed, base, out, overwrite=force)
     typer.echo(f"wrote {out}")
 
@@ -208,12 +209,15 @@ def compress_study(
 
     Fine-tunes are cached in $LORAFUSE_HOME/compress-study/<world>-steps<N>/ (reused when complete).
     """
+    from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
     from lorafuse.skillworld.compress_study import compress_study as run
     from lorafuse.skillworld.compress_study import format_compress_study
 
     root = build_world(out_dir or default_world_dir("default", seed), profile="default", seed=seed)
+    if json_out:
+        check_output_path(json_out, {"--dir": root}, what="--json")
     result = run(
         root,
         skills=[s.strip() for s in skills.split(",") if s.strip()],
@@ -224,7 +228,9 @@ def compress_study(
     )
     typer.echo(format_compress_study(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(
+            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
+        )
 
 
 def register(app: typer.Typer, world_app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafuse.cli import app
+from lorafuse.cli import app, check_out
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -110,8 +110,14 @@ def fuse(
     from lorafuse.fuse import fuse as run_fuse
     from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
 
-    if out.exists() and not force:
-        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    sources: dict[str, str | Path | None] = {
+        "--base": base,
+        "--train": train,
+        "--dev": dev,
+        "--tokenizer": tokenizer,
+    }
+    sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
+    check_out(out, sources, force=force)
     if method not in ("lora-flow", "cat", "lorahub", "average"):
         raise typer.BadParameter(f"--method must be lora-flow, cat, lorahub or average, got {method!r}")
     loras = _pairs(lora, "--lora")
@@ -135,7 +141,7 @@ def fuse(
     from lorafuse.fuse.loop import process_state
 
     if process_state().is_main_process:
-        save_fusion(fusion, out)
+        save_fusion(fusion, out, inputs=sources)
         if fusion.gate is not None:
             g = fusion.gate
             typer.echo(
@@ -224,15 +230,21 @@ def explain(
 ) -> None:
     """Show the gate: the answer with every token coloured by its fusion weights (layer selectable),
     and a layers × tokens heatmap PNG."""
+    from lorafuse._io import check_output_path
     from lorafuse.fuse import LoRAFlow
     from lorafuse.fuse.explain import explain as run_explain
     from lorafuse.fuse.explain import write_explanation
 
+    sources: dict[str, str | Path | None] = {"--fusion": fusion, "--base": base, "--tokenizer": tokenizer}
+    sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
+    check_output_path(out, sources, what="--out")
     loaded, model, tok, handle = _attached(base, fusion, lora, tokenizer, "float32", "auto")
+    sources |= {f"LoRA {name}": path for name, path in loaded.lora_paths.items()}
+    sources |= {"the fusion's base": loaded.info.get("base_model")}
     flow = handle.fusion_source
     if not isinstance(flow, LoRAFlow):
         raise typer.BadParameter(f"{fusion} is a {loaded.method} fusion; explain needs a lora-flow fusion")
     explanation = run_explain(model, tok, flow, loaded.lora_names, prompt, max_new_tokens=max_new_tokens)
-    page, png = write_explanation(explanation, out)
+    page, png = write_explanation(explanation, out, inputs=sources)
     typer.echo(f"answer: {explanation.answer}")
     typer.echo(f"wrote {page} and {png}")

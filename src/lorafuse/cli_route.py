@@ -67,6 +67,7 @@ def route_train(
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 4e-3,
     seed: Annotated[int, typer.Option(help="Seed of the experts, router, sampler and data order.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train n new LoRA experts and a per-layer top-k router on a frozen base; save the mixture.
 
@@ -75,11 +76,17 @@ def route_train(
     import torch
 
     from lorafuse._data import encode_examples
+    from lorafuse.cli import check_out
     from lorafuse.fuse.loop import TrainConfig
     from lorafuse.route import MixtureConfig, train_mixture
 
+    sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
+    sources += [("--data", path) for path in data or []]
+    check_out(out, sources, force=force)
     torch.manual_seed(seed)
     base_dir, tok_dir, world = _world_paths(base, tokenizer)
+    sources.append(("the skill world", world))
+    check_out(out, sources, force=force)
     tok, model = _load(base_dir, tok_dir)
     rows = _training_rows(data, tasks, world)
     config = MixtureConfig(
@@ -97,7 +104,7 @@ def route_train(
         model, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id, base_model=str(base_dir)
     )
     extra = {"tokenizer": str(tok_dir), "train": {"steps": steps, "batch_size": batch_size, "lr": lr}}
-    mixture.save(out, extra | {"examples": len(rows)})
+    mixture.save(out, extra | {"examples": len(rows)}, inputs=sources)
     tail = losses[-20:]
     typer.echo(
         f"wrote {out} ({router}, {experts} experts, top-{top_k}; final loss {sum(tail) / len(tail):.4f})"
@@ -138,6 +145,7 @@ def route_train_encoder(
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).
 
@@ -145,10 +153,15 @@ def route_train_encoder(
     """
     from lorafuse._data import encode_examples
     from lorafuse.adapters import load_lora
+    from lorafuse.cli import check_out
     from lorafuse.fuse.instance import EncoderConfig, train_encoder
     from lorafuse.fuse.loop import TrainConfig
     from lorafuse.skillworld.route_study import ROUTE_TASKS
 
+    sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
+    sources += [("--data", path) for path in data or []]
+    sources += [(f"--lora {name}", path) for name, path in _named_loras(lora or []).items()]
+    check_out(out, sources, force=force)
     base_dir, tok_dir, world = _world_paths(base, tokenizer)
     if lora:
         folders = _named_loras(lora)
@@ -156,6 +169,8 @@ def route_train_encoder(
         folders = {name: world / "loras" / name for name in ROUTE_TASKS}
     else:
         raise typer.BadParameter("--lora is required with --base")
+    sources.append(("the skill world", world))
+    check_out(out, sources, force=force)
     tok, model = _load(base_dir, tok_dir)
     rows = _training_rows(data, tasks, world)
     basis = {name: load_lora(path) for name, path in folders.items()}
@@ -165,7 +180,7 @@ def route_train_encoder(
         model, basis, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id
     )
     paths = {n: str(p.resolve()) for n, p in folders.items()}
-    mixing.save(out, paths, base_model=str(base_dir), extra={"tokenizer": str(tok_dir)})
+    mixing.save(out, paths, base_model=str(base_dir), extra={"tokenizer": str(tok_dir)}, inputs=sources)
     tail = losses[-20:]
     typer.echo(f"wrote {out} (basis of {len(basis)} LoRAs; final loss {sum(tail) / len(tail):.4f})")
 

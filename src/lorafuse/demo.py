@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from lorafuse._io import write_text_atomic
 from lorafuse.adapters import load_lora
 from lorafuse.runtime import attach, detach
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
@@ -145,7 +145,5 @@ def format_demo(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent or ".", delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, path)
+    """Write ``result`` as JSON to ``path`` atomically (mode from the umask)."""
+    write_text_atomic(path, json.dumps(result, indent=2))

@@ -37,3 +37,11 @@ class BudgetError(CompressError):
 
 class CheckpointError(LorafuseError, ValueError):
     """A training checkpoint folder that cannot be resumed from (damaged, or another run's)."""
+
+
+class OutputPathError(LorafuseError, ValueError):
+    """An output path would overwrite, delete or write inside one of the command's inputs."""
+
+
+class OutputExistsError(LorafuseError, FileExistsError):
+    """The output exists (or is not a folder) and replacing it was not asked for (``--force``)."""

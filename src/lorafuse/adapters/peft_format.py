@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lorafuse._checks import InvalidValueError, PositiveInt, StrictBool, StrictPositiveFloat, parse_model
 from lorafuse._io import (
+    OutputInputs,
     atomic_output_dir,
     read_json_file,
     read_pickle_weights,
@@ -321,12 +322,14 @@ def save_lora(
     overwrite: bool = True,
     dtype: torch.dtype | None = None,
     extra: dict[str, Any] | None = None,
+    inputs: OutputInputs = (),
 ) -> Path:
     """Write ``lora`` as a PEFT folder (atomically) and return its path.
 
     ``dtype`` converts the factors (default: keep theirs). ``extra`` (default
     ``lora.metadata["lorafuse"]``: merge recipes, versions) is written beside the adapter as
-    ``lorafuse.json``, never into PEFT's config.
+    ``lorafuse.json``, never into PEFT's config. ``path`` must not be, contain or lie inside any
+    of ``inputs`` (the folders ``lora`` was made from), whatever ``overwrite`` says.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InvalidValueError(
@@ -337,7 +340,7 @@ def save_lora(
     for module_path, module in lora.modules.items():
         tensors[f"{KEY_PREFIX}{module_path}.lora_A.weight"] = module.A.to(dtype or module.A.dtype)
         tensors[f"{KEY_PREFIX}{module_path}.lora_B.weight"] = module.B.to(dtype or module.B.dtype)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_json(peft_config_for(lora), tmp / CONFIG_NAME)
         side = extra if extra is not None else lora.metadata.get("lorafuse")

@@ -22,7 +22,14 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lorafuse._io import atomic_output_dir, write_json, write_safetensors
+from lorafuse._io import (
+    OutputInputs,
+    atomic_output_dir,
+    combine_inputs,
+    prepare_output,
+    write_json,
+    write_safetensors,
+)
 from lorafuse.compress.budget import budget_nbytes, parse_budget
 from lorafuse.compress.calibrate import activation_error
 from lorafuse.compress.checkpoint import check_pair, is_linear, iter_pairs, iter_tensors, open_checkpoint
@@ -47,8 +54,12 @@ def compress_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    inputs: OutputInputs = (),
 ) -> CompressedDelta:
     """Compress ``finetuned − base``; write it to ``out`` (if given) and return it.
+
+    ``out`` must not be, contain or lie inside ``base``, ``finetuned`` or any of ``inputs``
+    (calibration text, tokenizer); that is checked before any work.
 
     Args:
         method: ``delta-come``, ``low-rank``, ``bitdelta`` or ``rtn`` (``COMPRESS_METHODS``).
@@ -72,11 +83,12 @@ def compress_checkpoint(
     ratio = parse_budget(budget)
     if keep_other not in ("base", "delta"):
         raise CompressError(f"keep_other must be 'base' or 'delta', got {keep_other!r}")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
     if hessians is not None and calibration is not None:
         raise CompressError("give either hessians or calibration sequences, not both")
     device = torch.device(device)
+    sources = combine_inputs({"base": base, "finetuned": finetuned}, inputs)
+    if out is not None:
+        prepare_output(out, sources, overwrite=overwrite)
     ck_base, ck_ft = open_checkpoint(base), open_checkpoint(finetuned)
     check_pair(ck_base, ck_ft)
     started = time.perf_counter()
@@ -165,7 +177,7 @@ def compress_checkpoint(
     }
     result = CompressedDelta(method, settings.model_dump(), ratio, modules, other, info)
     if out is not None:
-        save_compressed(result, out, overwrite=overwrite)
+        save_compressed(result, out, overwrite=overwrite, inputs=sources)
         result.info["path"] = str(out)
     return result
 
@@ -197,7 +209,14 @@ def decompress(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write ``base + ΔŴ`` as a HuggingFace folder (the base's shards, config and other files)."""
+    """Write ``base + ΔŴ`` as a HuggingFace folder (the base's shards, config and other files).
+
+    ``out`` must not be, contain or lie inside ``base`` or the ``compressed`` folder.
+    """
+    sources = combine_inputs(
+        {"base": base}, [] if isinstance(compressed, CompressedDelta) else {"compressed": compressed}
+    )
+    prepare_output(out, sources, overwrite=overwrite)
     delta = compressed if isinstance(compressed, CompressedDelta) else load_compressed(compressed)
     ck = open_checkpoint(base)
     problems = []
@@ -210,9 +229,7 @@ def decompress(
             problems.append(f"{key}: delta {tuple(t.shape)}, base {ck.shapes.get(key, 'missing')}")
     if problems:
         raise CompressError(f"{base} does not match the compressed delta:\n  " + "\n  ".join(problems[:12]))
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass overwrite=True (--force) to replace it")
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
         for item in ck.root.iterdir():
             if item.is_file() and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, parse_model
 from lorafuse._io import (
+    OutputInputs,
     atomic_output_dir,
+    combine_inputs,
     read_json_file,
     read_safetensors,
     versions,
@@ -91,14 +93,25 @@ class CompressedDelta:
         )
 
 
-def save_compressed(delta: CompressedDelta, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``delta`` to the folder ``out`` atomically; returns the folder."""
+def save_compressed(
+    delta: CompressedDelta,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: OutputInputs = (),
+) -> Path:
+    """Write ``delta`` to the folder ``out`` atomically; returns the folder.
+
+    ``out`` must not be, contain or lie inside the base or fine-tuned model the delta records,
+    nor any of ``inputs``.
+    """
     tensors: dict[str, Tensor] = {}
     modules: dict[str, Any] = {}
     for path, m in delta.modules.items():
         tensors |= m.to_tensors(path)
         modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": m.meta()}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    known = {"base": delta.info.get("base"), "finetuned": delta.info.get("finetuned")}
+    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors(tensors, tmp / DELTA)
         if delta.other:
             write_safetensors(delta.other, tmp / OTHER)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse._data import decode, tokenize
+from lorafuse._io import OutputInputs, check_output_path, write_text_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.fuse.flow import LoRAFlow
 
@@ -195,13 +196,17 @@ Hover a token for its weights at every layer.</p>
 """
 
 
-def write_explanation(explanation: Explanation, out: Path) -> tuple[Path, Path]:
-    """Write ``out`` (HTML) and ``out`` with ``_heatmap.png`` beside it; returns both paths."""
+def write_explanation(explanation: Explanation, out: Path, *, inputs: OutputInputs = ()) -> tuple[Path, Path]:
+    """Write ``out`` (HTML) and ``out`` with ``_heatmap.png`` beside it; returns both paths.
+
+    Neither file may be, contain or lie inside any of ``inputs`` (the fusion, its LoRAs, the
+    base); that is checked before anything is written.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_name(out.stem + "_heatmap.png")
+    check_output_path(out, inputs, what="--out")
+    check_output_path(png, inputs, what="the heatmap")
+    out.parent.mkdir(parents=True, exist_ok=True)
     heatmap_png(explanation, png)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_html(explanation, png.name), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, render_html(explanation, png.name), inputs=inputs, what="--out")
     return out, png

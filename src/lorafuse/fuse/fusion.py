@@ -35,7 +35,9 @@ from lorafuse._checks import (
     parse_model,
 )
 from lorafuse._io import (
+    OutputInputs,
     atomic_output_dir,
+    combine_inputs,
     read_json_file,
     read_safetensors,
     record_path,
@@ -215,9 +217,13 @@ def _expected_shapes(
     return {"gate.weight": (gate.num_gates, gate.k, gate.hidden_size), "gate.bias": (gate.num_gates, gate.k)}
 
 
-def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> Path:
+def save_fusion(
+    fusion: Fusion, out: str | Path, *, overwrite: bool = True, inputs: OutputInputs = ()
+) -> Path:
     """Write ``fusion`` to the folder ``out`` atomically.
 
+    ``out`` must not be, contain or lie inside the fusion's LoRAs, its base model or tokenizer,
+    nor any of ``inputs`` (training data, checkpoints): those are never replaced.
     LoRA folders and a base model recorded as a path are written absolute, so the fusion works
     from any current folder. Every LoRA must have the SHA-256 of its files (a fusion never loads
     LoRAs it cannot check), and the tensors must be finite.
@@ -253,7 +259,8 @@ def save_fusion(fusion: Fusion, out: str | Path, *, overwrite: bool = True) -> P
         "info": finite_or_none(info),
         "versions": versions(),
     }
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    known = [*fusion.lora_paths.values(), fusion.info.get("base_model"), fusion.info.get("tokenizer")]
+    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors({k: v.float() for k, v in fusion.tensors.items()}, tmp / "weights.safetensors")
         (tmp / "fusion.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return Path(out)

@@ -39,7 +39,9 @@ from torch.utils.hooks import RemovableHandle
 from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
 from lorafuse._io import (
+    OutputInputs,
     atomic_output_dir,
+    combine_inputs,
     read_json_file,
     read_safetensors,
     record_path,
@@ -177,8 +179,15 @@ class InstanceMixing:
         basis_paths: Mapping[str, str],
         base_model: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = True,
+        inputs: OutputInputs = (),
     ) -> Path:
-        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``."""
+        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``.
+
+        ``path`` must not be, contain or lie inside a basis LoRA, the base model, the tokenizer
+        recorded in ``extra``, nor any of ``inputs`` (training data).
+        """
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -191,7 +200,8 @@ class InstanceMixing:
         }
         if isinstance(meta.get("tokenizer"), str):
             meta["tokenizer"] = record_path(meta["tokenizer"])
-        with atomic_output_dir(path) as tmp:
+        known = [*basis_paths.values(), base_model, (extra or {}).get("tokenizer")]
+        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
             write_json(meta, tmp / "encoder.json")
         return Path(path)

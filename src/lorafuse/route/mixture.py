@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from lorafuse._checks import PositiveInt, StrictFiniteFloat, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._io import (
+    OutputInputs,
     atomic_output_dir,
+    combine_inputs,
     read_json_file,
     read_safetensors,
     record_path,
@@ -167,9 +169,21 @@ class Mixture:
             "versions": versions(),
         }
 
-    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write the mixture folder atomically (see the module docstring)."""
-        with atomic_output_dir(path) as tmp:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        extra: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = True,
+        inputs: OutputInputs = (),
+    ) -> Path:
+        """Write the mixture folder atomically (see the module docstring).
+
+        ``path`` must not be, contain or lie inside the base model, the tokenizer recorded in
+        ``extra``, nor any of ``inputs`` (training data).
+        """
+        known = [self.base_model, (extra or {}).get("tokenizer")]
+        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
                 save_lora(expert, tmp / "experts" / f"e{i}")

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafuse._data import encode_examples, encode_text
-from lorafuse._io import atomic_output_dir, versions
+from lorafuse._io import atomic_output_dir, recover_leftovers, versions
+from lorafuse.errors import OutputExistsError
 from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, DataSizes, read_jsonl, write_world_data
 from lorafuse.skillworld.tokenizer import build_tokenizer
@@ -205,13 +206,23 @@ def build_world(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Build (or reuse) the skill world for ``profile`` and ``seed``; returns its folder."""
+    """Build (or reuse) the skill world for ``profile`` and ``seed``; returns its folder.
+
+    A folder that exists, is not empty and holds no world (no ``manifest.json``) is only replaced
+    with ``force``; without it :class:`OutputExistsError` is raised before any work.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     spec = PROFILES[profile]
     out = Path(root) if root else default_world_dir(profile, seed)
+    recover_leftovers(out)  # a world whose replace was interrupted is restored, then reused
     if not force and is_complete(out, profile, seed):
         return out
+    if not force and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OutputExistsError(
+            f"{out}: exists and is not a skill world (no {MANIFEST}); choose another --dir, or "
+            "replace it with `lorafuse world build --dir ... --force`"
+        )
     torch.set_num_threads(spec.threads)
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -71,7 +71,7 @@ def finetune(root: Path, skill: str, config: TrainConfig, out: Path, progress: b
         desc=f"full fine-tune {skill}",
         progress=progress,
     )
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, inputs={"world": root}) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         info = {

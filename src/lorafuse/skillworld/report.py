@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lorafuse._io import atomic_output_dir, versions
+from lorafuse._io import OutputInputs, atomic_output_dir, versions
 
 
 def cell(values: list[float], seeded: bool) -> str:
@@ -81,11 +81,14 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: dict[str, Any], out: Path) -> Path:
-    """Write ``study.md``, ``study.json`` and ``study.png`` into the folder ``out`` (atomically)."""
+def write_report(result: dict[str, Any], out: Path, *, inputs: OutputInputs = ()) -> Path:
+    """Write ``study.md``, ``study.json`` and ``study.png`` into the folder ``out`` (atomically).
+
+    ``out`` must not be, contain or lie inside any of ``inputs`` (the skill world).
+    """
     record = {**result, "versions": versions()}
     table = format_table(result)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, inputs=inputs, what="--report") as tmp:
         (tmp / "study.json").write_text(json.dumps(record, indent=2) + "\n")
         header = (
             f"# Composition study\n\n{result['metric']}; seeds {result['seeds']}; "
