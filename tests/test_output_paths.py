@@ -35,7 +35,7 @@ from lorafuse.adapters import load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, decompress
 from lorafuse.errors import OutputExistsError, OutputPathError
 from lorafuse.fuse import save_fusion
-from lorafuse.fuse.fusion import Fusion
+from lorafuse.fuse.fusion import Fusion, adapter_hashes
 from lorafuse.route import Mixture, MixtureConfig
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
 
@@ -57,7 +57,14 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (root / "data").mkdir()
     (root / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    fusion = Fusion("static", ["a", "b"], {"weights": torch.tensor([0.5, 0.5])})
+    loras = {"a": root / "lib/a", "b": root / "lib/b"}
+    fusion = Fusion(
+        "static",
+        ["a", "b"],
+        {"weights": torch.tensor([0.5, 0.5])},
+        lora_paths={n: str(p) for n, p in loras.items()},
+        lora_hashes={n: adapter_hashes(p) for n, p in loras.items()},
+    )
     save_fusion(fusion, root / "fus")
     return root
 
@@ -170,7 +177,9 @@ CASES: list[tuple[str, Callable[[Path], None] | None, Action, str, str]] = [
      "base", "base"),
     ("api-fusion-around-its-loras", None,
      lambda w: lambda: save_fusion(Fusion("static", ["a"], {"weights": torch.ones(1)},
-                                          lora_paths={"a": str(w / "lib/a")}), w / "lib"), "lib", "lib/a"),
+                                          lora_paths={"a": str(w / "lib/a")},
+                                          lora_hashes={"a": adapter_hashes(w / "lib/a")}), w / "lib"),
+     "lib", "lib/a"),
     ("api-mixture-over-its-base", None, lambda w: lambda: _mixture_over_base(w), "base", "base"),
 ]  # fmt: skip
 
