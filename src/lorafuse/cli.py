@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -460,6 +461,24 @@ from lorafuse.cli_compress import register as _register_compress  # noqa: E402
 _register_compress(app, world_app)
 
 
+class _StderrNotices(logging.Handler):
+    """Library notices (``logging.getLogger("lorafuse.notices")``) as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a closed stream must not turn a notice into a crash
+            self.handleError(record)
+
+
+def _show_notices() -> None:
+    """Send lorafuse's notices to the user (such as a capped ``--max-new-tokens``) to stderr, unprefixed."""
+    logger = logging.getLogger("lorafuse.notices")
+    if not any(isinstance(h, _StderrNotices) for h in logger.handlers):
+        logger.addHandler(_StderrNotices(logging.WARNING))
+        logger.propagate = False
+
+
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2.
 
@@ -471,6 +490,7 @@ def main() -> None:
 
     # Deprecation chatter between transformers and peft releases is not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _show_notices()
     debug = "--debug" in sys.argv[1:] or os.environ.get("LORAFUSE_DEBUG", "") not in ("", "0")
     if "--debug" in sys.argv[1:]:
         sys.argv.remove("--debug")

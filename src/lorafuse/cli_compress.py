@@ -192,14 +192,11 @@ def compress(
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to replace it")
     params: dict[str, object] = parse_settings(settings or [])
+    flags = {"schedule": "--set schedule"}  # the flag that gave each setting, for messages
     if schedule is not None:
-        params["schedule"] = schedule
+        params["schedule"], flags["schedule"] = schedule, "--schedule"
     if quantizer is not None:
-        params["quantizer"] = quantizer
-    flags = {
-        "schedule": "--schedule" if schedule is not None else "--set schedule",
-        "quantizer": "--quantizer",
-    }
+        params["quantizer"], flags["quantizer"] = quantizer, "--quantizer"
     check_settings(get_method(method).params, params, method, flags)
     if isinstance(params.get("schedule"), str) and params["schedule"] != "auto":
         try:

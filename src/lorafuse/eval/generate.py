@@ -13,7 +13,7 @@ from lorafuse._checks import InvalidValueError, check_number
 from lorafuse._data import collate, decode, encode_examples, tokenize
 from lorafuse.eval.metrics import exact_match
 
-log = logging.getLogger("lorafuse")
+log = logging.getLogger("lorafuse.notices")  # shown to CLI users on stderr (lorafuse.cli.main)
 
 
 def context_length(model: nn.Module) -> int | None:
