@@ -21,7 +21,7 @@ ALLOWED = {
     "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress", "route"},
     "serve": {"adapters", "runtime", "compress", "fuse"},
 }
-BOTTOM = {"errors", "_io", "_data"}  # shared by every layer, import nothing of lorafuse themselves
+BOTTOM = {"errors", "_io", "_data", "_checks"}  # shared by every layer, import nothing of lorafuse themselves
 PURE_MATHS = [
     "adapters/lora.py",
     "runtime/functional.py",

@@ -241,6 +241,8 @@ def explain(
 ) -> None:
     """Show the gate: the answer with every token coloured by its fusion weights (layer selectable),
     and a layers × tokens heatmap PNG."""
+    from lorafuse._data import tokenize
+    from lorafuse.eval.generate import cap_new_tokens
     from lorafuse.fuse import LoRAFlow
     from lorafuse.fuse.explain import explain as run_explain
     from lorafuse.fuse.explain import write_explanation
@@ -249,6 +251,8 @@ def explain(
     flow = handle.fusion_source
     if not isinstance(flow, LoRAFlow):
         raise typer.BadParameter(f"{fusion} is a {loaded.method} fusion; explain needs a lora-flow fusion")
+    prompt_tokens = 1 + len(tokenize(tok, prompt))  # <s> + the prompt, as explain feeds it
+    max_new_tokens = cap_new_tokens(model, prompt_tokens, max_new_tokens)
     explanation = run_explain(model, tok, flow, loaded.lora_names, prompt, max_new_tokens=max_new_tokens)
     page, png = write_explanation(explanation, out)
     typer.echo(f"answer: {explanation.answer}")

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from lorafuse._data import decode, tokenize
 from lorafuse.errors import LorafuseError
-from lorafuse.eval.generate import cap_new_tokens
 from lorafuse.fuse.flow import LoRAFlow
 
 
@@ -45,7 +44,6 @@ def explain(
     """Generate an answer to ``prompt`` with the installed fusion and collect its weights per token."""
     device = next(model.parameters()).device
     prompt_ids = [tokenizer.bos_token_id, *tokenize(tokenizer, prompt)]
-    max_new_tokens = cap_new_tokens(model, len(prompt_ids), max_new_tokens)
     ids = torch.tensor([prompt_ids], device=device)  # (1, T0)
     out = model.generate(
         input_ids=ids,
