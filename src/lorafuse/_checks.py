@@ -70,6 +70,11 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _bound(limit: float) -> str:
+    """A range limit as written in messages: integers in full (``4294967295``), floats short."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
 def check_number(
     value: object,
     what: str,
@@ -97,8 +102,8 @@ def check_number(
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        lo = "" if low is None else f"{'>' if low_open else '≥'} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '≤'} {high:g}"
+        lo = "" if low is None else f"{'>' if low_open else '≥'} {_bound(low)}"
+        hi = "" if high is None else f"{'<' if high_open else '≤'} {_bound(high)}"
         rule = " and ".join(part for part in (lo, hi) if part)
         raise InvalidValueError(f"{what} must be {rule}, got {_shown(value)}")
     return value

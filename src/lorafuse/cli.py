@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +12,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from lorafuse import __version__
+from lorafuse._checks import InvalidValueError
+from lorafuse.cli_options import (
+    COUNT,
+    DTYPE,
+    POSITIVE,
+    SEED,
+    check_settings,
+    choice,
+    names_of,
+    parse_floats,
+    parse_names,
+    parse_settings,
+)
 from lorafuse.errors import LorafuseError
 
 if TYPE_CHECKING:
@@ -71,45 +85,46 @@ def inspect(
     """Describe adapters: base model, ranks, alpha, scale, targets, size and ‖ΔW‖_F per module kind.
 
     Norms are computed in factored form (never forming ΔW), so inspecting a 7B adapter is fast.
-    Exits with status 2 if any adapter cannot be read; the others are still shown.
+    An adapter that cannot be read, whatever the reason, does not stop the others: they are all
+    shown, then each failure is listed on one line and the exit status is 2.
     """
     from lorafuse.adapters import load_lora
     from lorafuse.adapters.summary import format_summary, summarize_lora
 
-    summaries, failed = [], False
+    summaries, failures = [], []
     for path in paths:
         try:
             summaries.append(summarize_lora(load_lora(path, allow_pickle=allow_pickle)))
         except LorafuseError as exc:
-            failed = True
-            typer.echo(f"error: {exc}", err=True)
+            failures.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+        except Exception as exc:  # a failure lorafuse did not foresee still must not hide the others
+            failures.append(f"{path}: unexpected {type(exc).__name__}: {exc}")
     if as_json:
         typer.echo(json.dumps(summaries, indent=2))
-    else:
+    elif summaries:
         typer.echo("\n\n".join(format_summary(s) for s in summaries))
-    if failed:
+    for failure in failures:
+        typer.echo(f"error: {failure}", err=True)
+    if failures:
         raise typer.Exit(2)
 
 
-def _parse_floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+def _merge_methods() -> list[str]:
+    from lorafuse.merge import MERGE_METHODS
+
+    return sorted(MERGE_METHODS)
 
 
-def _parse_settings(pairs: list[str]) -> dict[str, object]:
-    import yaml
+def _profiles() -> list[str]:
+    from lorafuse.skillworld import PROFILES
 
-    settings: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
-        settings[key.replace("-", "_")] = yaml.safe_load(value)
-    return settings
+    return sorted(PROFILES)
+
+
+def _composites() -> list[str]:
+    from lorafuse.skillworld import COMPOSITES
+
+    return list(COMPOSITES)
 
 
 @app.command()
@@ -124,6 +139,7 @@ def merge(
             "--method",
             "-m",
             help="cat | linear | svd | ties | dare_linear | dare_ties | magnitude_prune | lego.",
+            callback=choice(_merge_methods),
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output PEFT folder.")] = None,
@@ -133,13 +149,16 @@ def merge(
     ] = None,
     rank: Annotated[
         int | None,
-        typer.Option(help="Output rank K [default: Σr for cat, exact for linear, max r otherwise]."),
+        typer.Option(
+            help="Output rank K [default: Σr for cat, exact for linear, max r otherwise].", callback=COUNT
+        ),
     ] = None,
     density: Annotated[
         float | None, typer.Option(help="Fraction of each ΔW kept (ties, dare_*, magnitude_prune).")
     ] = None,
     majority_sign_method: Annotated[
-        str | None, typer.Option(help="total | frequency (ties, dare_ties).")
+        str | None,
+        typer.Option(help="total | frequency (ties, dare_ties).", callback=choice(("total", "frequency"))),
     ] = None,
     settings: Annotated[
         list[str] | None,
@@ -151,9 +170,12 @@ def merge(
     allow_different_bases: Annotated[
         bool, typer.Option(help="Merge LoRAs whose configs name different base models.")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed for DARE masks, randomized SVD, k-means.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed for DARE masks, randomized SVD, k-means.", callback=SEED)
+    ] = 0,
     dtype: Annotated[
-        str | None, typer.Option(help="float32 | float16 | bfloat16 [default: the inputs' dtype].")
+        str | None,
+        typer.Option(help="float32 | float16 | bfloat16 [default: the inputs' dtype].", callback=DTYPE),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     allow_pickle: Annotated[
@@ -174,36 +196,50 @@ def merge(
 
       lorafuse merge recipe.yaml
     """
-    import torch
-
+    from lorafuse._checks import MAX_MAGNITUDE, check_number
     from lorafuse.adapters import load_lora, save_lora
-    from lorafuse.merge import load_recipe
+    from lorafuse.cli_options import SEED_MAX, torch_dtype
+    from lorafuse.merge import get_method, load_recipe
     from lorafuse.merge import merge as run_merge
 
     if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
         recipe = load_recipe(inputs[0])
         adapters = [Path(m.adapter) for m in recipe.models]
-        weight_list: list[float] | None = [m.weight for m in recipe.models]
+        weight_list: list[float] | None = [
+            check_number(m.weight, f"{inputs[0]}: models[{i}].weight", low=-MAX_MAGNITUDE, high=MAX_MAGNITUDE)
+            for i, m in enumerate(recipe.models)
+        ]
         method_name, params = recipe.merge_method, dict(recipe.parameters)
-        rank, union, seed = recipe.rank, recipe.union, recipe.seed
+        rank, union = recipe.rank, recipe.union
+        seed = int(check_number(recipe.seed, f"{inputs[0]}: seed", integer=True, low=0, high=SEED_MAX))
         allow_different_bases = recipe.allow_different_bases
         dtype = dtype or recipe.dtype
         out = out or (Path(recipe.out) if recipe.out else None)
+        flags, where = {}, f"{inputs[0]}: parameters."
     else:
         if method is None:
             raise typer.BadParameter("--method is required unless a recipe .yaml is given")
         adapters, method_name = inputs, method
-        weight_list = _parse_floats(weights, "--weights")
-        params = _parse_settings(settings or [])
+        weight_list = parse_floats(weights, "--weights")
+        if weight_list is not None and len(weight_list) != len(adapters):
+            raise InvalidValueError(
+                f"--weights gives {len(weight_list)} weight(s) for {len(adapters)} adapter(s): {weights!r}"
+            )
+        params = parse_settings(settings or [])
+        flags = {}
         if density is not None:
-            params["density"] = density
+            params["density"], flags["density"] = density, "--density"
         if majority_sign_method is not None:
             params["majority_sign_method"] = majority_sign_method
+            flags["majority_sign_method"] = "--majority-sign-method"
+        where = "--set "
+    spec = get_method(method_name)  # a recipe's method is checked here, the flag's by its callback
+    check_settings(spec.params, params, method_name, flags, where=where)
     if out is None:
         raise typer.BadParameter("--out is required (or `out:` in the recipe)")
     sources = [*adapters, *(("recipe", r) for r in inputs if r.suffix in (".yaml", ".yml"))]
     check_out(out, sources, force=force)
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    out_dtype = torch_dtype(dtype) if dtype else None
     loras = [load_lora(a, allow_pickle=allow_pickle) for a in adapters]
     try:
         merged = run_merge(
@@ -214,7 +250,7 @@ def merge(
             union=union,
             allow_different_bases=allow_different_bases,
             seed=seed,
-            dtype=torch_dtype,
+            dtype=out_dtype,
             **params,
         )
     except ValueError as exc:  # bad settings, incompatible LoRAs: one clear line
@@ -230,19 +266,29 @@ def demo(
     quick: Annotated[
         bool, typer.Option("--quick", help="One seed and 100 test examples per task (about 5 minutes).")
     ] = False,
-    profile: Annotated[str, typer.Option(help="Skill world: default | tiny (for tests).")] = "default",
+    profile: Annotated[
+        str, typer.Option(help="Skill world: default | tiny (for tests).", callback=choice(_profiles))
+    ] = "default",
     world_dir: Annotated[
         Path | None, typer.Option("--dir", help="World folder [default: $LORAFUSE_HOME/world/...].")
     ] = None,
-    world_seed: Annotated[int, typer.Option(help="Seed of the skill world.")] = 0,
-    seeds: Annotated[int, typer.Option(help="Training seeds per learned method (mean ± std).")] = 3,
+    world_seed: Annotated[int, typer.Option(help="Seed of the skill world.", callback=SEED)] = 0,
+    seeds: Annotated[
+        int, typer.Option(help="Training seeds per learned method (mean ± std).", callback=COUNT)
+    ] = 3,
     limit: Annotated[
-        int | None, typer.Option(help="Test examples per task [default: 200, 100 with --quick].")
+        int | None,
+        typer.Option(help="Test examples per task [default: 200, 100 with --quick].", callback=COUNT),
     ] = None,
     composites: Annotated[
-        str | None, typer.Option(help="Comma-separated composite tasks [default: all four].")
+        str | None,
+        typer.Option(
+            help="Comma-separated composite tasks [default: all four].", callback=names_of(_composites)
+        ),
     ] = None,
-    epochs: Annotated[float, typer.Option(help="Training epochs of the learned methods.")] = 5,
+    epochs: Annotated[
+        float, typer.Option(help="Training epochs of the learned methods.", callback=POSITIVE)
+    ] = 5,
     report: Annotated[Path, typer.Option(help="Report folder (study.md, study.json, study.png).")] = Path(
         "lorafuse-report"
     ),
@@ -269,12 +315,7 @@ def demo(
     from lorafuse.skillworld.study import composition_study
 
     started = time.perf_counter()
-    if profile not in PROFILES:
-        raise typer.BadParameter(f"--profile must be one of {sorted(PROFILES)}")
-    chosen = [c.strip() for c in composites.split(",")] if composites else list(COMPOSITES)
-    unknown = sorted(set(chosen) - set(COMPOSITES))
-    if unknown:
-        raise typer.BadParameter(f"unknown composite task(s) {unknown}; choose from {COMPOSITES}")
+    chosen = parse_names(composites, "--composites", COMPOSITES) if composites else list(COMPOSITES)
     if not skip_check:
         check = run_demo(None, 0)
         typer.echo(format_demo(check))
@@ -309,12 +350,14 @@ app.add_typer(world_app, name="world")
 
 @world_app.command("build")
 def world_build(
-    profile: Annotated[str, typer.Option(help="default (the study) | tiny (for tests).")] = "default",
+    profile: Annotated[
+        str, typer.Option(help="default (the study) | tiny (for tests).", callback=choice(_profiles))
+    ] = "default",
     out_dir: Annotated[
         Path | None,
         typer.Option("--dir", help="World folder [default: $LORAFUSE_HOME/world/<profile>-seed<seed>]."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of everything in the world.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of everything in the world.", callback=SEED)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete build exists.")] = False,
 ) -> None:
     """Build the skill world deterministically (reusing a complete build), with progress.
@@ -336,12 +379,16 @@ def world_build(
 
 @world_app.command("eval")
 def world_eval(
-    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    profile: Annotated[
+        str, typer.Option(help="Which world: default | tiny.", callback=choice(_profiles))
+    ] = "default",
     out_dir: Annotated[
         Path | None, typer.Option("--dir", help="World folder [default: as world build].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
-    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world.", callback=SEED)] = 0,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many test examples per task.", callback=COUNT)
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the matrix as JSON here.")
     ] = None,
@@ -369,12 +416,16 @@ def world_eval(
 
 @world_app.command("merge-study")
 def world_merge_study(
-    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    profile: Annotated[
+        str, typer.Option(help="Which world: default | tiny.", callback=choice(_profiles))
+    ] = "default",
     out_dir: Annotated[
         Path | None, typer.Option("--dir", help="World folder [default: as world build].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world (and of the merges).")] = 0,
-    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the world (and of the merges).", callback=SEED)] = 0,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many test examples per task.", callback=COUNT)
+    ] = 100,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
@@ -403,13 +454,17 @@ def world_merge_study(
 
 @world_app.command("flow-ablation")
 def world_flow_ablation(
-    profile: Annotated[str, typer.Option(help="Which world: default | tiny.")] = "default",
+    profile: Annotated[
+        str, typer.Option(help="Which world: default | tiny.", callback=choice(_profiles))
+    ] = "default",
     out_dir: Annotated[
         Path | None, typer.Option("--dir", help="World folder [default: as world build].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
-    seeds: Annotated[int, typer.Option(help="Training seeds per variant.")] = 1,
-    limit: Annotated[int | None, typer.Option(help="Test examples per composite task.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the world.", callback=SEED)] = 0,
+    seeds: Annotated[int, typer.Option(help="Training seeds per variant.", callback=COUNT)] = 1,
+    limit: Annotated[
+        int | None, typer.Option(help="Test examples per composite task.", callback=COUNT)
+    ] = 100,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
@@ -438,6 +493,24 @@ from lorafuse.cli_compress import register as _register_compress  # noqa: E402
 _register_compress(app, world_app)
 
 
+class _StderrNotices(logging.Handler):
+    """Library notices (``logging.getLogger("lorafuse.notices")``) as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a closed stream must not turn a notice into a crash
+            self.handleError(record)
+
+
+def _show_notices() -> None:
+    """Send lorafuse's notices to the user (such as a capped ``--max-new-tokens``) to stderr, unprefixed."""
+    logger = logging.getLogger("lorafuse.notices")
+    if not any(isinstance(h, _StderrNotices) for h in logger.handlers):
+        logger.addHandler(_StderrNotices(logging.WARNING))
+        logger.propagate = False
+
+
 def main() -> None:
     """Entry point: run the CLI, turning lorafuse errors into one clear line and status 2.
 
@@ -449,6 +522,7 @@ def main() -> None:
 
     # Deprecation chatter between transformers and peft releases is not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _show_notices()
     debug = "--debug" in sys.argv[1:] or os.environ.get("LORAFUSE_DEBUG", "") not in ("", "0")
     if "--debug" in sys.argv[1:]:
         sys.argv.remove("--debug")

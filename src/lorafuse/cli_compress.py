@@ -13,6 +13,59 @@ from typing import Annotated, Any
 
 import typer
 
+from lorafuse._checks import InvalidValueError
+from lorafuse.cli_options import (
+    COUNT,
+    FILE,
+    FOLDER,
+    NON_NEGATIVE_COUNT,
+    SEED,
+    check_settings,
+    choice,
+    flag_of,
+    names_of,
+    parse_names,
+    parse_settings,
+    read_text,
+)
+from lorafuse.errors import LorafuseError
+
+
+def _methods() -> list[str]:
+    from lorafuse.compress import COMPRESS_METHODS
+
+    return sorted(COMPRESS_METHODS)
+
+
+def _world_tasks() -> list[str]:
+    from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS
+
+    return [*SKILLS, *POOL, *COMPOSITES]
+
+
+def check_budget(text: str, flag: str = "--budget") -> str:
+    """``text`` if it is a ratio in (0, 1] such as ``1/16`` or ``0.05``, else one line naming ``flag``."""
+    from lorafuse.compress import parse_budget
+
+    try:
+        parse_budget(text)
+    except LorafuseError as exc:
+        raise InvalidValueError(f"{flag}: {exc}") from None
+    return text
+
+
+def _budget(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    if not ctx.resilient_parsing:
+        check_budget(value, flag_of(param))
+    return value
+
+
+def _budgets(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    if not ctx.resilient_parsing:
+        for budget in parse_names(value, flag_of(param)):
+            check_budget(budget, flag_of(param))
+    return value
+
 
 def _tokenizer(candidates: list[Path]):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
@@ -32,9 +85,17 @@ def calibration_sequences(tokenizer, path: Path, samples: int, max_tokens: int, 
     """
     import torch
 
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(path, "--calib").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines]
+        rows = []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise InvalidValueError(f"--calib {path}: row {i} is not JSON") from None
+            if not isinstance(row, dict):
+                raise InvalidValueError(f"--calib {path}: row {i} is not an object")
+            rows.append(row)
         lines = [f"{r.get('prompt', '')} {r.get('completion', r.get('text', ''))}".strip() for r in rows]
     if not lines:
         raise typer.BadParameter(f"{path}: no calibration text")
@@ -57,39 +118,57 @@ def calibration_for(
 
 
 def compress(
-    base: Annotated[Path, typer.Option(help="Base model folder (HF, safetensors).", show_default=False)],
+    base: Annotated[
+        Path, typer.Option(help="Base model folder (HF, safetensors).", show_default=False, callback=FOLDER)
+    ],
     finetuned: Annotated[
-        Path, typer.Option(help="Fine-tuned model folder of the same base.", show_default=False)
+        Path,
+        typer.Option(help="Fine-tuned model folder of the same base.", show_default=False, callback=FOLDER),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", show_default=False)],
     method: Annotated[
-        str, typer.Option("--method", "-m", help="delta-come | low-rank | bitdelta | rtn.")
+        str,
+        typer.Option(
+            "--method", "-m", help="delta-come | low-rank | bitdelta | rtn.", callback=choice(_methods)
+        ),
     ] = "delta-come",
     budget: Annotated[
-        str, typer.Option(help="Bytes as a ratio of the fp16 delta: 1/16, 1/32, 0.05.")
+        str, typer.Option(help="Bytes as a ratio of the fp16 delta: 1/16, 1/32, 0.05.", callback=_budget)
     ] = "1/16",
     calib: Annotated[
         Path | None,
-        typer.Option(help="Calibration text (one sample per line, or .jsonl) for GPTQ and errors."),
+        typer.Option(
+            help="Calibration text (one sample per line, or .jsonl) for GPTQ and errors.", callback=FILE
+        ),
     ] = None,
     schedule: Annotated[
         str | None, typer.Option(help="delta-come: BITS:COUNT,... (* = as many as fit), 'paper' or 'auto'.")
     ] = None,
-    quantizer: Annotated[str | None, typer.Option(help="delta-come: gptq | rtn.")] = None,
+    quantizer: Annotated[
+        str | None, typer.Option(help="delta-come: gptq | rtn.", callback=choice(("gptq", "rtn")))
+    ] = None,
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="Other method settings, KEY=VALUE.")
     ] = None,
     keep_other: Annotated[
-        str, typer.Option(help="Changed embeddings/norms/LM head: base (keep the base's) | delta (store).")
+        str,
+        typer.Option(
+            help="Changed embeddings/norms/LM head: base (keep the base's) | delta (store).",
+            callback=choice(("base", "delta")),
+        ),
     ] = "base",
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder [default: the fine-tuned model's].")
+        Path | None, typer.Option(help="Tokenizer folder [default: the fine-tuned model's].", callback=FOLDER)
     ] = None,
-    samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.")] = 0,
+    samples: Annotated[int, typer.Option(help="Calibration samples.", callback=COUNT)] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per calibration sample.", callback=COUNT)] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration samples.", callback=SEED)] = 0,
     distill_steps: Annotated[
-        int, typer.Option(help="bitdelta: steps of scale distillation on --calib (BitDelta uses 200).")
+        int,
+        typer.Option(
+            help="bitdelta: steps of scale distillation on --calib (BitDelta uses 200).",
+            callback=NON_NEGATIVE_COUNT,
+        ),
     ] = 0,
     device: Annotated[
         str, typer.Option(help="Where SVD, GPTQ and calibration run: cpu | cuda | auto.")
@@ -106,16 +185,23 @@ def compress(
 
     Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
     """
-    from lorafuse.cli import _parse_settings, check_out
-    from lorafuse.compress import compress_checkpoint, save_compressed
+    from lorafuse.cli import check_out
+    from lorafuse.compress import compress_checkpoint, get_method, parse_schedule, save_compressed
 
     sources = {"--base": base, "--finetuned": finetuned, "--calib": calib, "--tokenizer": tokenizer}
     check_out(out, sources, force=force)
-    params: dict[str, object] = _parse_settings(settings or [])
+    params: dict[str, object] = parse_settings(settings or [])
+    flags = {"schedule": "--set schedule"}  # the flag that gave each setting, for messages
     if schedule is not None:
-        params["schedule"] = schedule
+        params["schedule"], flags["schedule"] = schedule, "--schedule"
     if quantizer is not None:
-        params["quantizer"] = quantizer
+        params["quantizer"], flags["quantizer"] = quantizer, "--quantizer"
+    check_settings(get_method(method).params, params, method, flags)
+    if isinstance(params.get("schedule"), str) and params["schedule"] != "auto":
+        try:
+            parse_schedule(str(params["schedule"]))
+        except LorafuseError as exc:
+            raise InvalidValueError(f"{flags['schedule']}: {exc}") from None
     if distill_steps and (method != "bitdelta" or calib is None):
         raise typer.BadParameter("--distill-steps needs --method bitdelta and --calib")
     import torch
@@ -179,7 +265,10 @@ def decompress(
     compressed: Annotated[
         Path, typer.Argument(help="A folder written by `lorafuse compress`.", show_default=False)
     ],
-    base: Annotated[Path, typer.Option(help="The base model it was compressed against.", show_default=False)],
+    base: Annotated[
+        Path,
+        typer.Option(help="The base model it was compressed against.", show_default=False, callback=FOLDER),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.", show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -196,11 +285,15 @@ def compress_study(
     out_dir: Annotated[
         Path | None, typer.Option("--dir", help="World folder [default: as world build].")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world and of the fine-tunes.")] = 0,
-    skills: Annotated[str, typer.Option(help="Comma-separated task skills to fine-tune.")] = "math,list",
-    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "1/16,1/32",
-    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.")] = 600,
-    limit: Annotated[int | None, typer.Option(help="At most this many test examples per task.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of the fine-tunes.", callback=SEED)] = 0,
+    skills: Annotated[
+        str, typer.Option(help="Comma-separated task skills to fine-tune.", callback=names_of(_world_tasks))
+    ] = "math,list",
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.", callback=_budgets)] = "1/16,1/32",
+    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.", callback=COUNT)] = 600,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many test examples per task.", callback=COUNT)
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from lorafuse.cli import app, check_out
+from lorafuse.cli_options import (
+    COUNT,
+    DEVICE,
+    DTYPE,
+    FILE,
+    FOLDER,
+    POSITIVE,
+    SEED,
+    check_device,
+    choice,
+    read_examples,
+    torch_dtype,
+)
+
+FUSE_METHODS = ("lora-flow", "cat", "lorahub", "average")
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -27,10 +41,15 @@ def load_base(
     base: Path, tokenizer: Path | None, dtype: str = "float32", device: str = "auto"
 ) -> tuple[Any, Any]:
     """The base model (``AutoModelForCausalLM``) and its tokenizer (from ``tokenizer``, the base
-    folder, or a ``tokenizer/`` folder beside it as in the skill world)."""
-    import torch
+    folder, or a ``tokenizer/`` folder beside it as in the skill world).
+
+    ``dtype`` (float32 | float16 | bfloat16) and ``device`` (auto | cpu | cuda[:N] | mps, present
+    on this machine) are checked first, so every verb loading a base refuses a bad one alike.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_type = torch_dtype(dtype)
+    device = check_device(device)
     if not base.is_dir():
         raise typer.BadParameter(f"--base {base}: no such folder")
     candidates = [tokenizer] if tokenizer else [base, base.parent / "tokenizer"]
@@ -41,56 +60,50 @@ def load_base(
         from lorafuse.fuse.loop import process_state
 
         device = str(process_state().device)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_type).to(device).eval()
     return model, AutoTokenizer.from_pretrained(str(found))
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"{path}:{i}: not JSON ({exc})") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("prompt"), str)
-            or not isinstance(row.get("completion"), str)
-        ):
-            raise typer.BadParameter(f'{path}:{i}: each line needs string fields "prompt" and "completion"')
-        rows.append(row)
-    if not rows:
-        raise typer.BadParameter(f"{path}: no examples")
-    return rows
 
 
 @app.command()
 def fuse(
-    base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).")],
+    base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).", callback=FOLDER)],
     lora: Annotated[list[str], typer.Option(help="NAME=DIR of a PEFT LoRA; repeat, task LoRA last.")],
-    train: Annotated[Path, typer.Option(help='Training examples, JSON lines {"prompt", "completion"}.')],
+    train: Annotated[
+        Path, typer.Option(help='Training examples, JSON lines {"prompt", "completion"}.', callback=FILE)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output fusion folder.")],
     dev: Annotated[
-        Path | None, typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.")
+        Path | None,
+        typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.", callback=FILE),
     ] = None,
-    method: Annotated[str, typer.Option(help="lora-flow | cat | lorahub | average.")] = "lora-flow",
-    epochs: Annotated[float, typer.Option(help="Passes over the training examples.")] = 5,
+    method: Annotated[
+        str, typer.Option(help="lora-flow | cat | lorahub | average.", callback=choice(FUSE_METHODS))
+    ] = "lora-flow",
+    epochs: Annotated[float, typer.Option(help="Passes over the training examples.", callback=POSITIVE)] = 5,
     lr: Annotated[
-        float | None, typer.Option(help="Learning rate [default: 1e-3 lora-flow, 1e-2 cat].")
+        float | None,
+        typer.Option(help="Learning rate [default: 1e-3 lora-flow, 1e-2 cat].", callback=POSITIVE),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step (over all processes).")] = 4,
-    granularity: Annotated[str, typer.Option(help="lora-flow gates: layer | module | step.")] = "layer",
+    batch_size: Annotated[
+        int, typer.Option(help="Examples per step (over all processes).", callback=COUNT)
+    ] = 4,
+    granularity: Annotated[
+        str,
+        typer.Option(
+            help="lora-flow gates: layer | module | step.", callback=choice(("layer", "module", "step"))
+        ),
+    ] = "layer",
     bias_in_softmax: Annotated[bool, typer.Option(help="Ablation: w = softmax(Wx/T + b).")] = False,
-    temperature: Annotated[float, typer.Option(help="Gate softmax temperature T.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the sampler and the search.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Gate softmax temperature T.", callback=POSITIVE)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and the search.", callback=SEED)] = 0,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint folder: resume from it after an interruption.")
     ] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: the base's].")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: the base's].", callback=FOLDER)
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.", callback=DTYPE)] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.", callback=DEVICE)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Learn how to combine existing LoRAs for a new task from a few examples (base and LoRAs frozen).
@@ -118,11 +131,11 @@ def fuse(
     }
     sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
     check_out(out, sources, force=force)
-    if method not in ("lora-flow", "cat", "lorahub", "average"):
-        raise typer.BadParameter(f"--method must be lora-flow, cat, lorahub or average, got {method!r}")
     loras = _pairs(lora, "--lora")
     if not loras:
         raise typer.BadParameter("give at least one --lora NAME=DIR")
+    train_rows = read_examples(train, "--train", typer.BadParameter)
+    dev_rows = read_examples(dev, "--dev", typer.BadParameter) if dev else None
     model, tok = load_base(base, tokenizer, dtype, device)
     train_config = CAT_TRAIN if method == "cat" else FLOW_TRAIN
     train_config = replace(train_config, epochs=epochs, batch_size=batch_size, lr=lr or train_config.lr)
@@ -134,9 +147,7 @@ def fuse(
         bias_in_softmax=bias_in_softmax,
         seed=seed,
     )
-    fusion = run_fuse(
-        model, tok, loras, _rows(train), _rows(dev) if dev else None, settings, checkpoint_dir=checkpoint
-    )
+    fusion = run_fuse(model, tok, loras, train_rows, dev_rows, settings, checkpoint_dir=checkpoint)
     fusion.info["tokenizer"] = str((tokenizer or base).resolve())
     from lorafuse.fuse.loop import process_state
 
@@ -186,20 +197,23 @@ def _attached(
 
 @app.command()
 def generate(
-    fusion: Annotated[Path, typer.Option(help="A fusion folder (lorafuse fuse --out).")],
+    fusion: Annotated[Path, typer.Option(help="A fusion folder (lorafuse fuse --out).", callback=FOLDER)],
     prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for a batch.")],
     base: Annotated[
-        Path | None, typer.Option(help="Base model folder [default: the one recorded in the fusion].")
+        Path | None,
+        typer.Option(help="Base model folder [default: the one recorded in the fusion].", callback=FOLDER),
     ] = None,
     lora: Annotated[
         list[str] | None, typer.Option(help="NAME=DIR: where a LoRA of the fusion now lives.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate at most (capped at the model's context).", callback=COUNT)
+    ] = 64,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].")
+        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].", callback=FOLDER)
     ] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.", callback=DTYPE)] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.", callback=DEVICE)] = "auto",
 ) -> None:
     """Generate greedily with a saved fusion attached (per-token gates, KV cache on).
 
@@ -214,23 +228,28 @@ def generate(
 
 @app.command()
 def explain(
-    fusion: Annotated[Path, typer.Option(help="A LoRA-Flow fusion folder.")],
+    fusion: Annotated[Path, typer.Option(help="A LoRA-Flow fusion folder.", callback=FOLDER)],
     prompt: Annotated[str, typer.Option(help="The prompt to answer.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write (+ OUT_heatmap.png).")],
     base: Annotated[
-        Path | None, typer.Option(help="Base model folder [default: recorded in the fusion].")
+        Path | None,
+        typer.Option(help="Base model folder [default: recorded in the fusion].", callback=FOLDER),
     ] = None,
     lora: Annotated[
         list[str] | None, typer.Option(help="NAME=DIR: where a LoRA of the fusion now lives.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate at most (capped at the model's context).", callback=COUNT)
+    ] = 64,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].")
+        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].", callback=FOLDER)
     ] = None,
 ) -> None:
     """Show the gate: the answer with every token coloured by its fusion weights (layer selectable),
     and a layers × tokens heatmap PNG."""
+    from lorafuse._data import tokenize
     from lorafuse._io import check_output_path
+    from lorafuse.eval.generate import cap_new_tokens
     from lorafuse.fuse import LoRAFlow
     from lorafuse.fuse.explain import explain as run_explain
     from lorafuse.fuse.explain import write_explanation
@@ -244,6 +263,8 @@ def explain(
     flow = handle.fusion_source
     if not isinstance(flow, LoRAFlow):
         raise typer.BadParameter(f"{fusion} is a {loaded.method} fusion; explain needs a lora-flow fusion")
+    prompt_tokens = 1 + len(tokenize(tok, prompt))  # <s> + the prompt, as explain feeds it
+    max_new_tokens = cap_new_tokens(model, prompt_tokens, max_new_tokens)
     explanation = run_explain(model, tok, flow, loaded.lora_names, prompt, max_new_tokens=max_new_tokens)
     page, png = write_explanation(explanation, out, inputs=sources)
     typer.echo(f"answer: {explanation.answer}")

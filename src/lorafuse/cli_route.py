@@ -8,6 +8,36 @@ from typing import Annotated, Any
 
 import typer
 
+from lorafuse._checks import InvalidValueError, check_number
+from lorafuse.cli_options import (
+    COUNT,
+    FILE,
+    FOLDER,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    choice,
+    names_of,
+    parse_ints,
+    parse_names,
+    read_examples,
+    read_text,
+)
+
+
+def _world_tasks() -> list[str]:
+    """Every task with data in a skill world (skills, pool tasks, composites)."""
+    from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS
+
+    return [*SKILLS, *POOL, *COMPOSITES]
+
+
+def _route_methods() -> list[str]:
+    from lorafuse.skillworld.route_study import METHODS
+
+    return list(METHODS)
+
+
 route_app = typer.Typer(
     help="Routing among LoRAs: mixtures of LoRA experts (softmax, ReMix), instance-level mixing, Arrow.",
     no_args_is_help=True,
@@ -25,8 +55,16 @@ def _world_paths(base: Path | None, tokenizer: Path | None) -> tuple[Path, Path,
 
 
 def _load(base: Path, tokenizer: Path) -> tuple[Any, Any]:
+    """The tokenizer and the float32 base model; a folder that holds neither is one line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (base / "config.json").is_file():
+        raise InvalidValueError(f"--base {base}: no config.json; expected a HuggingFace model folder")
+    if not any((tokenizer / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise InvalidValueError(
+            f"--tokenizer {tokenizer}: no tokenizer (tokenizer_config.json) in it; pass --tokenizer DIR"
+        )
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
@@ -46,27 +84,44 @@ def _named_loras(specs: list[str]) -> dict[str, Path]:
 @route_app.command("train")
 def route_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output mixture folder.")],
-    router: Annotated[str, typer.Option(help="softmax | remix.")] = "remix",
-    experts: Annotated[int, typer.Option(help="Number of new LoRA experts n.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Experts per token k.")] = 2,
-    rank: Annotated[int, typer.Option(help="Rank of each expert.")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha of each expert.")] = 32.0,
-    samples: Annotated[int, typer.Option(help="ReMix: sampled selections per example (M).")] = 4,
-    balance: Annotated[float, typer.Option(help="softmax: load-balancing loss weight.")] = 0.01,
+    router: Annotated[
+        str, typer.Option(help="softmax | remix.", callback=choice(("softmax", "remix")))
+    ] = "remix",
+    experts: Annotated[int, typer.Option(help="Number of new LoRA experts n.", callback=COUNT)] = 8,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Experts per token k (≤ --experts).", callback=COUNT)
+    ] = 2,
+    rank: Annotated[int, typer.Option(help="Rank of each expert.", callback=COUNT)] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha of each expert.", callback=POSITIVE)] = 32.0,
+    samples: Annotated[
+        int, typer.Option(help="ReMix: sampled selections per example (M).", callback=COUNT)
+    ] = 4,
+    balance: Annotated[
+        float, typer.Option(help="softmax: load-balancing loss weight.", callback=NON_NEGATIVE)
+    ] = 0.01,
     data: Annotated[
-        list[Path] | None, typer.Option("--data", help="JSONL files of {prompt, completion} (repeatable).")
+        list[Path] | None,
+        typer.Option("--data", help="JSONL files of {prompt, completion} (repeatable).", callback=FILE),
     ] = None,
     tasks: Annotated[
-        str | None, typer.Option(help="Skill-world tasks to mix when no --data [default: skills + pool].")
+        str | None,
+        typer.Option(
+            help="Skill-world tasks to mix when no --data [default: skills + pool].",
+            callback=names_of(_world_tasks),
+        ),
     ] = None,
     base: Annotated[
-        Path | None, typer.Option(help="HF base model folder [default: the skill world's].")
+        Path | None, typer.Option(help="HF base model folder [default: the skill world's].", callback=FOLDER)
     ] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 4e-3,
-    seed: Annotated[int, typer.Option(help="Seed of the experts, router, sampler and data order.")] = 0,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: --base].", callback=FOLDER)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.", callback=COUNT)] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.", callback=COUNT)] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=POSITIVE)] = 4e-3,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the experts, router, sampler and data order.", callback=SEED)
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train n new LoRA experts and a per-layer top-k router on a frozen base; save the mixture.
@@ -80,6 +135,7 @@ def route_train(
     from lorafuse.fuse.loop import TrainConfig
     from lorafuse.route import MixtureConfig, train_mixture
 
+    check_number(top_k, f"--top-k (experts per token, of --experts {experts})", high=experts)
     sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
     sources += [("--data", path) for path in data or []]
     check_out(out, sources, force=force)
@@ -87,8 +143,8 @@ def route_train(
     base_dir, tok_dir, world = _world_paths(base, tokenizer)
     sources.append(("the skill world", world))
     check_out(out, sources, force=force)
-    tok, model = _load(base_dir, tok_dir)
     rows = _training_rows(data, tasks, world)
+    tok, model = _load(base_dir, tok_dir)
     config = MixtureConfig(
         router=router,
         experts=experts,
@@ -116,7 +172,7 @@ def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | Non
     from lorafuse.skillworld.route_study import ROUTE_TASKS
 
     if data:
-        return [r for path in data for r in read_jsonl(path)]
+        return [r for path in data for r in read_examples(path, "--data")]
     if world is None:
         raise typer.BadParameter("--data is required with --base")
     names = tasks.split(",") if tasks else ROUTE_TASKS
@@ -130,21 +186,30 @@ def route_train_encoder(
         list[str] | None,
         typer.Option("--lora", help="NAME=DIR or DIR: the basis [default: world skills + pool]."),
     ] = None,
-    activation: Annotated[str, typer.Option(help="softmax | tanh.")] = "softmax",
+    activation: Annotated[
+        str, typer.Option(help="softmax | tanh.", callback=choice(("softmax", "tanh")))
+    ] = "softmax",
     top_k: Annotated[
-        int | None, typer.Option("--top-k", help="Keep the top-k coefficients [default: all].")
+        int | None,
+        typer.Option("--top-k", help="Keep the top-k coefficients [default: all].", callback=COUNT),
     ] = None,
-    dim: Annotated[int, typer.Option(help="Query/key width of the encoder.")] = 64,
+    dim: Annotated[int, typer.Option(help="Query/key width of the encoder.", callback=COUNT)] = 64,
     data: Annotated[
-        list[Path] | None, typer.Option("--data", help="JSONL {prompt, completion} files.")
+        list[Path] | None, typer.Option("--data", help="JSONL {prompt, completion} files.", callback=FILE)
     ] = None,
-    tasks: Annotated[str | None, typer.Option(help="Skill-world tasks when no --data.")] = None,
-    base: Annotated[Path | None, typer.Option(help="HF base folder [default: the skill world's].")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-2,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    tasks: Annotated[
+        str | None, typer.Option(help="Skill-world tasks when no --data.", callback=names_of(_world_tasks))
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="HF base folder [default: the skill world's].", callback=FOLDER)
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: --base].", callback=FOLDER)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.", callback=COUNT)] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.", callback=COUNT)] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=POSITIVE)] = 1e-2,
+    seed: Annotated[int, typer.Option(help="Seed.", callback=SEED)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).
@@ -169,10 +234,12 @@ def route_train_encoder(
         folders = {name: world / "loras" / name for name in ROUTE_TASKS}
     else:
         raise typer.BadParameter("--lora is required with --base")
+    if top_k is not None:
+        check_number(top_k, f"--top-k (coefficients kept, of {len(folders)} LoRAs)", high=len(folders))
     sources.append(("the skill world", world))
     check_out(out, sources, force=force)
-    tok, model = _load(base_dir, tok_dir)
     rows = _training_rows(data, tasks, world)
+    tok, model = _load(base_dir, tok_dir)
     basis = {name: load_lora(path) for name, path in folders.items()}
     config = EncoderConfig(activation=activation, top_k=top_k, dim=dim, seed=seed)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
@@ -189,23 +256,31 @@ def route_train_encoder(
 def route_generate(
     prompts: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
     mixture: Annotated[
-        Path | None, typer.Option(help="A mixture folder (route train) or an instance-encoder folder.")
+        Path | None,
+        typer.Option(help="A mixture folder (route train) or an instance-encoder folder.", callback=FOLDER),
     ] = None,
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="NAME=DIR or DIR: LoRAs for --arrow / --mode.")
     ] = None,
     arrow: Annotated[bool, typer.Option("--arrow", help="Route the --lora LoRAs with Arrow.")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", help="Arrow: LoRAs per token.")] = 3,
-    temperature: Annotated[float, typer.Option(help="Arrow: softmax temperature.")] = 1.0,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Arrow: LoRAs per token [default: 3, or all if fewer].", callback=COUNT),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Arrow: softmax temperature.", callback=POSITIVE)] = 1.0,
     mode: Annotated[str | None, typer.Option(help="Mode switch: the mode (LoRA set) to use.")] = None,
     modes: Annotated[
-        Path | None, typer.Option(help="JSON or YAML file {mode: [LoRA names]} for --mode.")
+        Path | None, typer.Option(help="JSON or YAML file {mode: [LoRA names]} for --mode.", callback=FILE)
     ] = None,
     base: Annotated[
-        Path | None, typer.Option(help="HF base folder [default: recorded / the world's].")
+        Path | None, typer.Option(help="HF base folder [default: recorded / the world's].", callback=FOLDER)
     ] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer folder [default: --base].")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder [default: --base].", callback=FOLDER)
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate (capped at the model's context).", callback=COUNT)
+    ] = 48,
 ) -> None:
     """Greedy generation (KV cache on) with a trained mixture, an instance encoder, Arrow or a mode.
 
@@ -220,7 +295,6 @@ def route_generate(
     import yaml
 
     from lorafuse.adapters import load_lora
-    from lorafuse.errors import LorafuseError
     from lorafuse.eval import generate
     from lorafuse.fuse.instance import InstanceMixing, mode_weights, read_encoder
     from lorafuse.route import ArrowSource, Mixture
@@ -229,6 +303,21 @@ def route_generate(
     chosen = sum([mixture is not None, arrow, mode is not None])
     if chosen != 1:
         raise typer.BadParameter("give exactly one of --mixture DIR, --arrow, --mode NAME")
+    folders = _named_loras(lora or [])
+    if mixture is None and not folders:
+        raise typer.BadParameter("--arrow and --mode need at least one --lora")
+    if arrow and top_k is not None:
+        check_number(top_k, f"--top-k (LoRAs per token, of the {len(folders)} --lora)", high=len(folders))
+    table: dict[str, Any] = {}
+    if mode is not None:
+        if modes is None:
+            raise typer.BadParameter("--mode needs --modes FILE")
+        try:
+            table = yaml.safe_load(read_text(modes, "--modes"))
+        except yaml.YAMLError as exc:
+            raise InvalidValueError(f"--modes {modes}: not YAML or JSON ({type(exc).__name__})") from None
+        if not isinstance(table, dict):
+            raise InvalidValueError(f"--modes {modes}: expected a mapping {{mode: [LoRA names]}}")
     meta: dict[str, Any] = {}
     encoder_meta: dict[str, Any] | None = None
     if mixture is not None and (mixture / "mixture.json").is_file():
@@ -249,18 +338,11 @@ def route_generate(
         basis = {name: load_lora(path) for name, path in encoder_meta["basis"].items()}
         InstanceMixing(model, basis, encoder)
     else:
-        folders = _named_loras(lora or [])
-        if not folders:
-            raise typer.BadParameter("--arrow and --mode need at least one --lora")
         handle = attach(model, {name: load_lora(path) for name, path in folders.items()})
         if arrow:
-            handle.set_source(ArrowSource(handle, model, top_k=top_k, temperature=temperature))
+            k = top_k if top_k is not None else min(3, len(folders))
+            handle.set_source(ArrowSource(handle, model, top_k=k, temperature=temperature))
         else:
-            if modes is None:
-                raise typer.BadParameter("--mode needs --modes FILE")
-            table = yaml.safe_load(modes.read_text())
-            if not isinstance(table, dict):
-                raise LorafuseError(f"{modes}: expected a mapping {{mode: [LoRA names]}}")
             assert mode is not None
             handle.set_weights(mode_weights(handle.names, table, mode))
     for prompt, text in zip(
@@ -269,25 +351,39 @@ def route_generate(
         typer.echo(f"{prompt} → {text}")
 
 
+def _seed_list(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    """``--seeds``: comma-separated whole numbers in [0, 2**32 - 1] (checked, kept as text)."""
+    if not ctx.resilient_parsing:
+        parse_ints(value, "--seeds")
+    return value
+
+
 def world_route_study(
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    methods: Annotated[str, typer.Option(help="Comma-separated: softmax,remix,encoder,arrow.")] = (
-        "softmax,remix,encoder,arrow"
-    ),
-    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
-    experts: Annotated[int, typer.Option(help="New experts n (softmax, remix).")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", help="LoRAs per token (every method).")] = 2,
-    samples: Annotated[int, typer.Option(help="ReMix M.")] = 4,
-    limit: Annotated[int, typer.Option(help="Test examples per task.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the world.")] = 0,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.", callback=_seed_list)] = "0,1,2",
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated: softmax,remix,encoder,arrow.", callback=names_of(_route_methods)),
+    ] = "softmax,remix,encoder,arrow",
+    steps: Annotated[int, typer.Option(help="Training steps per run.", callback=COUNT)] = 300,
+    experts: Annotated[int, typer.Option(help="New experts n (softmax, remix).", callback=COUNT)] = 8,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="LoRAs per token (every method).", callback=COUNT)
+    ] = 2,
+    samples: Annotated[int, typer.Option(help="ReMix M.", callback=COUNT)] = 4,
+    limit: Annotated[int, typer.Option(help="Test examples per task.", callback=COUNT)] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the world.", callback=SEED)] = 0,
     world: Annotated[
         Path | None,
-        typer.Option("--dir", help="An already built world folder [default: build/reuse default]."),
+        typer.Option(
+            "--dir", help="An already built world folder [default: build/reuse default].", callback=FOLDER
+        ),
     ] = None,
-    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="Torch threads.", callback=COUNT)] = 2,
     merge_with: Annotated[
         Path | None,
-        typer.Option(help="A previous --json result whose runs of other methods or seeds are kept."),
+        typer.Option(
+            help="A previous --json result whose runs of other methods or seeds are kept.", callback=FILE
+        ),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON (updated after every run).")
@@ -305,12 +401,28 @@ def world_route_study(
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
     from lorafuse.skillworld.route_study import (
+        ROUTE_TASKS,
         RouteStudySettings,
         format_route_study,
         health_curves,
         route_study,
     )
 
+    chosen = parse_names(methods, "--methods")
+    if {"softmax", "remix"} & set(chosen):
+        check_number(top_k, f"--top-k (experts per token, of --experts {experts})", high=experts)
+    if {"encoder", "arrow"} & set(chosen):
+        check_number(
+            top_k, f"--top-k (LoRAs per token, of the {len(ROUTE_TASKS)} world LoRAs)", high=len(ROUTE_TASKS)
+        )
+    previous = None
+    if merge_with:
+        try:
+            previous = json.loads(read_text(merge_with, "--merge-with"))
+        except (json.JSONDecodeError, RecursionError):
+            raise InvalidValueError(f"--merge-with {merge_with}: not JSON") from None
+        if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
+            raise InvalidValueError(f"--merge-with {merge_with}: not a route-study result (no 'runs' list)")
     torch.set_num_threads(threads)
     root = world or build_world(default_world_dir("default", seed), profile="default", seed=seed)
     settings = RouteStudySettings(
@@ -319,10 +431,9 @@ def world_route_study(
         samples=samples,
         steps=steps,
         limit=limit,
-        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        seeds=tuple(parse_ints(seeds, "--seeds")),
+        methods=tuple(chosen),
     )
-    previous = json.loads(merge_with.read_text()) if merge_with else None
 
     def save(result: dict[str, Any]) -> None:
         if previous is not None:

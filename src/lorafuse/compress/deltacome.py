@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from lorafuse.compress.budget import auto_allocate, fit_schedule, parse_schedule, vector_errors
@@ -33,9 +34,9 @@ BEST_CANDIDATES = ("8:2,3:32,2:*", "auto", "low-rank")
 class DeltaCoMeParams(Params):
     schedule: str = "best"  # or "paper" (8:2,3:32,2:*), "auto", "BITS:COUNT,..." (* = as many as fit)
     quantizer: Literal["gptq", "rtn"] = "gptq"
-    group_size: int = 128
+    group_size: int = Field(128, ge=1)
     act_order: bool = True
-    damp: float = 0.01
+    damp: float = Field(0.01, ge=0.0, le=1e6, allow_inf_nan=False)
 
 
 def output_error(approx: Tensor, delta: Tensor, hessian: Tensor | None) -> float:

@@ -8,6 +8,7 @@ are counted in the reported size.
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor
 
 from lorafuse.compress.quantize import rtn_quantize
@@ -17,7 +18,7 @@ from lorafuse.errors import BudgetError
 
 
 class RTNParams(Params):
-    group_size: int | None = None  # None: one group per row
+    group_size: int | None = Field(None, ge=1)  # None: one group per row
 
 
 def compress_rtn(

@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorafuse._checks import InvalidValueError, check_number
 from lorafuse._data import collate, decode, encode_examples, tokenize
 from lorafuse.eval.metrics import exact_match
+
+log = logging.getLogger("lorafuse.notices")  # shown to CLI users on stderr (lorafuse.cli.main)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """Tokens the model attends over at most (``config.max_position_embeddings``), if it says."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def cap_new_tokens(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens`` cut so that the prompt and the answer fit the model's context.
+
+    Asking for more than fits (``--max-new-tokens 100000``) is not an error: the cap is logged
+    once (one line on stderr unless logging is configured) and generation stops at the context.
+    A prompt that leaves no room at all is an :class:`~lorafuse._checks.InvalidValueError`.
+    """
+    check_number(max_new_tokens, "max_new_tokens", integer=True, low=1)
+    context = context_length(model)
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    room = context - prompt_tokens
+    if room < 1:
+        raise InvalidValueError(
+            f"a prompt of {prompt_tokens} tokens leaves no room to generate in the model's context of "
+            f"{context} tokens; shorten the prompt"
+        )
+    log.warning(
+        "note: max_new_tokens %d capped at %d (the model's context of %d tokens minus a prompt of %d)",
+        max_new_tokens,
+        room,
+        context,
+        prompt_tokens,
+    )
+    return room
 
 
 @torch.no_grad()
@@ -28,13 +65,17 @@ def generate(
 
     Prompts are tokenized and completions decoded by :func:`lorafuse._data.tokenize` /
     :func:`~lorafuse._data.decode`, the same as for training (word level: one id per word).
+    ``max_new_tokens`` is capped (:func:`cap_new_tokens`) so that the longest prompt and its
+    answer fit the model's context; the same cap applies to every batch.
     """
     device = next(model.parameters()).device
+    encoded = [[tokenizer.bos_token_id, *tokenize(tokenizer, p)] for p in prompts]
+    if encoded:
+        max_new_tokens = cap_new_tokens(model, max(len(c) for c in encoded), max_new_tokens)
+        min_new_tokens = min(min_new_tokens, max_new_tokens)
     outputs: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
-        chunk = [
-            [tokenizer.bos_token_id, *tokenize(tokenizer, p)] for p in prompts[start : start + batch_size]
-        ]
+        chunk = encoded[start : start + batch_size]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T) left-padded
         mask = torch.zeros_like(ids)

@@ -20,7 +20,9 @@ from lorafuse.merge.registry import FactorTriple, MergeMethod, register
 
 class LinearParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    tol: float = Field(1e-6, ge=0.0, description="relative singular-value cut-off for the exact rank")
+    tol: float = Field(
+        1e-6, ge=0.0, allow_inf_nan=False, description="relative singular-value cut-off for the exact rank"
+    )
 
 
 def merge_linear(
