@@ -96,9 +96,13 @@ CASES: list[tuple[str, str, str]] = [
     (
         "merge-recipe-nan-weight",
         "merge {recipe_nan} --out {out}",
-        "models[0].weight must be a finite number, got nan",
+        "models.0.weight: must be a finite number (got nan)",
     ),
-    ("merge-recipe-seed", "merge {recipe_seed} --out {out}", "seed must be ≥ 0"),
+    (
+        "merge-recipe-seed",
+        "merge {recipe_seed} --out {out}",
+        "seed: Input should be greater than or equal to 0",
+    ),
     # fuse
     ("fuse-dtype-bogus", FUSE + " --dtype bogus", "--dtype must be one of float32"),
     ("fuse-dtype-int8", FUSE + " --dtype int8", "--dtype must be one of float32"),
