@@ -85,7 +85,7 @@ def test_fuse_rejects_bad_input(tiny_world: Path, tmp_path: Path) -> None:
         str(tmp_path / "out"),
     ]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2 and 'needs string fields "prompt" and "completion"' in result.output
+    assert result.exit_code == 2 and 'string fields "prompt" and "completion"' in result.output
     assert not (tmp_path / "out").exists()
     args[4] = "m"
     assert "takes NAME=DIR" in runner.invoke(app, args).output

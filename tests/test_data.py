@@ -138,3 +138,53 @@ def test_read_rows_bad_files(tmp_path, name: str, content: str | bytes, message:
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataFormatError, match=message):
         read_rows(path)
+
+
+def test_cli_fuse_on_chat_rows_then_generate_with_the_template(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A {"messages"} JSONL trains LoRA-Flow gates from the CLI (gradient checkpointing on); the
+    fusion records that it is a chat fusion and `generate` renders prompts with the template."""
+    from conftest import run_cli
+    from lorafuse.fuse import load_fusion
+    from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
+
+    tok = chat_tokenizer()
+    model = tiny_llama(0, vocab_size=len(tok))
+    base = save_model(model, tmp_path / "base")
+    tok.save_pretrained(str(base))
+    a = random_peft_adapter(model, tmp_path / "a", seed=1, r=2, lora_alpha=4)
+    b = random_peft_adapter(model, tmp_path / "b", seed=2, r=2, lora_alpha=4)
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}] * 4
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = run_cli(
+        ["fuse", "--base", base, "--lora", f"a={a}", "--lora", f"b={b}", "--train", tmp_path / "train.jsonl",
+         "--epochs", "1", "--batch-size", "4", "--gradient-checkpointing", "--out", tmp_path / "fusion"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    fusion = load_fusion(tmp_path / "fusion")
+    assert fusion.info["chat"] is True and fusion.info["examples"]["train"] == 8
+    code, out, err = run_cli(
+        ["generate", "--fusion", tmp_path / "fusion", "--prompt", "what is 12 times 3 ?",
+         "--max-new-tokens", "4"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip() != ""
+
+
+def test_cli_fuse_refuses_chat_rows_without_a_template(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest import run_cli
+    from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
+
+    model = tiny_llama(0)
+    base = save_model(model, tmp_path / "base")
+    word_tokenizer().save_pretrained(str(base))
+    a = random_peft_adapter(model, tmp_path / "a", seed=1, r=2, lora_alpha=4)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    code, _, err = run_cli(
+        ["fuse", "--base", base, "--lora", f"a={a}", "--train", tmp_path / "train.jsonl",
+         "--out", tmp_path / "f"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "train:1: the tokenizer has no chat template" in err
+    assert err.count("error:") == 1 and "Traceback" not in err and not (tmp_path / "f").exists()

@@ -52,6 +52,17 @@ def decode(tokenizer, ids: Sequence[int]) -> str:  # type: ignore[no-untyped-def
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids a model is prompted with: ``<s> text`` as in training, or with ``chat`` the
+    tokenizer's chat template around one user turn, ready for the assistant's answer."""
+    if not chat:
+        return [*_bos(tokenizer), *tokenize(tokenizer, text)]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataFormatError("the tokenizer has no chat template; generate without chat")
+    rendered = _render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 def encode_examples(tokenizer, rows: Iterable[dict[str, str]]) -> list[Encoded]:  # type: ignore[no-untyped-def]
     """``<s> prompt completion </s>`` with labels on ``completion </s>`` only.
 

@@ -10,9 +10,9 @@ import typer
 from lorafuse.cli import app, check_out
 from lorafuse.cli_options import (
     COUNT,
+    DATA,
     DEVICE,
     DTYPE,
-    FILE,
     FOLDER,
     POSITIVE,
     SEED,
@@ -69,13 +69,32 @@ def fuse(
     base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).", callback=FOLDER)],
     lora: Annotated[list[str], typer.Option(help="NAME=DIR of a PEFT LoRA; repeat, task LoRA last.")],
     train: Annotated[
-        Path, typer.Option(help='Training examples, JSON lines {"prompt", "completion"}.', callback=FILE)
+        Path,
+        typer.Option(
+            help='Training examples: JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; '
+            "a Parquet/CSV/Arrow file; a saved datasets folder; or a dataset name.",
+            callback=DATA,
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output fusion folder.")],
     dev: Annotated[
         Path | None,
-        typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.", callback=FILE),
+        typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.", callback=DATA),
     ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            help='Render {"prompt", "completion"} rows with the chat template (a user and an assistant '
+            'turn); {"messages"} rows always are, with the loss on assistant turns only.'
+        ),
+    ] = False,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
+        ),
+    ] = False,
     method: Annotated[
         str, typer.Option(help="lora-flow | cat | lorahub | average.", callback=choice(FUSE_METHODS))
     ] = "lora-flow",
@@ -138,8 +157,15 @@ def fuse(
     dev_rows = read_examples(dev, "--dev", typer.BadParameter) if dev else None
     model, tok = load_base(base, tokenizer, dtype, device)
     train_config = CAT_TRAIN if method == "cat" else FLOW_TRAIN
-    train_config = replace(train_config, epochs=epochs, batch_size=batch_size, lr=lr or train_config.lr)
+    train_config = replace(
+        train_config,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr or train_config.lr,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     settings = FuseSettings(
+        chat=chat,
         method=method,  # type: ignore[arg-type]
         train=train_config,
         granularity=granularity,  # type: ignore[arg-type]
@@ -218,11 +244,14 @@ def generate(
     """Generate greedily with a saved fusion attached (per-token gates, KV cache on).
 
     The fusion's LoRAs are loaded from their recorded paths and checked against their SHA-256.
+    A fusion trained on chat data (`{"messages"}` rows or `fuse --chat`) gets each prompt as a
+    user turn in the tokenizer's chat template.
     """
     from lorafuse.eval import generate as run_generate
 
-    _, model, tok, _ = _attached(base, fusion, lora, tokenizer, dtype, device)
-    for text in run_generate(model, tok, prompt, max_new_tokens=max_new_tokens):
+    loaded, model, tok, _ = _attached(base, fusion, lora, tokenizer, dtype, device)
+    chat = bool(loaded.info.get("chat")) and bool(getattr(tok, "chat_template", None))
+    for text in run_generate(model, tok, prompt, max_new_tokens=max_new_tokens, chat=chat):
         typer.echo(text)
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COUNT",
     "COUNT_MAX",
+    "DATA",
     "DEVICE",
     "DTYPE",
     "DTYPES",
@@ -342,9 +343,18 @@ def read_text(path: Path, flag: str) -> str:
 
 def read_examples(
     path: Path, flag: str, error: Callable[[str], Exception] = InvalidValueError
-) -> list[dict[str, str]]:
-    """Training rows from a JSON-lines file: each non-empty line an object with string ``prompt``
-    and ``completion``; any other line, or a file without rows, raises ``error`` naming the line."""
+) -> list[dict[str, Any]]:
+    """Training rows from a JSON-lines file, a Parquet / CSV / Arrow file, a saved ``datasets``
+    folder or a dataset name (:func:`lorafuse._data.read_rows`).
+
+    Each JSON line is an object of one of the three kinds: ``{"messages": [...]}``,
+    ``{"prompt", "completion"}`` or ``{"text"}``; any other line, or a file without rows, raises
+    ``error`` naming the line. The rows' contents are checked when they are encoded.
+    """
+    if not (path.is_file() and path.suffix in (".jsonl", ".json")):
+        from lorafuse._data import read_rows
+
+        return read_rows(path)
     rows = []
     for i, line in enumerate(read_text(path, flag).splitlines(), 1):
         if not line.strip():
@@ -353,16 +363,34 @@ def read_examples(
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
             raise error(f"{flag} {path}:{i}: not JSON ({exc})") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("prompt"), str)
-            or not isinstance(row.get("completion"), str)
+        if not isinstance(row, dict) or not (
+            "messages" in row
+            or "text" in row
+            or (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str))
         ):
-            raise error(f'{flag} {path}:{i}: each line needs string fields "prompt" and "completion"')
+            raise error(
+                f'{flag} {path}:{i}: each line needs "messages", string fields "prompt" and "completion", '
+                'or "text"'
+            )
         rows.append(row)
     if not rows:
         raise error(f"{flag} {path}: no examples")
     return rows
+
+
+def _data_callback(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+    """A data file or folder that exists, or a dataset name (``org/name``, no file suffix)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    for path in _paths(value):
+        if path.exists() or (not path.suffix and not str(path).startswith((".", "/", "~"))):
+            continue
+        raise InvalidValueError(f"{flag_of(param)} {path}: no such file")
+    return value
+
+
+DATA: Callback = _data_callback
+"""Training data: an existing file or folder, or a dataset name for ``datasets.load_dataset``."""
 
 
 def _dtype_callback(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafuse._checks import InvalidValueError, check_number
-from lorafuse._data import collate, decode, encode_examples, tokenize
+from lorafuse._data import collate, decode, encode_examples, encode_prompt
 from lorafuse.eval.metrics import exact_match
 
 log = logging.getLogger("lorafuse.notices")  # shown to CLI users on stderr (lorafuse.cli.main)
@@ -59,9 +59,11 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
     min_new_tokens: int = 0,
+    chat: bool = False,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (``<s>`` prepended), cut at ``</s>`` (which is banned
-    before ``min_new_tokens`` tokens).
+    """Greedy completions of ``prompts`` (``<s>`` prepended, or each rendered as a user turn with
+    the chat template when ``chat``), cut at ``</s>`` (which is banned before ``min_new_tokens``
+    tokens).
 
     Prompts are tokenized and completions decoded by :func:`lorafuse._data.tokenize` /
     :func:`~lorafuse._data.decode`, the same as for training (word level: one id per word).
@@ -69,7 +71,8 @@ def generate(
     answer fit the model's context; the same cap applies to every batch.
     """
     device = next(model.parameters()).device
-    encoded = [[tokenizer.bos_token_id, *tokenize(tokenizer, p)] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if encoded:
         max_new_tokens = cap_new_tokens(model, max(len(c) for c in encoded), max_new_tokens)
         min_new_tokens = min(min_new_tokens, max_new_tokens)
@@ -77,7 +80,7 @@ def generate(
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
         chunk = encoded[start : start + batch_size]
         width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T) left-padded
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T) left-padded
         mask = torch.zeros_like(ids)
         for i, c in enumerate(chunk):
             ids[i, width - len(c) :] = torch.tensor(c)
@@ -90,7 +93,7 @@ def generate(
             do_sample=False,
             use_cache=True,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id,
         )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:

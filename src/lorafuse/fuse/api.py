@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorafuse._data import Encoded, encode_examples
+from lorafuse._data import Encoded, encode_rows
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.fuse.cat_weights import CatWeights
 from lorafuse.fuse.flow import flow_for
@@ -56,6 +56,7 @@ class FuseSettings:
     start: int | None = -1  # gate starts on this LoRA (the last, the task LoRA); None = uniform
     lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)
     seed: int = 0
+    chat: bool = False  # {"prompt", "completion"} rows as a user and an assistant turn (chat template)
 
     def train_config(self) -> TrainConfig:
         base = self.train or (CAT_TRAIN if self.method == "cat" else FLOW_TRAIN)
@@ -188,8 +189,10 @@ def fuse(
 ) -> Fusion:
     """Learn how to combine ``loras`` (``{name: LoRA or PEFT folder}``, in bank order) for a task.
 
-    ``train_rows``/``dev_rows`` are ``{"prompt", "completion"}`` rows; the loss covers completion
-    tokens only. ``options`` override :class:`FuseSettings` fields (``method="cat"``, ...).
+    ``train_rows``/``dev_rows`` are ``{"messages"}`` rows (the tokenizer's chat template, loss on
+    assistant turns only), ``{"prompt", "completion"}`` rows (loss on the completion; rendered as
+    a chat with ``chat=True``) or ``{"text"}`` rows (:func:`lorafuse._data.encode_rows`).
+    ``options`` override :class:`FuseSettings` fields (``method="cat"``, ...).
     The LoRA order matters for LoRA-Flow's start: the gate starts on the last LoRA (put the task
     LoRA last, as in the paper). Returns the fusion; the model is left as it was unless
     ``keep_attached``.
@@ -207,8 +210,8 @@ def fuse(
         else:
             loaded[name] = load_lora(item)
             paths[name], hashes[name] = str(Path(item).resolve()), adapter_hashes(Path(item))
-    train_data = encode_examples(tokenizer, train_rows)
-    dev_data = encode_examples(tokenizer, dev_rows) if dev_rows else None
+    train_data = encode_rows(tokenizer, train_rows, chat=settings.chat, source="train")
+    dev_data = encode_rows(tokenizer, dev_rows, chat=settings.chat, source="dev") if dev_rows else None
     handle = attach(model, loaded)
     try:
         fusion = fit_on_bank(
@@ -225,7 +228,11 @@ def fuse(
             detach(model)
     fusion.lora_paths, fusion.lora_hashes = paths, hashes
     fusion.info.update(
-        {"examples": {"train": len(train_data), "dev": len(dev_data or [])}, "seed": settings.seed}
+        {
+            "examples": {"train": len(train_data), "dev": len(dev_data or [])},
+            "seed": settings.seed,
+            "chat": settings.chat or any("messages" in row for row in train_rows),
+        }
     )
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
     if base:
