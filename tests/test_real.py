@@ -167,3 +167,105 @@ def test_serve_answers_chat_with_the_models_template(
                 text = client.completions.create(model=name, prompt=QUESTION, max_tokens=12, temperature=0)
                 text = text.choices[0].text
             assert text == expected[name], name
+
+
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."},
+    ]
+    for a, b in [(2, 3), (4, 5), (6, 1), (7, 2), (3, 3), (8, 1), (5, 4), (2, 6)]
+]
+
+
+def test_chat_fusion_trains_and_generates_with_the_template(
+    smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A {"messages"} JSONL trains LoRA-Flow gates on SmolLM2 from the CLI (gradient checkpointing
+    on); `generate` answers through the chat template."""
+    model = load(smollm2_dir)
+    a = random_peft_adapter(model, tmp_path / "a", seed=1, r=4, lora_alpha=4, target_modules=QV)
+    b = random_peft_adapter(model, tmp_path / "b", seed=2, r=4, lora_alpha=4, target_modules=QV)
+    del model
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    code, out, err = run_cli(
+        ["fuse", "--base", smollm2_dir, "--lora", f"a={a}", "--lora", f"b={b}", "--train", train,
+         "--epochs", "1", "--batch-size", "4", "--gradient-checkpointing", "--out", tmp_path / "fusion"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "gate parameters: 34,620 = 30 gates × (576 hidden × 2 LoRAs + 2 bias)" in out
+    code, out, err = run_cli(
+        ["generate", "--fusion", tmp_path / "fusion", "--prompt", "What is 2 plus 2?",
+         "--max-new-tokens", "8"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip() and "<|im_start|>" not in out
+
+
+def _arithmetic_text(seed: int, n: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        lines.append(f"Tom has {a} apples and finds {b} more, so he has {a} + {b} = {a + b} apples.")
+    return lines
+
+
+@torch.no_grad()
+def _perplexity(model: torch.nn.Module, tok, lines: list[str]) -> float:  # type: ignore[no-untyped-def]
+    total, count = 0.0, 0
+    for line in lines:
+        ids = torch.tensor([tok(line)["input_ids"]])
+        loss = model(input_ids=ids, labels=ids).loss
+        total += float(loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+def test_compressed_fine_tune_decompresses_to_a_model_that_keeps_the_gain(
+    smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real fine-tune (60 full AdamW steps on generated arithmetic text), compressed with the
+    default Delta-CoMe at 1/16 (layer-by-layer calibration), decompresses to a model that loads
+    and keeps most of the fine-tune's perplexity gain on held-out text."""
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model = load(smollm2_dir).train()
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    train = _arithmetic_text(0, 240)
+    for step in range(60):
+        batch = tok(train[4 * step : 4 * step + 4], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    ft = tmp_path / "ft"
+    model.save_pretrained(str(ft))
+    tok.save_pretrained(str(ft))
+    del model, optimizer
+    (tmp_path / "calib.txt").write_text("\n".join(_arithmetic_text(1, 32)) + "\n")
+    code, out, err = run_cli(
+        ["compress", "--base", smollm2_dir, "--finetuned", ft, "--budget", "1/16", "--calib",
+         tmp_path / "calib.txt", "--samples", "32", "--out", tmp_path / "delta"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(
+        ["decompress", tmp_path / "delta", "--base", smollm2_dir, "--out", tmp_path / "model"], capsys
+    )
+    assert code == 0, err
+    held_out = _arithmetic_text(2, 24)
+    ppl = {
+        name: _perplexity(load(path), tok, held_out)
+        for name, path in (("base", smollm2_dir), ("ft", ft), ("decompressed", tmp_path / "model"))
+    }
+    report = json.loads((tmp_path / "delta" / "compressed.json").read_text())
+    print(f"perplexity {ppl}; compressed: {out.strip()}; modules {len(report['modules'])}")
+    assert ppl["ft"] < ppl["base"]
+    assert ppl["decompressed"] < ppl["base"] - 0.5 * (ppl["base"] - ppl["ft"])  # keeps most of the gain
