@@ -188,3 +188,21 @@ def test_cli_fuse_refuses_chat_rows_without_a_template(tmp_path, capsys) -> None
     )  # fmt: skip
     assert code == 2 and "train:1: the tokenizer has no chat template" in err
     assert err.count("error:") == 1 and "Traceback" not in err and not (tmp_path / "f").exists()
+
+
+def test_cli_route_train_on_chat_rows(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest import run_cli
+    from lorafuse.tiny import save_model, tiny_llama
+
+    tok = chat_tokenizer()
+    base = save_model(tiny_llama(0, vocab_size=len(tok)), tmp_path / "base")
+    tok.save_pretrained(str(base))
+    rows = [{"messages": CONVERSATION}, {"prompt": "hello !", "completion": "hi ."}] * 4
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, _, err = run_cli(
+        ["route", "train", "--base", base, "--data", tmp_path / "train.jsonl", "--chat", "--experts", "2",
+         "--top-k", "1", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "mix"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "mix" / "mixture.json").is_file()

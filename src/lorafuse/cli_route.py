@@ -122,15 +122,24 @@ def route_train(
     seed: Annotated[
         int, typer.Option(help="Seed of the experts, router, sampler and data order.", callback=SEED)
     ] = 0,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            help='Render {"prompt", "completion"} rows with the chat template; {"messages"} rows always '
+            "are (loss on assistant turns only)."
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train n new LoRA experts and a per-layer top-k router on a frozen base; save the mixture.
+
+    --data takes {"messages"}, {"prompt", "completion"} or {"text"} rows (as `lorafuse fuse`).
 
     Example: lorafuse route train --router remix --experts 8 --top-k 2 --out mix/remix
     """
     import torch
 
-    from lorafuse._data import encode_examples
+    from lorafuse._data import encode_rows
     from lorafuse.cli import check_out
     from lorafuse.fuse.loop import TrainConfig
     from lorafuse.route import MixtureConfig, train_mixture
@@ -157,7 +166,12 @@ def route_train(
     )
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     mixture, losses = train_mixture(
-        model, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id, base_model=str(base_dir)
+        model,
+        encode_rows(tok, rows, chat=chat, source="--data"),
+        config,
+        train,
+        pad_id=tok.pad_token_id,
+        base_model=str(base_dir),
     )
     extra = {"tokenizer": str(tok_dir), "train": {"steps": steps, "batch_size": batch_size, "lr": lr}}
     mixture.save(out, extra | {"examples": len(rows)}, inputs=sources)
