@@ -244,8 +244,8 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
-    finally:
-        model.gradient_checkpointing_disable()
+    finally:  # transformers 5 renamed the switch-off (the old name warns)
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
 
 def train(
