@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +32,22 @@ def timed(fn: Callable[[], object], reps: int, device: str) -> list[float]:
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def run_in_child(target: Callable[..., None], *args: object) -> Any:
+    """``target(*args, queue)`` in a fresh spawned process; returns what it put on the queue.
+
+    Each measurement gets its own process, so its resident memory is its own.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def resident_mib() -> float:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from _common import PeakSampler
+from _common import PeakSampler, run_in_child
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"attention q_proj (4096×4096)": (4096, 4096), "mlp up_proj (11008×4096)": (11008, 4096)}
@@ -100,13 +100,7 @@ def child(
 
 
 def measure(path: str, method: str, settings: dict, budget: str, reps: int, threads: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(path, method, settings, budget, reps, threads, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return run_in_child(child, path, method, settings, budget, reps, threads)
 
 
 def main() -> None:

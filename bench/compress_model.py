@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from _common import PeakSampler
+from _common import PeakSampler, run_in_child
 
 RESULTS = Path(__file__).parent / "results"
 WIDTHS = {"7b": (4096, 11008, 32, 32000), "quick": (512, 1376, 8, 4000)}
@@ -152,16 +151,6 @@ def measure(
     queue.put(result)
 
 
-def run_child(target, *args):  # type: ignore[no-untyped-def]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def write_child(root: str, layers: int, width: str, seed: int, queue) -> None:  # type: ignore[no-untyped-def]
     queue.put(write_pair(Path(root), layers, width, seed))
 
@@ -197,9 +186,9 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"compress-model-{layers}-", dir=args.tmp))
         try:
             start = time.perf_counter()
-            sizes = run_child(write_child, str(root), layers, width, args.seed)
+            sizes = run_in_child(write_child, str(root), layers, width, args.seed)
             written = round(time.perf_counter() - start, 1)
-            result = run_child(
+            result = run_in_child(
                 measure,
                 str(root),
                 args.method,

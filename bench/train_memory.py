@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _common import PeakSampler
+from _common import PeakSampler, run_in_child
 
 RESULTS = Path(__file__).parent / "results"
 QV = ["q_proj", "v_proj"]
@@ -90,16 +89,6 @@ def child(model_dir: str, case: str, checkpointing: bool, args: dict, queue) -> 
     )
 
 
-def run(model_dir: str, case: str, checkpointing: bool, args: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(model_dir, case, checkpointing, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -117,7 +106,7 @@ def main() -> None:
     rows = []
     for checkpointing in (False, True):
         for case in ("peft-lora", "lora-flow"):
-            rows.append(run(args.model, case, checkpointing, settings))
+            rows.append(run_in_child(child, args.model, case, checkpointing, settings))
             print(json.dumps(rows[-1]), flush=True)
     meta = {
         "command": "python bench/train_memory.py " + " ".join(os.sys.argv[1:]),

@@ -12,9 +12,9 @@ Two entry points:
 - :func:`parse_model` for a whole JSON object against a frozen pydantic model, turning
   pydantic's multi-line ``ValidationError`` into one line naming the file, field and value.
 
-The pydantic field types below (``FiniteFloat``, ``PositiveFloat``, ``PositiveInt``, ...) are
-strict where JSON is ambiguous: a float field accepts an int, an int field refuses ``4.5`` and
-``true``, a bool field refuses strings and numbers.
+The pydantic field types below (``PositiveInt``, ``StrictFiniteFloat``, ``StrictPositiveFloat``,
+...) are strict where JSON is ambiguous: a float field accepts an int but not ``true`` or ``"8"``,
+an int field refuses ``4.5`` and ``true``, a bool field refuses strings and numbers.
 """
 
 from __future__ import annotations
@@ -27,11 +27,8 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, StringConstraints,
 from lorafuse.errors import LorafuseError
 
 __all__ = [
-    "FiniteFloat",
     "InvalidValueError",
-    "NonNegativeFloat",
     "NonNegativeInt",
-    "PositiveFloat",
     "PositiveInt",
     "Sha256Hex",
     "StrictBool",
@@ -52,9 +49,6 @@ class InvalidValueError(LorafuseError, ValueError):
     """A number, flag or field outside what lorafuse accepts (NaN, inf, wrong type, out of range)."""
 
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=False)]
-PositiveFloat = Annotated[float, Field(allow_inf_nan=False, gt=0, le=MAX_MAGNITUDE)]
-NonNegativeFloat = Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAX_MAGNITUDE)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 # For values read from files: JSON numbers only (``true`` and ``"8"`` are refused, ints accepted).

@@ -57,9 +57,15 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:  # 
     tokenizer's chat template around one user turn, ready for the assistant's answer."""
     if not chat:
         return [*_bos(tokenizer), *tokenize(tokenizer, text)]
+    return encode_chat(tokenizer, [{"role": "user", "content": text}])
+
+
+def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of a conversation in the tokenizer's chat template, ready for the assistant's
+    answer (the template carries its own special tokens, so none are added)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataFormatError("the tokenizer has no chat template; generate without chat")
-    rendered = _render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
+        raise DataFormatError("the tokenizer has no chat template; prompt it without chat")
+    rendered = _render(tokenizer, messages, generation_prompt=True)
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 

@@ -308,6 +308,11 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
     os.chmod(path, 0o666 & ~current_umask())
 
 
+def lorafuse_home() -> Path:
+    """``$LORAFUSE_HOME``, default ``~/.cache/lorafuse``: where built and converted things are cached."""
+    return Path(os.environ.get("LORAFUSE_HOME", Path.home() / ".cache" / "lorafuse"))
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries results depend on, for records beside outputs."""
     import platform

@@ -28,7 +28,7 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from lorafuse._io import write_text_atomic
+from lorafuse._io import lorafuse_home, write_text_atomic
 from lorafuse.adapters import load_lora
 from lorafuse.runtime import attach, detach
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
@@ -48,8 +48,7 @@ class DemoCheck:
 
 
 def default_dir() -> Path:
-    home = Path(os.environ.get("LORAFUSE_HOME", Path.home() / ".cache" / "lorafuse"))
-    return home / "demo"
+    return lorafuse_home() / "demo"
 
 
 def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> dict[str, Any]:

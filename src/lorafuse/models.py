@@ -18,15 +18,16 @@ under ``$LORAFUSE_HOME/models/<name>``; later calls return that folder at once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafuse._io import lorafuse_home
 from lorafuse.errors import LorafuseError
 
 MANIFEST = "lorafuse-model.json"
@@ -68,11 +69,6 @@ REAL_MODELS: dict[str, RealModel] = {
         ),
     )
 }
-
-
-def lorafuse_home() -> Path:
-    """``$LORAFUSE_HOME``, default ``~/.cache/lorafuse``: where built and converted things are cached."""
-    return Path(os.environ.get("LORAFUSE_HOME", Path.home() / ".cache" / "lorafuse"))
 
 
 def _spec(name: str) -> RealModel:
@@ -141,9 +137,9 @@ def prepare(name: str, *, home: Path | None = None, force: bool = False) -> Path
     A complete folder is reused unless ``force``.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafuse._io import atomic_output_dir, read_json_file, versions, write_json
+    from lorafuse._io import atomic_output_dir, versions, write_json
 
     spec = _spec(name)
     out = prepared_dir(name, home)
@@ -156,7 +152,7 @@ def prepare(name: str, *, home: Path | None = None, force: bool = False) -> Path
         folder, file = str(path.parent), path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(folder, gguf_file=file)
+        config = copy.deepcopy(loaded.config)  # the GGUF's metadata, read once
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -186,5 +182,4 @@ def prepare(name: str, *, home: Path | None = None, force: bool = False) -> Path
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    read_json_file(out / MANIFEST, LorafuseError, what="model manifest")
     return out

@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +31,17 @@ from lorafuse._io import (
 )
 from lorafuse.compress.budget import budget_nbytes, parse_budget
 from lorafuse.compress.calibrate import activation_error
-from lorafuse.compress.checkpoint import check_pair, is_linear, iter_pairs, iter_tensors, open_checkpoint
+from lorafuse.compress.checkpoint import (
+    ShardReader,
+    check_pair,
+    is_linear,
+    iter_pairs,
+    iter_tensors,
+    open_checkpoint,
+)
 from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
 from lorafuse.compress.registry import get_method
-from lorafuse.compress.sequential import _Reader, iter_layer_hessians
+from lorafuse.compress.sequential import iter_layer_hessians
 from lorafuse.compress.types import HalfFactors
 from lorafuse.errors import BudgetError, CompressError
 
@@ -136,8 +142,7 @@ def compress_checkpoint(
     bar = tqdm(total=len(ck_ft.shapes), desc=f"compress ({method})", unit="tensor", disable=not progress)
     done: set[str] = set()
     if calibration is not None:
-        with ExitStack() as stack:
-            read_base, read_ft = _Reader(ck_base, stack), _Reader(ck_ft, stack)
+        with ShardReader(ck_base) as read_base, ShardReader(ck_ft) as read_ft:
             for _, layer_hessians in iter_layer_hessians(
                 finetuned, calibration, device=device, progress=False
             ):

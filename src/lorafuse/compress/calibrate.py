@@ -53,11 +53,16 @@ def collect_hessians(
     return {p: (sums[p] / counts[p]).float() for p in sums}
 
 
+def output_energy(M: Tensor, hessian: Tensor | None, dtype: torch.dtype = torch.float64) -> float:
+    """``tr(M H Mᵀ) = ‖M X‖_F² / n`` for ``M (out, in)`` (``‖M‖_F²`` when ``hessian`` is None)."""
+    M = M.to(dtype)
+    if hessian is None:
+        return float((M * M).sum())
+    return float(((M @ hessian.to(dtype)) * M).sum())
+
+
 def activation_error(delta: Tensor, approx: Tensor, hessian: Tensor) -> float:
     """``‖(ΔW − ΔŴ) X‖_F / ‖ΔW X‖_F`` from ``H = X Xᵀ/n``: ``√(tr(E H Eᵀ) / tr(ΔW H ΔWᵀ))``."""
-    E = (approx - delta).double()  # (out, in)
-    D = delta.double()
-    H = hessian.double()
-    num = float(((E @ H) * E).sum())
-    den = float(((D @ H) * D).sum())
+    num = output_energy(approx.double() - delta.double(), hessian)
+    den = output_energy(delta, hessian)
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0

@@ -9,7 +9,6 @@ tensors in memory, never two models. Pickle checkpoints are refused.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -154,26 +153,49 @@ def check_pair(base: Checkpoint, finetuned: Checkpoint) -> None:
         )
 
 
+class ShardReader:
+    """Tensors of a checkpoint by name, each read on its own, one shard open at a time.
+
+    safetensors maps a shard into memory and the pages read stay resident while it is open, so
+    holding every shard open would make resident memory grow with the checkpoint; reading in
+    shard order (layer by layer) opens each shard once. Use it as a context manager.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._shard: Path | None = None
+        self._handle: Any = None
+
+    def get(self, key: str) -> Tensor:
+        shard = self.checkpoint.shards[key]
+        if shard != self._shard:
+            self.close()
+            self._handle = safe_open(str(shard), framework="pt", device="cpu").__enter__()
+            self._shard = shard
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._shard, self._handle = None, None
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def iter_pairs(
     base: Checkpoint, finetuned: Checkpoint, *, skip: Collection[str] = ()
 ) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """``(name, base tensor, fine-tuned tensor)``, one pair in memory at a time, in shard order;
-    names in ``skip`` are not read. Only the current shard of each checkpoint is open (mapped)."""
+    """``(name, base tensor, fine-tuned tensor)``, one pair in memory at a time, in the fine-tune's
+    shard order; names in ``skip`` are not read. Only one shard of each checkpoint is open."""
     keys = sorted(finetuned.shapes, key=lambda k: (str(finetuned.shards[k]), k))
-    by_shard: dict[Path, list[str]] = {}
-    for key in keys:
-        if key not in skip:
-            by_shard.setdefault(finetuned.shards[key], []).append(key)
-    for ft_shard, shard_keys in by_shard.items():
-        with ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for key in shard_keys:
-                for path in (base.shards[key], ft_shard):
-                    if path not in handles:
-                        handles[path] = stack.enter_context(
-                            safe_open(str(path), framework="pt", device="cpu")
-                        )
-                yield key, handles[base.shards[key]].get_tensor(key), handles[ft_shard].get_tensor(key)
+    with ShardReader(base) as read_base, ShardReader(finetuned) as read_ft:
+        for key in keys:
+            if key not in skip:
+                yield key, read_base.get(key), read_ft.get(key)
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[Path, dict[str, Tensor]]]:

@@ -23,6 +23,8 @@ from pydantic import Field
 from torch import Tensor
 
 from lorafuse.compress.budget import auto_allocate, fit_schedule, parse_schedule, vector_errors
+from lorafuse.compress.calibrate import output_energy
+from lorafuse.compress.lowrank import truncate
 from lorafuse.compress.quantize import QuantizedMatrix, gptq_quantize, gptq_quantize_segments, rtn_quantize
 from lorafuse.compress.registry import CompressMethod, Params, register
 from lorafuse.compress.types import HalfFactors, QuantFactors
@@ -41,10 +43,7 @@ class DeltaCoMeParams(Params):
 
 def output_error(approx: Tensor, delta: Tensor, hessian: Tensor | None) -> float:
     """``tr(E H Eᵀ)`` for ``E = approx − delta`` (``‖E‖_F²`` when ``hessian`` is None)."""
-    E = approx.float() - delta.float()  # (out, in)
-    if hessian is None:
-        return float((E * E).sum())
-    return float(((E @ hessian.float()) * E).sum())
+    return output_energy(approx.float() - delta.float(), hessian, torch.float32)
 
 
 def compress_delta_come(
@@ -59,7 +58,7 @@ def compress_delta_come(
     for candidate in BEST_CANDIDATES:
         try:
             if candidate == "low-rank":
-                module: QuantFactors | HalfFactors = _low_rank(U, S, Vh, budget, path)
+                module: QuantFactors | HalfFactors = truncate(U, S, Vh, budget, path, label="low-rank")
             else:
                 module = _quantized(U, S, Vh, candidate, hessian, budget, params, path)
         except BudgetError as exc:
@@ -71,14 +70,6 @@ def compress_delta_come(
     if best is None:
         raise BudgetError(problems[0])
     return best[1]
-
-
-def _low_rank(U: Tensor, S: Tensor, Vh: Tensor, budget: int, path: str) -> HalfFactors:
-    out, in_ = U.shape[0], Vh.shape[1]
-    k = min(budget // (2 * (out + in_)), S.numel())
-    if k < 1:
-        raise BudgetError(f"{path}: {budget} bytes cannot hold one fp16 singular vector pair")
-    return HalfFactors((U[:, :k] * S[:k]).half(), Vh[:k].half(), label="low-rank")
 
 
 def _quantized(

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, suppress
-from pathlib import Path
+from contextlib import suppress
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lorafuse._layers import find_decoder_layers
-from lorafuse.compress.checkpoint import Checkpoint, open_checkpoint
+from lorafuse.compress.checkpoint import ShardReader, open_checkpoint
 from lorafuse.errors import CompressError
 
 
@@ -40,36 +38,8 @@ class _Captured(Exception):
     """Raised by the pre-hook on layer 0 once its inputs are recorded (stops the forward)."""
 
 
-class _Reader:
-    """Tensors of a checkpoint by name, each read on its own.
-
-    One shard is open at a time: safetensors maps the file into memory, and the pages read stay
-    resident while it is open, so holding every shard open would make resident memory grow with
-    the checkpoint's size. Reading layer by layer touches the shards in order.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, stack: ExitStack) -> None:
-        self.checkpoint = checkpoint
-        self._shard: Path | None = None
-        self._handle: Any = None
-        stack.callback(self.close)
-
-    def get(self, key: str) -> Tensor:
-        shard = self.checkpoint.shards[key]
-        if shard != self._shard:
-            self.close()
-            self._handle = safe_open(str(shard), framework="pt", device="cpu").__enter__()
-            self._shard = shard
-        return self._handle.get_tensor(key)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._shard, self._handle = None, None
-
-
 def _materialise(
-    model: nn.Module, names: Sequence[str], reader: _Reader, device: torch.device, dtype: torch.dtype
+    model: nn.Module, names: Sequence[str], reader: ShardReader, device: torch.device, dtype: torch.dtype
 ) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
@@ -156,8 +126,7 @@ def iter_layer_hessians(
     outside = [
         n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and "lm_head" not in n
     ]
-    with ExitStack() as stack:
-        reader = _Reader(checkpoint, stack)
+    with ShardReader(checkpoint) as reader:
         _materialise(model, outside, reader, device, dtype)
         for name, buffer in model.named_buffers():
             if buffer.device.type == "meta":

@@ -41,7 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lorafuse._checks import check_number
-from lorafuse._data import tokenize
+from lorafuse._data import encode_chat
+from lorafuse._data import encode_prompt as data_encode_prompt
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
@@ -508,8 +509,7 @@ def check_prompt(ids: list[int], limits: Limits) -> list[int]:
 
 def encode_prompt(tokenizer, text: str, limits: Limits) -> list[int]:  # type: ignore[no-untyped-def]
     """``<s>`` (when the tokenizer has one) + the prompt's tokens, as in training and evaluation."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return check_prompt([*bos, *tokenize(tokenizer, text)], limits)
+    return check_prompt(data_encode_prompt(tokenizer, text), limits)
 
 
 def chat_prompt(tokenizer, body: ChatRequest, limits: Limits) -> list[int]:  # type: ignore[no-untyped-def]
@@ -517,6 +517,5 @@ def chat_prompt(tokenizer, body: ChatRequest, limits: Limits) -> list[int]:  # t
     texts joined by newlines (the skill world's tokenizer has no template)."""
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return check_prompt(list(tokenizer(text, add_special_tokens=False)["input_ids"]), limits)
+        return check_prompt(encode_chat(tokenizer, messages), limits)
     return encode_prompt(tokenizer, "\n".join(m["content"] for m in messages), limits)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafuse._data import encode_examples, encode_text
-from lorafuse._io import atomic_output_dir, recover_leftovers, versions
+from lorafuse._io import atomic_output_dir, lorafuse_home, recover_leftovers, versions
 from lorafuse.errors import OutputExistsError
 from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, DataSizes, read_jsonl, write_world_data
@@ -111,7 +111,7 @@ PROFILES: dict[str, Profile] = {
 
 
 def world_home() -> Path:
-    return Path(os.environ.get("LORAFUSE_HOME", Path.home() / ".cache" / "lorafuse")) / "world"
+    return lorafuse_home() / "world"
 
 
 def default_world_dir(profile: str = "default", seed: int = 0) -> Path:
