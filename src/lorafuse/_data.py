@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ def read_rows(source: str | os.PathLike[str], *, split: str = "train") -> list[d
     """
     path = Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
+        return read_jsonl(path)
     try:
         import datasets
     except ImportError:
@@ -239,33 +239,53 @@ def read_rows(source: str | os.PathLike[str], *, split: str = "train") -> list[d
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def read_jsonl(
+    path: Path, *, where: str | None = None, error: Callable[[str], Exception] = DataFormatError
+) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (or a ``.json`` list), each of one of the three kinds.
+
+    Every problem's message starts with ``where`` (default: the path): unreadable or non-UTF-8
+    text raise :class:`DataFormatError`; a line that is not JSON or not an object, an object that
+    is none of the three kinds (naming the line) and a file without rows raise ``error``. The
+    rows' contents are checked when they are encoded (:func:`encode_rows`).
+    """
+    where = where or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    except OSError as exc:  # the file itself: always a DataFormatError (one line from the CLI)
+        raise DataFormatError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        raise DataFormatError(f"{where}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             loaded = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
-        rows = [r for r in loaded if isinstance(r, dict)]
-        if len(rows) != len(loaded):
-            raise DataFormatError(f"{path}: a JSON list of rows must hold only objects")
+            raise error(f"{where}: not valid JSON ({exc})") from None
+        numbered = list(enumerate(loaded, 1))
     else:
+        numbered = []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                numbered.append((i, json.loads(line)))
             except (json.JSONDecodeError, RecursionError) as exc:
-                raise DataFormatError(f"{path}:{i}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}:{i}: each line must be a JSON object")
-            rows.append(row)
+                raise error(f"{where}:{i}: not JSON ({exc})") from None
+    rows: list[dict[str, Any]] = []
+    for i, row in numbered:
+        if not isinstance(row, dict):
+            raise error(f"{where}:{i}: each line must be a JSON object")
+        if not (
+            "messages" in row
+            or "text" in row
+            or (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str))
+        ):
+            raise error(
+                f'{where}:{i}: each line needs "messages", string fields "prompt" and "completion", or "text"'
+            )
+        rows.append(row)
     if not rows:
-        raise DataFormatError(f"{path}: no examples")
+        raise error(f"{where}: no examples")
     return rows
 
 

@@ -14,7 +14,6 @@ LoraHub's search, takes no more); rates, temperatures and epochs are finite and 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -345,37 +344,13 @@ def read_examples(
     path: Path, flag: str, error: Callable[[str], Exception] = InvalidValueError
 ) -> list[dict[str, Any]]:
     """Training rows from a JSON-lines file, a Parquet / CSV / Arrow file, a saved ``datasets``
-    folder or a dataset name (:func:`lorafuse._data.read_rows`).
+    folder or a dataset name (:func:`lorafuse._data.read_rows`); a bad JSON line raises ``error``
+    naming the flag, the file and the line (:func:`lorafuse._data.read_jsonl`)."""
+    from lorafuse._data import read_jsonl, read_rows
 
-    Each JSON line is an object of one of the three kinds: ``{"messages": [...]}``,
-    ``{"prompt", "completion"}`` or ``{"text"}``; any other line, or a file without rows, raises
-    ``error`` naming the line. The rows' contents are checked when they are encoded.
-    """
-    if not (path.is_file() and path.suffix in (".jsonl", ".json")):
-        from lorafuse._data import read_rows
-
-        return read_rows(path)
-    rows = []
-    for i, line in enumerate(read_text(path, flag).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise error(f"{flag} {path}:{i}: not JSON ({exc})") from None
-        if not isinstance(row, dict) or not (
-            "messages" in row
-            or "text" in row
-            or (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str))
-        ):
-            raise error(
-                f'{flag} {path}:{i}: each line needs "messages", string fields "prompt" and "completion", '
-                'or "text"'
-            )
-        rows.append(row)
-    if not rows:
-        raise error(f"{flag} {path}: no examples")
-    return rows
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        return read_jsonl(path, where=f"{flag} {path}", error=error)
+    return read_rows(path)
 
 
 def _data_callback(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:

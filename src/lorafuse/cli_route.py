@@ -312,6 +312,7 @@ def route_generate(
     from lorafuse.eval import generate
     from lorafuse.fuse.instance import InstanceMixing, mode_weights, read_encoder
     from lorafuse.route import ArrowSource, Mixture
+    from lorafuse.route.mixture import read_mixture_meta
     from lorafuse.runtime import attach
 
     chosen = sum([mixture is not None, arrow, mode is not None])
@@ -335,7 +336,7 @@ def route_generate(
     meta: dict[str, Any] = {}
     encoder_meta: dict[str, Any] | None = None
     if mixture is not None and (mixture / "mixture.json").is_file():
-        meta = json.loads((mixture / "mixture.json").read_text())
+        meta = read_mixture_meta(mixture)  # validated, recorded paths resolved
     elif mixture is not None:
         encoder_meta, encoder = read_encoder(mixture)
         meta = encoder_meta
