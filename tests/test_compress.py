@@ -122,6 +122,22 @@ def test_bitdelta_scale_is_l2_optimal() -> None:
         assert best < float((module.delta() * factor - delta).norm())
 
 
+@pytest.mark.parametrize("method", ["delta-come", "low-rank", "bitdelta", "rtn"])
+def test_packed_modules_hold_what_is_written_and_rebuild_exactly(method: str) -> None:
+    from lorafuse.compress.format import PackedModules
+
+    delta = long_tailed(96, 64)
+    spec = COMPRESS_METHODS[method]
+    X = correlated_inputs(200, 64)  # (n, in)
+    module = spec.fn(delta, X.T @ X / len(X), 96 * 64 * 2 // 16, spec.params(), "m")
+    packed = PackedModules()
+    packed.add("m", module)
+    held = sum(t.nbytes for t in packed.packed("m").tensors.values())
+    assert held == module.nbytes == packed.packed("m").nbytes  # no unpacked codes kept
+    rebuilt = packed["m"]
+    assert type(rebuilt) is type(module) and torch.equal(rebuilt.delta(), module.delta())
+
+
 def test_parse_budget() -> None:
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.05") == 0.05 and parse_budget(0.5) == 0.5
     for bad in ("abc", "0", "2", "1/0"):

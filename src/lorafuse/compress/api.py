@@ -39,7 +39,7 @@ from lorafuse.compress.checkpoint import (
     iter_tensors,
     open_checkpoint,
 )
-from lorafuse.compress.format import CompressedDelta, load_compressed, save_compressed
+from lorafuse.compress.format import CompressedDelta, PackedModules, load_compressed, save_compressed
 from lorafuse.compress.registry import get_method
 from lorafuse.compress.sequential import iter_layer_hessians
 from lorafuse.compress.types import HalfFactors
@@ -98,7 +98,7 @@ def compress_checkpoint(
     ck_base, ck_ft = open_checkpoint(base), open_checkpoint(finetuned)
     check_pair(ck_base, ck_ft)
     started = time.perf_counter()
-    modules, other, report = {}, {}, {}
+    modules, other, report = PackedModules(), {}, {}
     kept: dict[str, dict[str, Any]] = {}
 
     def compress_linear(key: str, w_base: Tensor, w_ft: Tensor, H: Tensor | None) -> None:
@@ -136,7 +136,7 @@ def compress_checkpoint(
             entry["choice"] = choice
         if H is not None:
             entry["activation_error"] = activation_error(diff, approx, H)
-        modules[path] = _on_cpu(module, path)
+        modules.add(path, module)  # packed, on the CPU
         report[path] = entry
 
     bar = tqdm(total=len(ck_ft.shapes), desc=f"compress ({method})", unit="tensor", disable=not progress)
@@ -196,14 +196,6 @@ def full_rank_half(delta: Tensor) -> HalfFactors:
     if out <= in_:
         return HalfFactors(torch.eye(out).half(), delta.half(), label="full-rank")
     return HalfFactors(delta.half(), torch.eye(in_).half(), label="full-rank")
-
-
-def _on_cpu(module: Any, path: str) -> Any:
-    """The same compressed module with its tensors on the CPU (a no-op for CPU modules)."""
-    tensors = module.to_tensors(path)
-    if all(t.device.type == "cpu" for t in tensors.values()):
-        return module
-    return type(module).from_tensors({k: t.cpu() for k, t in tensors.items()}, path, module.meta())
 
 
 def decompress(

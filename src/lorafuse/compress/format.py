@@ -14,6 +14,7 @@ folder is written atomically; reading it never runs pickle.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +46,60 @@ DELTA = "delta.safetensors"
 OTHER = "other.safetensors"
 
 
+@dataclass(frozen=True)
+class _Packed:
+    kind: str
+    shape: tuple[int, int]
+    nbytes: int
+    factored: bool
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]  # the packed tensors written to ``delta.safetensors``
+
+
+class PackedModules(Mapping[str, CompressedModule]):
+    """Compressed modules held as the packed tensors they are written as, rebuilt on access.
+
+    A module in memory keeps its codes unpacked (one byte per 2-bit code, one per sign bit);
+    held packed, a whole checkpoint's delta costs what it costs on disk (``budget × fp16``), so
+    compressing layer by layer does not accumulate 4–8× the output. ``packed[path]`` rebuilds
+    the module (a fresh object each time, on the CPU).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, _Packed] = {}
+
+    def add(self, path: str, module: CompressedModule) -> None:
+        self._items[path] = _Packed(
+            module.kind,
+            tuple(module.shape),
+            module.nbytes,
+            module.factored,
+            module.meta(),
+            {k: t.cpu() for k, t in module.to_tensors(path).items()},
+        )
+
+    def packed(self, path: str) -> _Packed:
+        return self._items[path]
+
+    def __getitem__(self, path: str) -> CompressedModule:
+        item = self._items[path]
+        return KINDS[item.kind].from_tensors(item.tensors, path, item.meta)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _records(modules: Mapping[str, CompressedModule]) -> Iterator[tuple[str, Any]]:
+    """``(path, record)`` with ``kind``/``shape``/``nbytes``/``factored``, without unpacking."""
+    if isinstance(modules, PackedModules):
+        yield from ((p, modules.packed(p)) for p in modules)
+    else:
+        yield from modules.items()
+
+
 @dataclass
 class CompressedDelta:
     """A compressed fine-tuning delta: one :class:`CompressedModule` per linear layer."""
@@ -52,23 +107,23 @@ class CompressedDelta:
     method: str
     params: dict[str, Any]
     budget: float
-    modules: dict[str, CompressedModule]  # module path (weight name without ``.weight``)
+    modules: Mapping[str, CompressedModule]  # module path (weight name without ``.weight``)
     other: dict[str, Tensor] = field(default_factory=dict)  # tensor name → plain fp32 delta
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the compressed linear layers (scales, zero points, permutations included)."""
-        return sum(m.nbytes for m in self.modules.values())
+        return sum(m.nbytes for _, m in _records(self.modules))
 
     @property
     def fp16_nbytes(self) -> int:
         """Bytes of the same deltas in fp16: ``2 · out · in`` per module."""
-        return sum(2 * m.shape[0] * m.shape[1] for m in self.modules.values())
+        return sum(2 * m.shape[0] * m.shape[1] for _, m in _records(self.modules))
 
     @property
     def factored(self) -> bool:
-        return all(m.factored for m in self.modules.values())
+        return all(m.factored for _, m in _records(self.modules))
 
     def to_lora(self, name: str | None = None) -> LoRA:
         """The delta as a LoRA (``A = V̂ᵀ``, ``B = Û diag(S)``, scale 1) for :func:`lorafuse.attach`.
@@ -78,7 +133,7 @@ class CompressedDelta:
         Non-linear tensors stored as plain deltas are not part of the LoRA (``apply_delta(...,
         linear=False)`` adds them to the model).
         """
-        dense = sorted({m.kind for m in self.modules.values() if not m.factored})
+        dense = sorted({m.kind for _, m in _records(self.modules) if not m.factored})
         if dense:
             raise CompressError(
                 f"a {self.method} delta is dense ({', '.join(dense)}): it has no low-rank factors to "
@@ -107,9 +162,10 @@ def save_compressed(
     """
     tensors: dict[str, Tensor] = {}
     modules: dict[str, Any] = {}
-    for path, m in delta.modules.items():
-        tensors |= m.to_tensors(path)
-        modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": m.meta()}
+    for path, m in _records(delta.modules):
+        tensors |= m.tensors if isinstance(m, _Packed) else m.to_tensors(path)
+        meta = m.meta if isinstance(m, _Packed) else m.meta()
+        modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": meta}
     known = {"base": delta.info.get("base"), "finetuned": delta.info.get("finetuned")}
     with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors(tensors, tmp / DELTA)
