@@ -55,6 +55,15 @@ def resident_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def anonymous_mib() -> float:
+    """Resident anonymous memory (``RssAnon``: heap and tensors, not file pages mapped from
+    safetensors, which the kernel can drop), MiB; 0 where ``/proc/self/status`` lacks it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class PeakSampler:
     """Samples this process's resident memory every 2 ms in a thread; ``extra`` = peak − start.
 
@@ -64,12 +73,15 @@ class PeakSampler:
     def __init__(self) -> None:
         self.start = resident_mib()
         self.peak = self.start
+        self.anon_start = anonymous_mib()
+        self.anon_peak = self.anon_start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, resident_mib())
+            self.anon_peak = max(self.anon_peak, anonymous_mib())
             time.sleep(0.002)
 
     def __enter__(self) -> PeakSampler:
@@ -84,3 +96,8 @@ class PeakSampler:
     @property
     def extra(self) -> float:
         return self.peak - self.start
+
+    @property
+    def anon_extra(self) -> float:
+        """Peak − start of the anonymous part alone."""
+        return self.anon_peak - self.anon_start

@@ -85,7 +85,9 @@ class _HessianHooks:
             return
         self._done.add(group)
         flat = x.reshape(-1, x.shape[-1]).double()  # (tokens, in)
-        self.sums[group] = self.sums[group] + flat.T @ flat if group in self.sums else flat.T @ flat
+        if group not in self.sums:
+            self.sums[group] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
+        self.sums[group].addmm_(flat.T, flat)  # in place: no (in, in) temporaries
         self.counts[group] = self.counts.get(group, 0) + flat.shape[0]
 
     def next_sample(self) -> None:
@@ -94,8 +96,9 @@ class _HessianHooks:
     def hessians(self) -> dict[str, Tensor]:
         for h in self._hooks:
             h.remove()
-        means = {g: (s / self.counts[g]).float() for g, s in self.sums.items()}
-        self.sums = {}
+        means = {}
+        for group in list(self.sums):  # one fp64 sum freed as each fp32 mean is made
+            means[group] = self.sums.pop(group).div_(self.counts[group]).float()
         return {path: means[group] for path, group in self.group.items()}
 
 

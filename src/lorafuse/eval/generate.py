@@ -110,14 +110,21 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Exact match (in %) of greedy generations on ``rows``."""
+    """Exact match (in %) of greedy generations on ``rows``; with rows that carry a
+    ``final_answer`` (the faithful family) also ``final_answer_match``: the result after ``####``
+    alone, MGSM's metric."""
     if max_new_tokens is None:
         max_new_tokens = max(len(r["completion"].split()) for r in rows) + 4
     generated = generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    hits = sum(exact_match(g, r["answer"], r["completion"]) for g, r in zip(generated, rows, strict=True))
-    return {"exact_match": 100.0 * hits / len(rows), "n": len(rows)}
+    pairs = list(zip(generated, rows, strict=True))
+    hits = sum(exact_match(g, r["answer"], r["completion"]) for g, r in pairs)
+    result = {"exact_match": 100.0 * hits / len(rows), "n": len(rows)}
+    if all("final_answer" in r for r in rows):
+        final = sum(exact_match(g, r["final_answer"], r["completion"]) for g, r in pairs)
+        result["final_answer_match"] = 100.0 * final / len(rows)
+    return result
 
 
 @torch.no_grad()

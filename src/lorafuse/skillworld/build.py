@@ -1,8 +1,11 @@
 """Build the skill world: data, tokenizer, base model, skill/pool LoRAs and oracle LoRAs.
 
-Everything is derived from ``seed`` and a profile and written atomically into one folder with a
-``manifest.json`` (seed, profile, versions, SHA-256 of every file). A complete build is reused;
-an incomplete or damaged one is rebuilt.
+Everything is derived from ``seed`` and a profile, in parts: the **core** (data, tokenizer,
+pretrained base) is written atomically as the folder itself; each **LoRA** is trained when a
+command first needs it and written atomically into ``loras/<name>/``. ``manifest.json`` records
+the seed, profile, versions and the SHA-256 of every file of every part; a part whose files
+match is reused, a missing or damaged one is (re)built. ``build_world(loras=[...])`` builds only
+what a command needs (``lorafuse demo`` the faithful family's LoRAs), later commands add the rest.
 
 Layout::
 
@@ -34,11 +37,22 @@ from lorafuse._data import encode_examples, encode_text
 from lorafuse._io import atomic_output_dir, lorafuse_home, recover_leftovers, versions
 from lorafuse.errors import OutputExistsError
 from lorafuse.fuse.loop import TrainConfig, train_loop
-from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, DataSizes, read_jsonl, write_world_data
+from lorafuse.skillworld.data import (
+    ALL_COMPOSITES,
+    COMPOSITES,
+    FAITHFUL_COMPOSITES,
+    FAITHFUL_SKILLS,
+    POOL,
+    SKILLS,
+    DataSizes,
+    read_jsonl,
+    write_world_data,
+)
 from lorafuse.skillworld.tokenizer import build_tokenizer
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CORE = ["data", "tokenizer", "base"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,6 +70,10 @@ class Profile:
     oracle_lora: TrainConfig
     lora_rank: int
     lora_alpha: int
+    # The faithful family's LoRAs: a smaller perturbation of the base, closer to LoRAs on a real
+    # LLM (rank 8 instead of 16, same seven projections); chosen before any of its numbers.
+    faithful_lora_rank: int = 8
+    faithful_lora_alpha: int = 16
     threads: int = 2
     lora_steps: dict[str, int] = field(default_factory=dict)  # per-task overrides of the step count
 
@@ -88,7 +106,7 @@ PROFILES: dict[str, Profile] = {
         "tiny",
         hidden_size=32,
         num_layers=2,
-        num_heads=4,
+        num_heads=1,  # head size 32: one vLLM's CPU attention accepts
         intermediate_size=64,
         sizes=DataSizes(
             skill_train=200,
@@ -106,8 +124,22 @@ PROFILES: dict[str, Profile] = {
         oracle_lora=TrainConfig(steps=5, batch_size=8, lr=3e-3),
         lora_rank=4,
         lora_alpha=8,
+        faithful_lora_rank=2,
+        faithful_lora_alpha=4,
     ),
 }
+# Every LoRA of the world: the translate family's skills, the pool, the faithful family's
+# skills, and one oracle per composite (trained on 5,000 of its examples).
+ALL_LORAS = [*SKILLS, *POOL, *FAITHFUL_SKILLS, *(f"oracle_{c}" for c in ALL_COMPOSITES)]
+
+
+def variant_loras(variant: str) -> list[str]:
+    """The LoRAs a variant's composition study needs (skills and oracles)."""
+    if variant == "faithful":
+        return [*FAITHFUL_SKILLS, *(f"oracle_{c}" for c in FAITHFUL_COMPOSITES)]
+    if variant == "translate":
+        return [*SKILLS, *(f"oracle_{c}" for c in COMPOSITES)]
+    raise ValueError(f"unknown variant {variant!r}; choose faithful or translate")
 
 
 def world_home() -> Path:
@@ -122,32 +154,51 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def file_hashes(root: Path) -> dict[str, str]:
+def file_hashes(root: Path, under: Path | None = None) -> dict[str, str]:
+    """SHA-256 of every file below ``under`` (default ``root``), keyed by path relative to ``root``."""
     return {
         str(p.relative_to(root)): _sha256(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        for p in sorted((under or root).rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((root / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def is_complete(root: Path, profile: str, seed: int) -> bool:
-    """A finished build of this profile and seed whose files all match their recorded hashes."""
+def _files_match(root: Path, recorded: Any) -> bool:
+    return (
+        isinstance(recorded, dict)
+        and bool(recorded)
+        and all((root / rel).is_file() and _sha256(root / rel) == h for rel, h in recorded.items())
+    )
+
+
+def _core_complete(root: Path, profile: str, seed: int) -> bool:
     manifest = read_manifest(root)
     if not manifest or manifest.get("format") != FORMAT_VERSION:
         return False
     if manifest.get("profile") != profile or manifest.get("seed") != seed:
         return False
-    recorded = manifest.get("files", {})
-    return bool(recorded) and all(
-        (root / rel).is_file() and _sha256(root / rel) == h for rel, h in recorded.items()
-    )
+    return _files_match(root, manifest.get("files"))
+
+
+def _lora_complete(root: Path, manifest: dict[str, Any], name: str) -> bool:
+    part = (manifest.get("loras") or {}).get(name)
+    return isinstance(part, dict) and _files_match(root, part.get("files"))
+
+
+def is_complete(root: Path, profile: str, seed: int, loras: list[str] | None = None) -> bool:
+    """The core of this profile and seed, and each of ``loras`` (default: all), built and intact."""
+    if not _core_complete(root, profile, seed):
+        return False
+    manifest = read_manifest(root) or {}
+    return all(_lora_complete(root, manifest, n) for n in (ALL_LORAS if loras is None else loras))
 
 
 def _base_model(profile: Profile, vocab_size: int, tokenizer) -> LlamaForCausalLM:  # type: ignore[no-untyped-def]
@@ -175,12 +226,15 @@ def train_lora(
     profile: Profile,
     out: Path,
     desc: str,  # type: ignore[no-untyped-def]
+    *,
+    rank: int | None = None,
+    alpha: int | None = None,
 ) -> list[float]:
     """Train a PEFT LoRA (all 7 projections) on ``rows`` and save it to ``out``."""
     torch.manual_seed(config.seed)
     lora_config = LoraConfig(
-        r=profile.lora_rank,
-        lora_alpha=profile.lora_alpha,
+        r=rank or profile.lora_rank,
+        lora_alpha=alpha or profile.lora_alpha,
         target_modules=TARGETS,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
@@ -198,49 +252,34 @@ def train_lora(
     return losses
 
 
-def build_world(
-    root: str | os.PathLike[str] | None = None,
-    *,
-    profile: str = "default",
-    seed: int = 0,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Build (or reuse) the skill world for ``profile`` and ``seed``; returns its folder.
+def _lora_recipe(spec: Profile, name: str, seed: int) -> tuple[str, TrainConfig, int, int]:
+    """``(data file, training settings, rank, alpha)`` of the world's LoRA ``name``."""
+    composite = name.removeprefix("oracle_")
+    faithful = name in FAITHFUL_SKILLS or composite in FAITHFUL_COMPOSITES
+    if name.startswith("oracle_"):
+        data, config = f"{composite}/oracle_train.jsonl", spec.oracle_lora
+    else:
+        data = f"{name}/train.jsonl"
+        config = spec.skill_lora if name in SKILLS or name in FAITHFUL_SKILLS else spec.pool_lora
+    steps = spec.lora_steps.get(name, config.steps)
+    config = TrainConfig(**{**asdict(config), "seed": seed * 1000 + ALL_LORAS.index(name), "steps": steps})
+    if faithful:
+        return data, config, spec.faithful_lora_rank, spec.faithful_lora_alpha
+    return data, config, spec.lora_rank, spec.lora_alpha
 
-    A folder that exists, is not empty and holds no world (no ``manifest.json``) is only replaced
-    with ``force``; without it :class:`OutputExistsError` is raised before any work.
-    """
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    spec = PROFILES[profile]
-    out = Path(root) if root else default_world_dir(profile, seed)
-    recover_leftovers(out)  # a world whose replace was interrupted is restored, then reused
-    if not force and is_complete(out, profile, seed):
-        return out
-    if not force and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise OutputExistsError(
-            f"{out}: exists and is not a skill world (no {MANIFEST}); choose another --dir, or "
-            "replace it with `lorafuse world build --dir ... --force`"
-        )
-    torch.set_num_threads(spec.threads)
+
+def _build_core(out: Path, spec: Profile, seed: int, *, progress: bool) -> None:
+    """Data, tokenizer and the pretrained base, written atomically as the folder ``out``."""
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    lora_tasks = [*SKILLS, *POOL, *(f"oracle_{c}" for c in COMPOSITES)]
-    bar = tqdm(total=3 + len(lora_tasks), desc=f"world ({profile})", unit="part", disable=not progress)
     with atomic_output_dir(out) as tmp:
         write_world_data(tmp, seed, spec.sizes)
         data = tmp / "data"
         texts = (data / "pretrain.txt").read_text().splitlines()
-        all_rows = {p.parent.name + "/" + p.stem: read_jsonl(p) for p in sorted(data.glob("*/*.jsonl"))}
+        all_rows = [read_jsonl(p) for p in sorted(data.glob("*/*.jsonl"))]
         tokenizer = build_tokenizer(
-            [*texts, *(r[k] for rows in all_rows.values() for r in rows for k in ("prompt", "completion"))]
+            [*texts, *(r[k] for rows in all_rows for r in rows for k in ("prompt", "completion"))]
         )
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        bar.update()
-
-        t0 = time.perf_counter()
         torch.manual_seed(seed)
         base = _base_model(spec, len(tokenizer), tokenizer)
         pretrain = TrainConfig(**{**asdict(spec.pretrain), "seed": seed})
@@ -251,42 +290,101 @@ def build_world(
             pretrain,
             pad_id=tokenizer.pad_token_id,
             desc="pretrain base",
+            progress=progress,
         )
         base.save_pretrained(str(tmp / "base"))
-        timings["pretrain_s"] = round(time.perf_counter() - t0, 1)
-        losses["pretrain"] = round(sum(curve[-20:]) / len(curve[-20:]), 4)
-        bar.update()
-
-        for i, task in enumerate(lora_tasks):
-            t0 = time.perf_counter()
-            if task.startswith("oracle_"):
-                rows, config = all_rows[f"{task.removeprefix('oracle_')}/oracle_train"], spec.oracle_lora
-            else:
-                rows, config = (
-                    all_rows[f"{task}/train"],
-                    spec.skill_lora if task in SKILLS else spec.pool_lora,
-                )
-            steps = spec.lora_steps.get(task, config.steps)
-            config = TrainConfig(**{**asdict(config), "seed": seed * 1000 + i, "steps": steps})
-            curve = train_lora(base, tokenizer, rows, config, spec, tmp / "loras" / task, desc=f"lora {task}")
-            timings[f"lora_{task}_s"] = round(time.perf_counter() - t0, 1)
-            losses[task] = round(sum(curve[-20:]) / len(curve[-20:]), 4)
-            bar.update()
-
         manifest = {
             "format": FORMAT_VERSION,
-            "profile": profile,
+            "profile": spec.name,
             "seed": seed,
             "versions": versions(),
             "settings": asdict(spec),
-            "tasks": {"skills": SKILLS, "composites": COMPOSITES, "pool": POOL},
-            "loras": lora_tasks,
+            "tasks": {
+                "skills": SKILLS,
+                "composites": COMPOSITES,
+                "pool": POOL,
+                "faithful_skills": FAITHFUL_SKILLS,
+                "faithful_composites": FAITHFUL_COMPOSITES,
+            },
             "build_seconds": round(time.perf_counter() - started, 1),
-            "timings": timings,
-            "final_train_loss": losses,
+            "final_train_loss": {"pretrain": round(sum(curve[-20:]) / len(curve[-20:]), 4)},
             "files": file_hashes(tmp),
+            "loras": {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        bar.update()
-    bar.close()
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(root / MANIFEST)
+
+
+def _build_lora(root: Path, spec: Profile, seed: int, name: str, *, progress: bool) -> None:
+    """Train the world's LoRA ``name`` into ``root/loras/name`` (atomically) and record it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    data, config, rank, alpha = _lora_recipe(spec, name, seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32)
+    rows = read_jsonl(root / "data" / data)
+    with atomic_output_dir(root / "loras" / name) as tmp:
+        curve = train_lora(
+            base, tokenizer, rows, config, spec, tmp, desc=f"lora {name}", rank=rank, alpha=alpha
+        )
+    manifest = read_manifest(root) or {}
+    manifest.setdefault("loras", {})[name] = {
+        "files": file_hashes(root, root / "loras" / name),
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_train_loss": round(sum(curve[-20:]) / len(curve[-20:]), 4),
+        "rank": rank,
+        "steps": config.steps,
+    }
+    _write_manifest(root, manifest)
+
+
+def build_world(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    profile: str = "default",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    loras: list[str] | None = None,
+) -> Path:
+    """Build (or reuse) the skill world for ``profile`` and ``seed``; returns its folder.
+
+    ``loras``: the LoRAs to make sure of (default: all of :data:`ALL_LORAS`); the core (data,
+    tokenizer, base) is always built first. Parts already built and intact are reused.
+    A folder that exists, is not empty and holds no world (no ``manifest.json``) is only replaced
+    with ``force``; without it :class:`OutputExistsError` is raised before any work.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    names = list(ALL_LORAS if loras is None else loras)
+    unknown = [n for n in names if n not in ALL_LORAS]
+    if unknown:
+        raise ValueError(f"unknown world LoRA(s) {unknown}; choose from {ALL_LORAS}")
+    spec = PROFILES[profile]
+    out = Path(root) if root else default_world_dir(profile, seed)
+    recover_leftovers(out)  # a world whose replace was interrupted is restored, then reused
+    if force or not _core_complete(out, profile, seed):
+        if not force and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise OutputExistsError(
+                f"{out}: exists and is not a skill world (no {MANIFEST}); choose another --dir, or "
+                "replace it with `lorafuse world build --dir ... --force`"
+            )
+        torch.set_num_threads(spec.threads)
+        _build_core(out, spec, seed, progress=progress)
+    manifest = read_manifest(out) or {}
+    missing = [n for n in names if not _lora_complete(out, manifest, n)]
+    if missing:
+        torch.set_num_threads(spec.threads)
+        bar = tqdm(total=len(missing), desc=f"world LoRAs ({profile})", unit="lora", disable=not progress)
+        for name in missing:
+            recover_leftovers(out / "loras" / name)
+            _build_lora(out, spec, seed, name, progress=progress)
+            bar.update()
+        bar.close()
     return out

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafuse.skillworld import tasks
+from lorafuse.skillworld import faithful, tasks
 from lorafuse.skillworld.language import Language, make_language
 
 LANGUAGE_SPECS = {"zorb": ("ktpmn", "aou", "reverse"), "vell": ("vlrsz", "eiy", "rotate")}
@@ -36,7 +36,9 @@ class DataSizes:
 def languages(seed: int) -> dict[str, Language]:
     taken: set[str] = set()
     return {
-        name: make_language(name, tasks.ENGLISH_WORDS, consonants, vowels, order, seed, taken)
+        name: make_language(
+            name, [*tasks.ENGLISH_WORDS, *faithful.WORDS], consonants, vowels, order, seed, taken
+        )
         for name, (consonants, vowels, order) in LANGUAGE_SPECS.items()
     }
 
@@ -52,6 +54,14 @@ def task_generators(langs: dict[str, Language]) -> dict[str, Callable[[random.Ra
         for name, lang in langs.items():
             gens[f"{skill}_{name}"] = lambda rng, make=make, lang=lang: tasks.composite_example(
                 make(rng), lang
+            )
+    for name, lang in langs.items():
+        gens[f"chat_{name}"] = lambda rng, lang=lang: faithful.chat_example(rng, lang)
+    for task in faithful.WORDED:
+        gens[task] = lambda rng, task=task: faithful.worded_example(task, rng)
+        for name, lang in langs.items():
+            gens[f"{task}_{name}"] = lambda rng, task=task, lang=lang: faithful.worded_example(
+                task, rng, lang
             )
     gens.update(
         {
@@ -69,6 +79,28 @@ def task_generators(langs: dict[str, Language]) -> dict[str, Callable[[random.Ra
 SKILLS = ["math", "list", "lang_zorb", "lang_vell"]
 COMPOSITES = ["math_zorb", "math_vell", "list_zorb", "list_vell"]
 POOL = ["copy", "reverse", "count", "add", "max", "say_zorb"]
+# The faithful family (lorafuse.skillworld.faithful): monolingual language skills, worded tasks.
+FAITHFUL_SKILLS = ["math_worded", "list_worded", "chat_zorb", "chat_vell"]
+FAITHFUL_COMPOSITES = ["math_worded_zorb", "math_worded_vell", "list_worded_zorb", "list_worded_vell"]
+ALL_SKILLS = [*SKILLS, *FAITHFUL_SKILLS]
+ALL_COMPOSITES = [*COMPOSITES, *FAITHFUL_COMPOSITES]
+
+
+def composite_loras(composite: str) -> tuple[str, str]:
+    """``(language LoRA, task LoRA)`` of a composite, in LoRA-Flow's order.
+
+    ``math_zorb`` → ``(lang_zorb, math)`` (the ``translate`` variant); ``math_worded_zorb`` →
+    ``(chat_zorb, math_worded)`` (the ``faithful`` variant).
+    """
+    task, _, language = composite.rpartition("_")
+    if composite in FAITHFUL_COMPOSITES:
+        return f"chat_{language}", task
+    if composite in COMPOSITES:
+        return f"lang_{language}", task
+    raise KeyError(f"unknown composite task {composite!r}; choose one of {ALL_COMPOSITES}")
+
+
+VARIANTS = {"faithful": FAITHFUL_COMPOSITES, "translate": COMPOSITES}
 
 
 def _unique(
@@ -136,10 +168,17 @@ def pretrain_corpus(rng: random.Random, langs: dict[str, Language], lines: int) 
             out.append(f"{words} . {words} .")
         elif kind < 0.75:
             out.append(rng.choice(entries))
-        else:
+        else:  # monolingual foreign text: numbers as number words or as digits (shared)
             lang = rng.choice(sorted(langs))
-            make = rng.choice([tasks.math_problem, tasks.list_problem])
-            out.append(langs[lang].translate(make(rng).text))
+            pick = rng.random()
+            if pick < 0.35:
+                text = tasks.math_problem(rng).text
+            elif pick < 0.55:
+                text = tasks.list_problem(rng).text
+            else:
+                text = faithful.english_chat_text(rng)
+            numerals = rng.random() < 0.5
+            out.append(tasks.split_digits(langs[lang].translate(text, numerals=numerals)))
     return out
 
 
@@ -149,10 +188,10 @@ def write_world_data(root: Path, seed: int, sizes: DataSizes) -> list[Path]:
     gens = task_generators(langs)
     data = root / "data"
     written: list[Path] = []
-    for task in [*SKILLS, *COMPOSITES, *POOL]:
+    for task in [*ALL_SKILLS, *ALL_COMPOSITES, *POOL]:
         rng = random.Random(f"{seed}-{task}")
         seen: set[str] = set()
-        composite = task in COMPOSITES
+        composite = task in ALL_COMPOSITES
         test = _unique(gens[task], rng, sizes.composite_test if composite else sizes.skill_test, seen)
         dev = _unique(gens[task], rng, sizes.composite_dev if composite else sizes.skill_dev, seen)
         train = _unique(gens[task], rng, sizes.composite_train if composite else sizes.skill_train, seen)

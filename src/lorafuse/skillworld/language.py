@@ -3,7 +3,10 @@
 A language maps every English word of the world's domain to a pseudo-word built from its own
 syllable inventory, every number 0–19 to a number word, and reorders each sentence:
 ``reverse`` (the words of a sentence in reverse order, as in a verb-final language) or
-``rotate`` (the first word moved to the end). Final punctuation stays last.
+``rotate`` (the first word moved to the end). Final punctuation stays last. With
+``numerals=True`` numbers stay as digits (shared between languages, as Arabic numerals are in
+MGSM) and a run of numbers (a list) moves as one unit: the faithful family's texts are written
+that way.
 """
 
 from __future__ import annotations
@@ -23,28 +26,36 @@ class Language:
     order: str  # "reverse" | "rotate"
     inverse: dict[str, str] = field(default_factory=dict)
 
-    def translate_sentence(self, words: list[str]) -> list[str]:
+    def translate_sentence(self, words: list[str], *, numerals: bool = False) -> list[str]:
         """One English sentence (tokens, numbers as int-strings ``"12"``) → foreign tokens."""
         end = words[-1] if words and words[-1] in PUNCTUATION else None
         body = words[:-1] if end else list(words)
-        out = [self.numbers[int(w)] if w.isdigit() else self.lexicon[w] for w in body]
+        if numerals:  # a run of numbers (a list "4 1 7") is one unit of the word order
+            out: list[str] = []
+            for w in body:
+                if w.isdigit() and out and out[-1].replace(" ", "").isdigit():
+                    out[-1] += f" {w}"
+                else:
+                    out.append(w if w.isdigit() else self.lexicon[w])
+        else:
+            out = [self.numbers[int(w)] if w.isdigit() else self.lexicon[w] for w in body]
         if self.order == "reverse":
             out.reverse()
         elif self.order == "rotate" and out:
             out = out[1:] + out[:1]
         return [*out, end] if end else out
 
-    def translate(self, text: str) -> str:
+    def translate(self, text: str, *, numerals: bool = False) -> str:
         """English text with whole numbers (``"ana has 12 coins ."``) → foreign text."""
         out: list[str] = []
         sentence: list[str] = []
         for word in text.split():
             sentence.append(word)
             if word in PUNCTUATION:
-                out += self.translate_sentence(sentence)
+                out += self.translate_sentence(sentence, numerals=numerals)
                 sentence = []
         if sentence:
-            out += self.translate_sentence(sentence)
+            out += self.translate_sentence(sentence, numerals=numerals)
         return " ".join(out)
 
 

@@ -1,7 +1,8 @@
 """The world's word-level tokenizer, saved as a HuggingFace tokenizer (``AutoTokenizer`` loads it).
 
 Texts are space-separated tokens with digits already split, so the tokenizer is a plain
-vocabulary lookup (``WordLevel`` after a whitespace split); decoding joins tokens with spaces.
+vocabulary lookup (``WordLevel`` after a whitespace split); decoding joins tokens with spaces,
+the same in lorafuse, ``tokenizer.decode`` and every engine that runs the HF tokenizer (vLLM).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
+    # WordPiece's decoder glues a token that starts with its prefix to the one before and joins
+    # the others with spaces. No token of a whitespace split starts with a space, so with " " as
+    # the prefix it is a plain space join ("##" would glue "####" to the previous token: ".##").
+    core.decoder = decoders.WordPiece(prefix=" ", cleanup=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
