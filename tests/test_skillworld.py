@@ -12,10 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafuse import load_lora
 from lorafuse.eval import exact_match, extract_answer
-from lorafuse.skillworld import COMPOSITES, POOL, SKILLS, build_world, is_complete
+from lorafuse.skillworld import COMPOSITES, POOL, build_world, is_complete
 from lorafuse.skillworld.build import read_manifest
-from lorafuse.skillworld.data import read_jsonl
-from lorafuse.skillworld.evaluate import accuracy_matrix
+from lorafuse.skillworld.data import (
+    ALL_COMPOSITES,
+    ALL_SKILLS,
+    FAITHFUL_COMPOSITES,
+    languages,
+    read_jsonl,
+    task_generators,
+)
+from lorafuse.skillworld.evaluate import accuracy_matrix, world_conditions
 from lorafuse.skillworld.language import Language
 
 
@@ -41,11 +48,14 @@ def test_complete_build_is_reused_and_damage_rebuilt(tiny_world: Path, tmp_path:
 
 
 def test_task_files_and_sizes(tiny_world: Path) -> None:
-    for task in [*SKILLS, *COMPOSITES, *POOL]:
+    worded = {"math_worded", "list_worded", *FAITHFUL_COMPOSITES}
+    for task in [*ALL_SKILLS, *ALL_COMPOSITES, *POOL]:
         for split in ("train", "dev", "test"):
             rows = read_jsonl(tiny_world / "data" / task / f"{split}.jsonl")
-            assert rows and set(rows[0]) == {"prompt", "completion", "answer"}
-    assert len(read_jsonl(tiny_world / "data" / "math_zorb" / "train.jsonl")) == 200
+            extra = {"final_answer"} if task in worded else set()
+            assert rows and set(rows[0]) == {"prompt", "completion", "answer", *extra}
+    for composite in ALL_COMPOSITES:
+        assert len(read_jsonl(tiny_world / "data" / composite / "train.jsonl")) == 200
     train = {r["prompt"] for r in read_jsonl(tiny_world / "data" / "math_zorb" / "train.jsonl")}
     test = {r["prompt"] for r in read_jsonl(tiny_world / "data" / "math_zorb" / "test.jsonl")}
     assert not train & test
@@ -59,6 +69,8 @@ def test_artefacts_load_with_plain_hf_and_peft(tiny_world: Path) -> None:
     ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
     assert tokenizer.unk_token_id not in ids[0].tolist()
     assert tokenizer.decode(ids[0]) == row["prompt"]
+    done = read_jsonl(tiny_world / "data" / "math_worded" / "test.jsonl")[0]["completion"]
+    assert "####" in done and tokenizer.decode(tokenizer(done).input_ids) == done  # no ".##" glue
     manifest = read_manifest(tiny_world)
     for name in manifest["loras"]:
         peft_model = PeftModel.from_pretrained(
@@ -69,11 +81,68 @@ def test_artefacts_load_with_plain_hf_and_peft(tiny_world: Path) -> None:
         assert len(load_lora(tiny_world / "loras" / name)) == 7 * 2
 
 
+def test_faithful_family_is_posed_and_answered_in_the_language() -> None:
+    import random
+
+    langs = languages(0)
+    gens = task_generators(langs)
+    for name, lang in langs.items():
+        foreign_words = set(lang.lexicon.values())
+        for task in ("math_worded", "list_worded"):
+            row = gens[f"{task}_{name}"](random.Random(3))
+            twin = gens[task](random.Random(3))  # the same problem in English
+            assert row["final_answer"] == twin["final_answer"] and row["answer"] == row["completion"]
+            words = [w for w in row["completion"].split() if w.isalpha()]
+            assert words and all(w in foreign_words for w in words)  # restatements in the language
+            steps = [w for w in row["completion"].split() if not w.isalpha()]
+            assert steps == [w for w in twin["completion"].split() if not w.isalpha()]  # math shared
+        chat = gens[f"chat_{name}"](random.Random(5))
+        said = [w for w in (chat["prompt"] + " " + chat["completion"]).split() if w.isalpha()]
+        assert all(w in foreign_words | {"question", "answer"} for w in said)
+        assert not set(chat["completion"].split()) & {"+", "-", "=", "####"}  # never arithmetic
+
+
+def test_lazy_build_makes_only_the_parts_asked_for(tmp_path: Path) -> None:
+    root = build_world(tmp_path / "w", profile="tiny", seed=0, progress=False, loras=["chat_zorb"])
+    assert sorted(read_manifest(root)["loras"]) == ["chat_zorb"]
+    assert (root / "loras" / "chat_zorb" / "adapter_config.json").is_file()
+    assert not (root / "loras" / "math").exists()
+    assert is_complete(root, "tiny", 0, ["chat_zorb"]) and not is_complete(root, "tiny", 0)
+    rank = json.loads((root / "loras" / "chat_zorb" / "adapter_config.json").read_text())["r"]
+    assert rank == 2  # the faithful family's smaller rank (tiny profile)
+    build_world(root, profile="tiny", seed=0, progress=False, loras=["math"])
+    assert sorted(read_manifest(root)["loras"]) == ["chat_zorb", "math"]
+    (root / "loras" / "math" / "adapter_model.safetensors").write_bytes(b"damaged")
+    assert not is_complete(root, "tiny", 0, ["math"])
+    build_world(root, profile="tiny", seed=0, progress=False, loras=["math"])
+    assert is_complete(root, "tiny", 0, ["chat_zorb", "math"])
+    with pytest.raises(ValueError, match="unknown world LoRA"):
+        build_world(root, profile="tiny", seed=0, progress=False, loras=["nope"])
+
+
+def test_world_conditions_name_each_failure() -> None:
+    loras = {"chat_zorb", "math_worded"}
+    cols = ["chat_zorb", "math_worded", "math_worded_zorb"]
+    matrix = {r: dict.fromkeys(cols, 0.0) for r in ["base", *loras, "oracle_math_worded_zorb"]}
+    matrix["chat_zorb"]["chat_zorb"], matrix["math_worded"]["math_worded"] = 95.0, 70.0
+    matrix["math_worded"]["math_worded_zorb"], matrix["oracle_math_worded_zorb"]["math_worded_zorb"] = 10, 35
+    got = {c["condition"]: c["ok"] for c in world_conditions(matrix, ["math_worded_zorb"])}
+    assert got == {
+        "chat_zorb on its own skill ≥ 80": True,
+        "math_worded on its own skill ≥ 80": False,
+        "base on the variant's tasks ≤ 5 (max)": True,
+        "every single LoRA on math_worded_zorb ≤ 20 (max)": True,
+        "oracle_math_worded_zorb ≥ 30 points above every single LoRA": False,
+    }
+
+
 def test_language_word_orders() -> None:
     lang = Language("x", {"ana": "ko", "has": "pa", "apples": "ti"}, {3: "mu"}, "reverse")
     assert lang.translate("ana has 3 apples .") == "ti mu pa ko ."
     rotate = Language("y", lang.lexicon, lang.numbers, "rotate")
     assert rotate.translate("ana has 3 apples .") == "pa mu ti ko ."
+    assert lang.translate("ana has 3 apples .", numerals=True) == "ti 3 pa ko ."
+    assert lang.translate("has 3 3 apples .", numerals=True) == "ti 3 3 pa ."  # a list moves as one
 
 
 @pytest.mark.parametrize(
@@ -86,6 +155,9 @@ def test_language_word_orders() -> None:
         ("#### 1 ####  2", "2", "#### 2", True),  # the last marker
         ("the list is 1 2 .", "the list is 1 2 .", "the list is 1 2 .", True),
         ("the list is 1 2", "the list is 1 2 .", "the list is 1 2 .", False),
+        ("ko 3 : 1 + 2 = 3 . #### 3", "ko 3 : 1 + 2 = 3 . #### 3", "ko 3 : 1 + 2 = 3 . #### 3", True),
+        ("ana 3 : 1 + 2 = 3 . #### 3", "ko 3 : 1 + 2 = 3 . #### 3", "ko 3 : 1 + 2 = 3 . #### 3", False),
+        ("#### 3", "ko 3 : 1 + 2 = 3 . #### 3", "ko 3 : 1 + 2 = 3 . #### 3", False),  # whole answer
     ],
 )
 def test_exact_match_cases(generated: str, answer: str, completion: str, hit: bool) -> None:
@@ -95,10 +167,14 @@ def test_exact_match_cases(generated: str, answer: str, completion: str, hit: bo
 
 def test_accuracy_matrix_shape(tiny_world: Path) -> None:
     result = accuracy_matrix(tiny_world, limit=4, progress=False)
-    assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(SKILLS) + len(POOL) + len(
-        COMPOSITES
+    assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(ALL_SKILLS) + len(POOL) + len(
+        ALL_COMPOSITES
     )
-    assert all(0.0 <= v <= 100.0 for row in result["matrix"].values() for v in row.values())
+    scored = [v for row in result["matrix"].values() for v in row.values() if v is not None]
+    assert all(0.0 <= v <= 100.0 for v in scored)
+    assert result["matrix"]["oracle_math_zorb"]["math"] is None  # oracles: their composite only
+    assert set(result["final_answer"]["base"]) == {"math_worded", "list_worded", *FAITHFUL_COMPOSITES}
+    assert {c["variant"] for c in result["conditions"]} == {"faithful", "translate"}
     assert json.dumps(result)
 
 

@@ -122,9 +122,9 @@ def _profiles() -> list[str]:
 
 
 def _composites() -> list[str]:
-    from lorafuse.skillworld import COMPOSITES
+    from lorafuse.skillworld.data import ALL_COMPOSITES
 
-    return list(COMPOSITES)
+    return list(ALL_COMPOSITES)
 
 
 @app.command()
@@ -263,9 +263,19 @@ def merge(
 
 @app.command()
 def demo(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="One seed and 100 test examples per task (about 5 minutes).")
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Both variants, 3 seeds, every test example (the published run)."),
     ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="One seed and 100 test examples per task.")] = False,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="faithful (LoRA-Flow's setting) | translate (the first world's) | both "
+            "[default: faithful, both with --full].",
+            callback=choice(("faithful", "translate", "both")),
+        ),
+    ] = "faithful",
     profile: Annotated[
         str, typer.Option(help="Skill world: default | tiny (for tests).", callback=choice(_profiles))
     ] = "default",
@@ -274,16 +284,20 @@ def demo(
     ] = None,
     world_seed: Annotated[int, typer.Option(help="Seed of the skill world.", callback=SEED)] = 0,
     seeds: Annotated[
-        int, typer.Option(help="Training seeds per learned method (mean ± std).", callback=COUNT)
-    ] = 3,
+        int | None,
+        typer.Option(help="Training seeds per learned method [default: 1, 3 with --full].", callback=COUNT),
+    ] = None,
     limit: Annotated[
         int | None,
-        typer.Option(help="Test examples per task [default: 200, 100 with --quick].", callback=COUNT),
+        typer.Option(
+            help="Test examples per task [default: 200, 100 with --quick, all with --full].", callback=COUNT
+        ),
     ] = None,
     composites: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated composite tasks [default: all four].", callback=names_of(_composites)
+            help="Comma-separated composite tasks [default: the variant's four].",
+            callback=names_of(_composites),
         ),
     ] = None,
     epochs: Annotated[
@@ -298,9 +312,10 @@ def demo(
 ) -> None:
     """The main job: LoRA-Flow against task-level fusion, merges and controls on the skill world.
 
-    Builds the skill world if it is missing, checks the bank against PEFT, then for every
-    composite task trains and evaluates: base, each single LoRA, average, LoraHub, learned CAT,
-    the best training-free merge, LoRA-Flow, a fresh LoRA and LoRA-Flow on random LoRAs (the two
+    Builds what the study needs of the skill world if it is missing (the core and the variant's
+    LoRAs, cached for later commands), checks the bank against PEFT, then for every composite
+    task trains and evaluates: base, each single LoRA, average, LoraHub, learned CAT, the best
+    training-free merge, LoRA-Flow, a fresh LoRA and LoRA-Flow on random LoRAs (the two
     controls), and the oracle. Prints the table and writes it as Markdown, JSON and a bar chart.
     """
     import time
@@ -309,36 +324,52 @@ def demo(
 
     from lorafuse._io import check_output_path
     from lorafuse.demo import format_demo, run_demo
-    from lorafuse.skillworld import COMPOSITES, build_world
+    from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import PROFILES, default_world_dir
+    from lorafuse.skillworld.data import ALL_COMPOSITES, VARIANTS
     from lorafuse.skillworld.report import format_table, write_report
     from lorafuse.skillworld.study import composition_study
 
     started = time.perf_counter()
-    chosen = parse_names(composites, "--composites", COMPOSITES) if composites else list(COMPOSITES)
+    if full and variant == "faithful":
+        variant = "both"
+    variants = ["faithful", "translate"] if variant == "both" else [variant]
+    default = [c for v in variants for c in VARIANTS[v]]
+    chosen = parse_names(composites, "--composites", ALL_COMPOSITES) if composites else default
+    needed = sorted(_oracles_and_singles(chosen))
     if not skip_check:
         check = run_demo(None, 0)
         typer.echo(format_demo(check))
         if not check["ok"]:
             raise typer.Exit(1)
-    root = build_world(world_dir or default_world_dir(profile, world_seed), profile=profile, seed=world_seed)
+    root = build_world(
+        world_dir or default_world_dir(profile, world_seed), profile=profile, seed=world_seed, loras=needed
+    )
     check_output_path(report, {"--dir": root}, what="--report")
     typer.echo(f"skill world: {root}")
     torch.set_num_threads(PROFILES[profile].threads)
+    n_seeds = seeds or (3 if full else 1)
     result = composition_study(
         root,
-        seeds=tuple(range(1 if quick else seeds)),
-        limit=limit or (100 if quick else 200),
+        seeds=tuple(range(n_seeds)),
+        limit=limit or (None if full else 100 if quick else 200),
         composites=chosen,
         epochs=epochs,
         log=typer.echo,
     )
-    result["command"] = "lorafuse demo" + (" --quick" if quick else "")
+    flags = [f for f, on in (("--full", full), ("--quick", quick)) if on]
+    result["command"] = " ".join(["lorafuse demo", *flags, f"--variant {variant}"])
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     write_report(result, report, inputs={"--dir": root})
     typer.echo("")
     typer.echo(format_table(result))
     typer.echo(f"\nreport: {report}/study.md, study.json, study.png ({result['total_seconds']} s in all)")
+
+
+def _oracles_and_singles(composites: list[str]) -> set[str]:
+    from lorafuse.skillworld.data import composite_loras
+
+    return {n for c in composites for n in (*composite_loras(c), f"oracle_{c}")}
 
 
 world_app = typer.Typer(
@@ -392,20 +423,36 @@ def world_eval(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the matrix as JSON here.")
     ] = None,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="all | faithful | translate: one family's skills, composites and oracles (no pool).",
+            callback=choice(("all", "faithful", "translate")),
+        ),
+    ] = "all",
 ) -> None:
-    """Print the accuracy matrix (exact match, %): base, each skill LoRA and each oracle on every task.
+    """Print the accuracy matrix (exact match, %): base, each skill LoRA and each oracle on every task,
+    then the world's conditions per variant (single LoRAs ≥ 80 % on their skill, base ≤ 5 %,
+    single LoRAs ≤ 20 % on the composites, oracles ≥ 30 points above them).
 
-    Builds the world first if needed; the matrix is also recorded in the world's manifest.json.
+    Builds the world first if needed (with --variant, only that family's LoRAs); the matrix is
+    also recorded in the world's manifest.json.
     """
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
-    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.skillworld.build import default_world_dir, variant_loras
+    from lorafuse.skillworld.data import FAITHFUL_SKILLS, SKILLS, VARIANTS
     from lorafuse.skillworld.evaluate import accuracy_matrix, format_matrix, record_eval
 
-    root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
+    loras = None if variant == "all" else variant_loras(variant)
+    root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed, loras=loras)
     if json_out:
         check_output_path(json_out, {"--dir": root}, what="--json")
-    result = accuracy_matrix(root, limit=limit)
+    if variant == "all":
+        result = accuracy_matrix(root, limit=limit)
+    else:
+        skills = FAITHFUL_SKILLS if variant == "faithful" else SKILLS
+        result = accuracy_matrix(root, limit=limit, skills=skills, composites=VARIANTS[variant], pool=False)
     record_eval(root, result)
     typer.echo(format_matrix(result))
     if json_out:

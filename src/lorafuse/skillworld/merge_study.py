@@ -18,7 +18,7 @@ from lorafuse.adapters import load_lora
 from lorafuse.eval import evaluate
 from lorafuse.merge import merge
 from lorafuse.runtime import attach, detach
-from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, read_jsonl
+from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -39,7 +39,7 @@ def merge_study(
     tokenizer, model = load_world(root)
     columns = [*SKILLS, *COMPOSITES, *POOL]
     tests = {t: read_jsonl(root / "data" / t / "test.jsonl")[:limit] for t in columns}
-    groups = {c: [f"lang_{c.split('_')[1]}", c.split("_")[0]] for c in COMPOSITES}
+    groups = {c: list(composite_loras(c)) for c in COMPOSITES}
     groups["pool"] = [*SKILLS, *POOL]
     loras = {name: load_lora(root / "loras" / name) for name in {n for g in groups.values() for n in g}}
     results: dict[str, dict[str, dict[str, float]]] = {}

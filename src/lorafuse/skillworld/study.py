@@ -38,7 +38,7 @@ from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
 from lorafuse.fuse.flow import mean_weights
 from lorafuse.merge import merge
 from lorafuse.runtime import attach, detach
-from lorafuse.skillworld.data import COMPOSITES, read_jsonl
+from lorafuse.skillworld.data import COMPOSITES, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 
 ROWS = [
@@ -120,15 +120,30 @@ def composition_study(
 
     for composite in composites:
         t0 = time.perf_counter()
-        skill, language = composite.split("_")
+        lang_name, task_name = composite_loras(composite)
         data = root / "data" / composite
         train_rows, dev_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
         test_rows = read_jsonl(data / "test.jsonl")[:limit]
         train_data, dev_data = encode_examples(tokenizer, train_rows), encode_examples(tokenizer, dev_rows)
-        lang, task = load_lora(root / "loras" / f"lang_{language}"), load_lora(root / "loras" / skill)
+        lang, task = load_lora(root / "loras" / lang_name), load_lora(root / "loras" / task_name)
         scores: dict[str, list[float]] = {row: [] for row in ROWS}
+        final: dict[str, list[float]] = {row: [] for row in ROWS}
+
+        def test_score(
+            row: str,
+            scored: torch.nn.Module,
+            test_rows: list[dict[str, str]] = test_rows,
+            scores: dict[str, list[float]] = scores,
+            final: dict[str, list[float]] = final,
+        ) -> None:
+            """Exact match on the test rows (and the final answer alone, for the faithful family)."""
+            result = evaluate(scored, tokenizer, test_rows)
+            scores[row].append(round(result["exact_match"], 2))
+            if "final_answer_match" in result:
+                final[row].append(round(result["final_answer_match"], 2))
+
         info: dict[str, Any] = {
-            "loras": [f"lang_{language}", skill],
+            "loras": [lang_name, task_name],
             "train": len(train_rows),
             "dev": len(dev_rows),
             "test": len(test_rows),
@@ -139,30 +154,30 @@ def composition_study(
             model, tokenizer, [lang, task], dev_rows[:merge_dev_limit], seed=0
         )
         attach(model, [merged])
-        scores["best merge"].append(_score(model, tokenizer, test_rows))
+        test_score("best merge", model)
         detach(model)
         tick(f"{composite}: merges")
         attach(model, [load_lora(root / "loras" / f"oracle_{composite}")])
-        scores["oracle"].append(_score(model, tokenizer, test_rows))
+        test_score("oracle", model)
         detach(model)
         tick(f"{composite}: oracle")
 
         handle = attach(model, {"lang": lang, "task": task})
         for row, weights in [("base", [0.0, 0.0]), ("language LoRA", [1.0, 0.0]), ("task LoRA", [0.0, 1.0])]:
             handle.set_weights(weights)
-            scores[row].append(_score(model, tokenizer, test_rows))
+            test_score(row, model)
         tick(f"{composite}: singles")
         fusion = fit_on_bank(
             handle, train_data, dev_data, FuseSettings(method="average"), pad_id=pad, progress=False
         )
-        scores["average"].append(_score(model, tokenizer, test_rows))
+        test_score("average", model)
         tick(f"{composite}: average")
         for seed in seeds:
             for row, method in [("LoraHub", "lorahub"), ("learned CAT", "cat"), ("LoRA-Flow", "lora-flow")]:
                 fusion = fit_on_bank(
                     handle, train_data, dev_data, _settings(method, seed, epochs), pad_id=pad, progress=False
                 )
-                scores[row].append(_score(model, tokenizer, test_rows))
+                test_score(row, model)
                 if method == "lorahub":
                     info.setdefault("lorahub_weights", []).append(
                         [round(float(w), 4) for w in fusion.tensors["weights"]]
@@ -177,17 +192,19 @@ def composition_study(
         for seed in seeds:
             fresh_config = replace(FLOW_TRAIN, lr=4e-3, weight_decay=0.0, eps=1e-8, seed=seed, epochs=epochs)
             fresh = train_fresh_lora(model, train_data, dev_data, fresh_config, pad_id=pad, progress=False)
-            scores["fresh LoRA (control)"].append(_score(fresh, tokenizer, test_rows))
+            test_score("fresh LoRA (control)", fresh)
             del fresh
             tick(f"{composite}: fresh LoRA seed {seed}")
             randoms = {"lang": random_like(lang, 10_000 + seed), "task": random_like(task, 20_000 + seed)}
             handle = attach(model, randoms)
             settings = _settings("lora-flow", seed, epochs)
             fit_on_bank(handle, train_data, dev_data, settings, pad_id=pad, progress=False)
-            scores["LoRA-Flow, random LoRAs (control)"].append(_score(model, tokenizer, test_rows))
+            test_score("LoRA-Flow, random LoRAs (control)", model)
             detach(model)
             tick(f"{composite}: random-LoRA flow seed {seed}")
         results[composite] = scores
+        if any(final.values()):
+            info["final_answer_match"] = final
         details[composite] = info
         timings[f"{composite}_s"] = round(time.perf_counter() - t0, 1)
         if log:
@@ -266,15 +283,12 @@ def flow_ablation(
     dev_losses: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     bar = tqdm(total=len(composites) * len(variants) * len(seeds), desc="flow ablation", disable=not progress)
     for composite in composites:
-        skill, language = composite.split("_")
+        lang_name, task_name = composite_loras(composite)
         data = root / "data" / composite
         train_data = encode_examples(tokenizer, read_jsonl(data / "train.jsonl"))
         dev_data = encode_examples(tokenizer, read_jsonl(data / "dev.jsonl"))
         test_rows = read_jsonl(data / "test.jsonl")[:limit]
-        loras = {
-            "lang": load_lora(root / "loras" / f"lang_{language}"),
-            "task": load_lora(root / "loras" / skill),
-        }
+        loras = {"lang": load_lora(root / "loras" / lang_name), "task": load_lora(root / "loras" / task_name)}
         for name, options in variants.items():
             options = dict(options)
             train = replace(FLOW_TRAIN, lr=options.pop("lr", FLOW_TRAIN.lr))
