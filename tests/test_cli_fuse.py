@@ -192,7 +192,7 @@ def test_demo_runs_the_study_on_the_tiny_world(tmp_path: Path, monkeypatch: pyte
         "tiny",
         "--quick",
         "--composites",
-        "math_zorb",
+        "math_zorb,math_worded_zorb",
         "--epochs",
         "0.1",
         "--limit",
@@ -206,6 +206,22 @@ def test_demo_runs_the_study_on_the_tiny_world(tmp_path: Path, monkeypatch: pyte
     study = json.loads((report / "study.json").read_text())
     assert set(study["results"]["math_zorb"]) == set(study["rows"]) and len(study["rows"]) == 11
     assert all(len(v) == 1 for v in study["results"]["math_zorb"].values())
+    faithful = study["details"]["math_worded_zorb"]
+    assert faithful["loras"] == ["chat_zorb", "math_worded"]
+    assert set(faithful["final_answer_match"]) == set(study["rows"])  # MGSM's metric beside
+    assert "final_answer_match" not in study["details"]["math_zorb"]
+    chosen = faithful["settings"]["LoRA-Flow"]  # the paper's protocol: lr / batch chosen on dev
+    assert (chosen["lr"], chosen["batch_size"]) in [(1e-3, 4), (1e-4, 16)] and len(chosen["dev_loss"]) == 2
+    assert set(faithful["settings"]) == {
+        "learned CAT",
+        "LoRA-Flow",
+        "fresh LoRA (control)",
+        "LoRA-Flow, random LoRAs (control)",
+    }
+    gates = faithful["token_gates"]
+    assert set(gates["mean_weights"]) == {"language words", "digits and operators"}
+    assert all(n > 0 for n in gates["tokens"].values())
+    assert all(len(w) == 2 for rows in gates["mean_weights"].values() for w in rows)  # (layers, k=2)
     assert "| LoRA-Flow |" in (report / "study.md").read_text()
     assert (report / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert f"report: {report}" in result.output
