@@ -34,7 +34,7 @@ from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.eval import evaluate
 from lorafuse.fuse import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
-from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
+from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
 from lorafuse.fuse.flow import mean_weights
 from lorafuse.merge import merge
 from lorafuse.runtime import attach, detach
@@ -190,7 +190,7 @@ def composition_study(
         timings[f"{composite}_fusions_s"] = round(time.perf_counter() - t0, 1)
 
         for seed in seeds:
-            fresh_config = replace(FLOW_TRAIN, lr=4e-3, weight_decay=0.0, eps=1e-8, seed=seed, epochs=epochs)
+            fresh_config = replace(FRESH_TRAIN, seed=seed, epochs=epochs)
             fresh = train_fresh_lora(model, train_data, dev_data, fresh_config, pad_id=pad, progress=False)
             test_score("fresh LoRA (control)", fresh)
             del fresh
