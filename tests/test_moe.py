@@ -198,3 +198,124 @@ def test_serve_refuses_moe_only_folders_when_scanned(mixtral: dict[str, Any]) ->
         for name in ("attn", "tuned_attn"):
             ok = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "w5 w6", "max_tokens": 3})
             assert ok.status_code == 200, ok.text
+
+
+def _reference_hessians(
+    kind: str, ft: Path, sequences: list[torch.Tensor], layer: int
+) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s input Hessians under the checkpoint's names, computed independently of
+    lorafuse: the whole model loaded by transformers reads each sequence, the MoE block's input
+    is captured, the top-k experts are taken from the loaded router's logits, and each expert's
+    projections are applied from the checkpoint's own 2-D weights."""
+    from safetensors import safe_open
+
+    model = AutoModelForCausalLM.from_pretrained(str(ft), dtype=torch.float32).eval()
+    block = model.model.layers[layer].mlp
+    captured: dict[str, list[torch.Tensor]] = {"attn": [], "moe": []}
+    hooks = [
+        model.model.layers[layer].self_attn.q_proj.register_forward_pre_hook(
+            lambda m, a: captured["attn"].append(a[0].reshape(-1, a[0].shape[-1]))
+        ),
+        block.register_forward_pre_hook(
+            lambda m, a: captured["moe"].append(a[0].reshape(-1, a[0].shape[-1]))
+        ),
+    ]
+    with torch.no_grad():
+        for ids in sequences:
+            model(input_ids=ids.reshape(1, -1), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    x = torch.cat(captured["moe"]).double()  # (tokens, H)
+    top = (x @ block.gate.weight.double().T).topk(model.config.num_experts_per_tok, -1).indices
+    moe, names = (
+        (f"model.layers.{layer}.block_sparse_moe", ("w1", "w3", "w2"))
+        if kind == "mixtral"
+        else (f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
+    )
+
+    def mean_gram(t: torch.Tensor) -> torch.Tensor:
+        return (t.T @ t / t.shape[0]).float()
+
+    attn = torch.cat(captured["attn"]).double()
+    out = {f"model.layers.{layer}.self_attn.{p}": mean_gram(attn) for p in ("q_proj", "k_proj", "v_proj")}
+    out[f"{moe}.gate"] = mean_gram(x)
+    with safe_open(str(ft / "model.safetensors"), "pt") as f:
+        for e in range(4):
+            xe = x[(top == e).any(-1)]
+            gate, up, down = (f"{moe}.experts.{e}.{n}" for n in names)
+            h = torch.nn.functional.silu(xe @ f.get_tensor(f"{gate}.weight").double().T)
+            h = h * (xe @ f.get_tensor(f"{up}.weight").double().T)
+            out[gate] = out[up] = mean_gram(xe)
+            out[down] = mean_gram(h)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_layer_by_layer_calibration_gives_each_expert_its_routed_tokens_hessian(
+    kind: str, tmp_path: Path
+) -> None:
+    """transformers 5 fuses the experts; the checkpoint (and so the compressed delta) names each
+    expert's 2-D weights. Layer-by-layer calibration reads the fused parameters from them and
+    gives every checkpoint module, experts and router included, the Hessian an independent
+    computation gives (layer 1: its inputs went through layer 0's experts too)."""
+    from lorafuse.compress.sequential import iter_layer_hessians
+
+    ft = fine_tune(tiny_moe(kind), tmp_path / "ft", experts=True)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 128, (n,), generator=g) for n in (9, 17, 12)]
+    got = dict(iter_layer_hessians(ft, sequences, progress=False))[1]
+    expected = _reference_hessians(kind, ft, sequences, layer=1)
+    for path, H in expected.items():
+        assert path in got, f"{path} has no Hessian; got {sorted(got)[:6]}"
+        assert torch.allclose(got[path], H, rtol=1e-4, atol=1e-6), path
+    if kind == "qwen2_moe":  # the shared expert is plain linear layers, read as before
+        assert "model.layers.1.mlp.shared_expert.down_proj" in got
+
+
+def test_moe_compression_reports_modules_compressed_without_calibration(
+    mixtral: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One calibration token reaches 2 of the 4 experts of each layer: the 2 others' projections
+    (2 layers × 2 experts × 3) are compressed without a Hessian, marked `calibrated: false` and
+    listed, and the CLI warns in one line; every other stored module was calibrated."""
+    from conftest import run_cli
+    from lorafuse.compress import collect_hessians
+
+    base, ft = mixtral["base"], mixtral["ft_experts"]
+    result = compress_checkpoint(
+        base, ft, None, budget="1/4", calibration=[torch.tensor([5])], progress=False
+    )
+    report = result.info["modules"]
+    missing = result.info["uncalibrated"]
+    assert len(missing) == 12 and all(".block_sparse_moe.experts." in p for p in missing)
+    assert {p.rsplit(".", 1)[1] for p in missing} == {"w1", "w2", "w3"}
+    for path in result.modules:
+        assert report[path]["calibrated"] is (path not in missing)
+        assert ("activation_error" in report[path]) is (path not in missing)
+    enough = [torch.randint(3, 128, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    assert (
+        compress_checkpoint(
+            base, ft, None, method="low-rank", budget="1/4", calibration=enough, progress=False
+        ).info["uncalibrated"]
+        == []
+    )
+    # Hessians of the loaded model's linear layers: its fused experts and routers have none
+    model = AutoModelForCausalLM.from_pretrained(str(ft)).eval()
+    given = collect_hessians(model, enough, progress=False)
+    stored = compress_checkpoint(
+        base, ft, None, method="low-rank", budget="1/4", hessians=given, progress=False
+    )
+    assert set(stored.info["uncalibrated"]) == {p for p in stored.modules if "block_sparse_moe" in p}
+
+    (tmp_path / "calib.txt").write_text("w5 w6 w7\n")
+    code, _, err = run_cli(
+        ["compress", "--base", base, "--finetuned", ft, "--tokenizer", base, "--method", "low-rank",
+         "--budget", "1/4", "--calib", tmp_path / "calib.txt", "--samples", "1", "--max-tokens", "1",
+         "--out", tmp_path / "c"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "12 of" in warnings[0] and "by weight error only" in warnings[0]
+    saved = json.loads((tmp_path / "c" / "compressed.json").read_text())
+    assert len(saved["info"]["uncalibrated"]) == 12
