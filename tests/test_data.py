@@ -363,3 +363,24 @@ def test_cli_train_lora_refuses_unknown_target_modules_in_one_line(chat_base, tm
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "fresh").exists()
+
+
+def test_cli_train_lora_gradient_checkpointing_trains_the_same_lora(chat_base, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    weights = []
+    for name, extra in [("plain", []), ("ckpt", ["--gradient-checkpointing"])]:
+        code, _, err = run_cli(
+            ["train-lora", "--base", chat_base["base"], "--train", chat_base["train"], "--rank", "2",
+             "--target-modules", "q_proj,v_proj", "--epochs", "1", "--lr", "0.01", "--out", tmp_path / name,
+             *extra],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        weights.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) == 2 * 2 * 2  # 2 layers × q, v × A, B
+    for key, value in weights[0].items():
+        assert torch.allclose(value, weights[1][key], atol=1e-6), key
+    assert any(bool(v.abs().sum() > 0) for k, v in weights[0].items() if "lora_B" in k)

@@ -319,3 +319,18 @@ def test_moe_compression_reports_modules_compressed_without_calibration(
     assert len(warnings) == 1 and "12 of" in warnings[0] and "by weight error only" in warnings[0]
     saved = json.loads((tmp_path / "c" / "compressed.json").read_text())
     assert len(saved["info"]["uncalibrated"]) == 12
+
+
+def test_experts_of_another_layout_keep_no_hessian(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recomputed expert outputs are checked against the block's own on the first sample: an
+    experts module that computes something else gets no (wrong) Hessians; the rest still do."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from lorafuse.compress.sequential import iter_layer_hessians
+
+    ft = fine_tune(tiny_moe("mixtral"), tmp_path / "ft", experts=True)
+    original = MixtralExperts.forward
+    monkeypatch.setattr(MixtralExperts, "forward", lambda self, *a, **k: 2 * original(self, *a, **k))
+    got = dict(iter_layer_hessians(ft, [torch.arange(3, 20)], progress=False))[0]
+    assert not any(".experts." in p for p in got)
+    assert "model.layers.0.self_attn.q_proj" in got and "model.layers.0.block_sparse_moe.gate" in got
