@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorafuse._data import DataFormatError, encode_messages, encode_rows
 from lorafuse.tiny import chat_tokenizer, word_tokenizer
@@ -206,3 +207,180 @@ def test_cli_route_train_on_chat_rows(tmp_path, capsys) -> None:  # type: ignore
     )  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "mix" / "mixture.json").is_file()
+
+
+@pytest.fixture()
+def chat_base(tmp_path):  # type: ignore[no-untyped-def]
+    """A tiny Llama saved with the ChatML tokenizer, two random PEFT LoRAs and a {"messages"} JSONL."""
+    from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
+
+    tok = chat_tokenizer()
+    model = tiny_llama(0, vocab_size=len(tok))
+    base = save_model(model, tmp_path / "base")
+    tok.save_pretrained(str(base))
+    loras = [
+        random_peft_adapter(model, tmp_path / n, seed=s, r=2, lora_alpha=4) for n, s in [("a", 1), ("b", 2)]
+    ]
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}] * 4
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"tok": tok, "base": base, "loras": loras, "rows": rows, "train": tmp_path / "train.jsonl"}
+
+
+def _assistant_mask_only(tok, data) -> None:  # type: ignore[no-untyped-def]
+    """Every example the loop trained on carries its loss on assistant turns only."""
+    answers = {
+        "3 + 4 = 7 . she has 7 apples .<|im_end|>\n",
+        "12 * 3 = 36 .<|im_end|>\n",
+    }
+    assert data
+    for ids, labels in data:
+        runs = labelled_runs(tok, ids, labels)
+        assert runs and set(runs) <= answers
+
+
+def test_cli_route_train_encoder_on_chat_rows(chat_base, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`route train-encoder` trains on {"messages"} rows with the loss on assistant turns only
+    (what the training loop received), records that it is a chat encoder, and `route generate`
+    then renders prompts with the chat template."""
+    import lorafuse.fuse.instance as instance
+    from conftest import run_cli
+
+    seen: list = []
+    loop = instance.train_loop
+
+    def recording(model, params, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(data)
+        return loop(model, params, data, *args, **kwargs)
+
+    monkeypatch.setattr(instance, "train_loop", recording)
+    a, b = chat_base["loras"]
+    code, out, err = run_cli(
+        ["route", "train-encoder", "--base", chat_base["base"], "--lora", f"a={a}", "--lora", f"b={b}",
+         "--data", chat_base["train"], "--steps", "3", "--batch-size", "4", "--out", tmp_path / "enc"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert len(seen) == len(chat_base["rows"])
+    _assistant_mask_only(chat_base["tok"], seen)
+    meta = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    assert meta["chat"] is True and meta["examples"] == 8
+    rendered: list[bool] = []
+    import lorafuse.eval as evaluation
+
+    real = evaluation.generate
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rendered.append(kwargs.get("chat", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", spy)
+    code, out, err = run_cli(
+        ["route", "generate", "--mixture", tmp_path / "enc", "-p", "what is 12 times 3 ?",
+         "--max-new-tokens", "3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert rendered == [True] and out.startswith("what is 12 times 3 ? →")
+
+
+def test_train_encoder_gradient_checkpointing_gives_the_same_losses(chat_base, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Recomputing the base's activations in the backward pass changes memory, not the training."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    a, b = chat_base["loras"]
+    weights = []
+    for name, extra in [("plain", []), ("ckpt", ["--gradient-checkpointing"])]:
+        code, _, err = run_cli(
+            ["route", "train-encoder", "--base", chat_base["base"], "--lora", f"a={a}", "--lora", f"b={b}",
+             "--data", chat_base["train"], "--steps", "4", "--batch-size", "4", "--lr", "0.1",
+             "--out", tmp_path / name, *extra],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        weights.append(load_file(str(tmp_path / name / "encoder.safetensors")))
+    for key in ("query", "keys"):
+        assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5)
+    first = load_file(str(tmp_path / "plain" / "encoder.safetensors"))
+    from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder
+
+    initial = InstanceEncoder(first["query"].shape[1], 2, EncoderConfig()).state_dict()
+    assert not torch.allclose(initial["keys"], first["keys"])  # it did train
+
+
+def test_cli_train_lora_on_chat_rows_is_a_peft_adapter_that_lowers_the_loss(
+    chat_base, tmp_path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The fresh-LoRA control from the CLI: trained on {"messages"} rows with the loss on assistant
+    turns only, written as a PEFT folder that PEFT and lorafuse load, with a lower loss on its
+    training conversations than the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lorafuse.fuse.api as api
+    from conftest import run_cli
+    from lorafuse.adapters import load_lora
+    from lorafuse.fuse.loop import dev_loss
+
+    seen: list = []
+    loop = api.train
+
+    def recording(model, params, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(data)
+        return loop(model, params, data, *args, **kwargs)
+
+    monkeypatch.setattr(api, "train", recording)
+    code, out, err = run_cli(
+        ["train-lora", "--base", chat_base["base"], "--train", chat_base["train"], "--rank", "4",
+         "--epochs", "4", "--lr", "0.01", "--batch-size", "4", "--out", tmp_path / "fresh"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "wrote" in out and len(seen) == len(chat_base["rows"])
+    _assistant_mask_only(chat_base["tok"], seen)
+    record = json.loads((tmp_path / "fresh" / "lorafuse.json").read_text())
+    assert record["chat"] is True and record["seed"] == 0 and record["result"]["steps"] == 8
+    lora = load_lora(tmp_path / "fresh")
+    assert len(lora.modules) == 2 * 7  # all-linear on a 2-layer Llama: q k v o gate up down
+    assert all(bool(m.B.abs().sum() > 0) for m in lora.modules.values())  # PEFT starts B at 0
+    base = AutoModelForCausalLM.from_pretrained(str(chat_base["base"])).eval()
+    data = encode_rows(chat_base["tok"], chat_base["rows"])
+    before = dev_loss(base, data, pad_id=0)
+    tuned = PeftModel.from_pretrained(base, str(tmp_path / "fresh")).eval()
+    assert dev_loss(tuned, data, pad_id=0) < before - 0.05
+
+
+def test_cli_train_lora_refuses_unknown_target_modules_in_one_line(chat_base, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest import run_cli
+
+    code, _, err = run_cli(
+        ["train-lora", "--base", chat_base["base"], "--train", chat_base["train"], "--target-modules",
+         "wq,wv", "--out", tmp_path / "fresh"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "target modules ['wq', 'wv'] cannot be adapted" in err and "q_proj" in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_cli_train_lora_gradient_checkpointing_trains_the_same_lora(chat_base, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    weights = []
+    for name, extra in [("plain", []), ("ckpt", ["--gradient-checkpointing"])]:
+        code, _, err = run_cli(
+            ["train-lora", "--base", chat_base["base"], "--train", chat_base["train"], "--rank", "2",
+             "--target-modules", "q_proj,v_proj", "--epochs", "1", "--lr", "0.01", "--out", tmp_path / name,
+             *extra],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        weights.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) == 2 * 2 * 2  # 2 layers × q, v × A, B
+    for key, value in weights[0].items():
+        assert torch.allclose(value, weights[1][key], atol=1e-6), key
+    assert any(bool(v.abs().sum() > 0) for k, v in weights[0].items() if "lora_B" in k)

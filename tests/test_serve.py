@@ -227,7 +227,7 @@ def _post(url: str, body: Any, *, raw: bytes | None = None, key: str = KEY) -> h
         ({"model": "math", "prompt": ["a"] * 33}, 400, "at most 32"),
         ({"model": "math", "prompt": ["a", "b"], "stream": True}, 400, "one prompt"),
         ({"model": "math", "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
-        ({"model": "dense", "prompt": "a"}, 400, "dense"),
+        ({"model": "dense", "prompt": "a"}, 404, "is not served: a rtn delta is dense"),
         ({"model": "flow", "prompt": "a", "compose": {"flow": 1}}, 400, "base model"),
         ({"model": BASE, "prompt": "a", "compose": {"flow": 1}}, 400, "fusion"),
         # raw bodies: what json.loads accepts but no handler should see

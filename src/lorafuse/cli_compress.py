@@ -237,6 +237,17 @@ def compress(
         f"{mean('weight_error'):.4f}"
         + (f", mean activation error {mean('activation_error'):.4f}" if calibration else "")
     )
+    uncalibrated = result.info.get("uncalibrated") or []
+    if calibration and uncalibrated:
+        shown = ", ".join(uncalibrated[:3]) + (
+            f" and {len(uncalibrated) - 3} more" if len(uncalibrated) > 3 else ""
+        )
+        typer.echo(
+            f"warning: {len(uncalibrated)} of {len(result.modules)} compressed modules had no calibration "
+            f"activations and were compressed by weight error only (an expert no calibration token was "
+            f"routed to, say): {shown}; see 'uncalibrated' in {out / 'compressed.json'}",
+            err=True,
+        )
     changed = result.info["changed_other_tensors"]
     if changed:
         action = "stored as plain deltas" if keep_other == "delta" else "kept from the base"

@@ -11,6 +11,7 @@ import typer
 from lorafuse._checks import InvalidValueError, check_number
 from lorafuse.cli_options import (
     COUNT,
+    DATA,
     FILE,
     FOLDER,
     NON_NEGATIVE,
@@ -36,6 +37,21 @@ def _route_methods() -> list[str]:
     from lorafuse.skillworld.route_study import METHODS
 
     return list(METHODS)
+
+
+DATA_HELP = (
+    'Training rows (repeatable): JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; '
+    "a Parquet/CSV/Arrow file; a saved datasets folder; or a dataset name."
+)
+CHAT_HELP = (
+    'Render {"prompt", "completion"} rows with the chat template; {"messages"} rows always are '
+    "(loss on assistant turns only)."
+)
+
+
+def _is_chat(chat: bool, rows: list[dict[str, Any]]) -> bool:
+    """Whether training saw chat-rendered rows (so generation renders prompts the same way)."""
+    return chat or any("messages" in row for row in rows)
 
 
 route_app = typer.Typer(
@@ -101,7 +117,7 @@ def route_train(
     ] = 0.01,
     data: Annotated[
         list[Path] | None,
-        typer.Option("--data", help="JSONL files of {prompt, completion} (repeatable).", callback=FILE),
+        typer.Option("--data", help=DATA_HELP, callback=DATA),
     ] = None,
     tasks: Annotated[
         str | None,
@@ -122,13 +138,7 @@ def route_train(
     seed: Annotated[
         int, typer.Option(help="Seed of the experts, router, sampler and data order.", callback=SEED)
     ] = 0,
-    chat: Annotated[
-        bool,
-        typer.Option(
-            help='Render {"prompt", "completion"} rows with the chat template; {"messages"} rows always '
-            "are (loss on assistant turns only)."
-        ),
-    ] = False,
+    chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train n new LoRA experts and a per-layer top-k router on a frozen base; save the mixture.
@@ -173,7 +183,11 @@ def route_train(
         pad_id=tok.pad_token_id,
         base_model=str(base_dir),
     )
-    extra = {"tokenizer": str(tok_dir), "train": {"steps": steps, "batch_size": batch_size, "lr": lr}}
+    extra = {
+        "tokenizer": str(tok_dir),
+        "train": {"steps": steps, "batch_size": batch_size, "lr": lr},
+        "chat": _is_chat(chat, rows),
+    }
     mixture.save(out, extra | {"examples": len(rows)}, inputs=sources)
     tail = losses[-20:]
     typer.echo(
@@ -181,7 +195,7 @@ def route_train(
     )
 
 
-def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, str]]:
+def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, Any]]:
     from lorafuse.skillworld.data import read_jsonl
     from lorafuse.skillworld.route_study import ROUTE_TASKS
 
@@ -208,9 +222,7 @@ def route_train_encoder(
         typer.Option("--top-k", help="Keep the top-k coefficients [default: all].", callback=COUNT),
     ] = None,
     dim: Annotated[int, typer.Option(help="Query/key width of the encoder.", callback=COUNT)] = 64,
-    data: Annotated[
-        list[Path] | None, typer.Option("--data", help="JSONL {prompt, completion} files.", callback=FILE)
-    ] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help=DATA_HELP, callback=DATA)] = None,
     tasks: Annotated[
         str | None, typer.Option(help="Skill-world tasks when no --data.", callback=names_of(_world_tasks))
     ] = None,
@@ -224,13 +236,26 @@ def route_train_encoder(
     batch_size: Annotated[int, typer.Option(help="Examples per step.", callback=COUNT)] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=POSITIVE)] = 1e-2,
     seed: Annotated[int, typer.Option(help="Seed.", callback=SEED)] = 0,
+    chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).
 
+    --data takes {"messages"}, {"prompt", "completion"} or {"text"} rows (as `lorafuse fuse`); the
+    prompt the encoder pools is every token without a loss (for chat rows: the system and user
+    turns and the role headers). An encoder trained on chat rows records it, and `route
+    generate` then renders each prompt as a user turn with the chat template.
+
     Example: lorafuse route train-encoder --top-k 2 --out enc/world
     """
-    from lorafuse._data import encode_examples
+    from lorafuse._data import encode_rows
     from lorafuse.adapters import load_lora
     from lorafuse.cli import check_out
     from lorafuse.fuse.instance import EncoderConfig, train_encoder
@@ -256,12 +281,18 @@ def route_train_encoder(
     tok, model = _load(base_dir, tok_dir)
     basis = {name: load_lora(path) for name, path in folders.items()}
     config = EncoderConfig(activation=activation, top_k=top_k, dim=dim, seed=seed)
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    mixing, losses = train_encoder(
-        model, basis, encode_examples(tok, rows), config, train, pad_id=tok.pad_token_id
+    train = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
     )
+    encoded = encode_rows(tok, rows, chat=chat, source="--data")
+    mixing, losses = train_encoder(model, basis, encoded, config, train, pad_id=tok.pad_token_id)
     paths = {n: str(p.resolve()) for n, p in folders.items()}
-    mixing.save(out, paths, base_model=str(base_dir), extra={"tokenizer": str(tok_dir)}, inputs=sources)
+    extra = {"tokenizer": str(tok_dir), "chat": _is_chat(chat, rows), "examples": len(rows)}
+    mixing.save(out, paths, base_model=str(base_dir), extra=extra, inputs=sources)
     tail = losses[-20:]
     typer.echo(f"wrote {out} (basis of {len(basis)} LoRAs; final loss {sum(tail) / len(tail):.4f})")
 
@@ -297,6 +328,9 @@ def route_generate(
     ] = 48,
 ) -> None:
     """Greedy generation (KV cache on) with a trained mixture, an instance encoder, Arrow or a mode.
+
+    A mixture or encoder trained on chat rows gets each prompt as a user turn in the tokenizer's
+    chat template.
 
     Examples:
 
@@ -360,8 +394,9 @@ def route_generate(
         else:
             assert mode is not None
             handle.set_weights(mode_weights(handle.names, table, mode))
+    chat = bool(meta.get("chat")) and bool(getattr(tok, "chat_template", None))
     for prompt, text in zip(
-        prompts, generate(model, tok, prompts, max_new_tokens=max_new_tokens), strict=True
+        prompts, generate(model, tok, prompts, max_new_tokens=max_new_tokens, chat=chat), strict=True
     ):
         typer.echo(f"{prompt} → {text}")
 

@@ -165,6 +165,10 @@ def serve(
     names = [e.name for e in server.registry.entries()]
     typer.echo(f"serving {settings.base_name!r} + {len(names)} adapters/fusions/deltas from {adapters}")
     typer.echo(f"  {', '.join(names[:12])}{' …' if len(names) > 12 else ''}")
+    refused = sorted(server.registry.not_servable())
+    if refused:
+        shown = ", ".join(refused[:12]) + (" …" if len(refused) > 12 else "")
+        typer.echo(f"  not served ({len(refused)}, reasons in the warnings above): {shown}")
     typer.echo(f"  {server.startup_line}")
     typer.echo(
         f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else ""),

@@ -165,7 +165,15 @@ def read_config_file(folder: Path) -> tuple[dict[str, Any], AdapterConfig]:
             "those modules are full trained copies, not low-rank factors. Merge the adapter into "
             "the base with PEFT, or retrain it without modules_to_save."
         )
-    for field in ("target_parameters", "layer_replication", "trainable_token_indices"):
+    if raw.get("target_parameters"):
+        raise UnsupportedAdapterError(
+            f"{config_path}: target_parameters={raw['target_parameters']!r} is not supported: those "
+            "LoRAs adapt parameters (such as a mixture of experts' fused 3-D expert weights), not "
+            "linear layers, and lorafuse serves, merges and fuses LoRAs on linear layers "
+            "(target_modules) only. Merge the adapter into the base with PEFT (merge_and_unload) and "
+            "use the result as a base model"
+        )
+    for field in ("layer_replication", "trainable_token_indices"):
         if raw.get(field):
             raise UnsupportedAdapterError(
                 f"{config_path}: {field}={raw[field]!r} is not supported; lorafuse handles "

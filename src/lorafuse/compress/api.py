@@ -74,7 +74,11 @@ def compress_checkpoint(
         calibration: token id sequences (1-D tensors) read by the fine-tuned model **layer by
             layer** (:func:`~lorafuse.compress.sequential.iter_layer_hessians`): each decoder
             layer's Hessians are collected, its projections compressed, then freed, so peak
-            memory is one layer's worth whatever the depth. Use this or ``hessians``.
+            memory is one layer's worth whatever the depth. Use this or ``hessians``. A mixture
+            of experts' per-expert weights get the Hessian of the tokens routed to each expert.
+            With either, each stored module's report says ``calibrated`` (whether it had a
+            Hessian: an expert no calibration token reached has none) and ``info["uncalibrated"]``
+            lists those compressed without one (by weight error only).
         device: where the SVD, GPTQ and calibration run (``"cuda"`` on a GPU); results are
             stored on the CPU.
         keep_other: non-linear tensors that changed: ``base`` keeps the base's values (and reports
@@ -98,6 +102,7 @@ def compress_checkpoint(
     ck_base, ck_ft = open_checkpoint(base), open_checkpoint(finetuned)
     check_pair(ck_base, ck_ft)
     started = time.perf_counter()
+    calibrated = hessians is not None or calibration is not None
     modules, other, report = PackedModules(), {}, {}
     kept: dict[str, dict[str, Any]] = {}
 
@@ -134,6 +139,8 @@ def compress_checkpoint(
         }
         if choice:
             entry["choice"] = choice
+        if calibrated:
+            entry["calibrated"] = H is not None
         if H is not None:
             entry["activation_error"] = activation_error(diff, approx, H)
         modules.add(path, module)  # packed, on the CPU
@@ -174,8 +181,9 @@ def compress_checkpoint(
         "finetuned": str(finetuned),
         "architecture": ck_ft.architecture,
         "keep_other": keep_other,
-        "calibrated": hessians is not None or calibration is not None,
+        "calibrated": calibrated,
         "calibration": "layer by layer" if calibration is not None else ("given" if hessians else None),
+        "uncalibrated": sorted(p for p, e in report.items() if e.get("calibrated") is False),
         "seconds": round(time.perf_counter() - started, 2),
         "modules": report,
         "changed_other_tensors": kept,

@@ -14,6 +14,7 @@ folder is written atomically; reading it never runs pickle.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
-from torch import Tensor
+from torch import Tensor, nn
 
 from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, parse_model
 from lorafuse._io import (
@@ -125,20 +126,20 @@ class CompressedDelta:
     def factored(self) -> bool:
         return all(m.factored for _, m in _records(self.modules))
 
-    def to_lora(self, name: str | None = None) -> LoRA:
+    def to_lora(self, name: str | None = None, *, model: nn.Module | None = None) -> LoRA:
         """The delta as a LoRA (``A = V̂ᵀ``, ``B = Û diag(S)``, scale 1) for :func:`lorafuse.attach`.
 
         Only low-rank kinds have factors; a ``bitdelta``/``rtn`` delta is dense (apply it with
         :func:`lorafuse.compress.apply_delta` or :func:`lorafuse.compress.decompress`).
         Non-linear tensors stored as plain deltas are not part of the LoRA (``apply_delta(...,
-        linear=False)`` adds them to the model).
+        linear=False)`` adds them to the model). With ``model``, every module must also be a
+        linear layer of it (:func:`lora_refusal`: a mixture of experts' per-expert weights are
+        not), else one :class:`CompressError` naming them.
         """
-        dense = sorted({m.kind for _, m in _records(self.modules) if not m.factored})
-        if dense:
-            raise CompressError(
-                f"a {self.method} delta is dense ({', '.join(dense)}): it has no low-rank factors to "
-                "serve on the fly; use apply_delta(model, delta) or `lorafuse decompress`"
-            )
+        records = {p: (m.kind, tuple(m.shape)) for p, m in _records(self.modules)}
+        reason = lora_refusal(records, self.method, linear_layers(model) if model is not None else None)
+        if reason is not None:
+            raise CompressError(reason)
         modules = {}
         for path, m in self.modules.items():
             B, A = m.factors()  # (out, r), (r, in)
@@ -146,6 +147,72 @@ class CompressedDelta:
         return LoRA(
             modules, self.info.get("base"), name or f"{self.method}", {"source": self.info.get("path")}
         )
+
+
+EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # a per-expert weight of a MoE checkpoint
+SHOWN = 3  # module names a refusal shows
+
+
+def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module path: (out, in)}`` of every layer of ``model`` a LoRA can adapt (``nn.Linear``,
+    GPT-2 ``Conv1D``; a layer wrapped by a serving bank counts as the layer)."""
+    from lorafuse.adapters.validate import linear_shape
+
+    found = {}
+    for path, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None:
+            found[path] = (shape.out_features, shape.in_features)
+    return found
+
+
+def lora_refusal(
+    modules: Mapping[str, tuple[str, tuple[int, ...]]],
+    method: str,
+    linear: Mapping[str, tuple[int, int]] | None = None,
+) -> str | None:
+    """Why a delta with ``modules`` (``{path: (kind, (out, in))}``) cannot be applied as a LoRA,
+    or ``None`` when it can.
+
+    Dense kinds (BitDelta signs, RTN) have no factors. With ``linear`` (the served model's
+    :func:`linear_layers`), every module must be one of them with the same shape: a delta is
+    served whole or not at all, never with some of its modules left out (its outputs would not
+    be the fine-tune's). Checkpoints of mixtures of experts store each expert's projections as
+    2-D weights (``...experts.3.w1``), while transformers holds them fused in 3-D parameters
+    (``mlp.experts.gate_up_proj``) that a LoRA cannot adapt; such deltas are refused here and
+    served after ``lorafuse decompress`` as a base of their own.
+    """
+    dense = sorted({kind for kind, _ in modules.values() if not KINDS[kind].factored})
+    if dense:
+        return (
+            f"a {method} delta is dense ({', '.join(dense)}): it has no low-rank factors to serve on "
+            "the fly; use apply_delta(model, delta) or `lorafuse decompress`"
+        )
+    if linear is None:
+        return None
+    problems = []
+    for path, (_, shape) in modules.items():
+        if path not in linear:
+            problems.append(path)
+        elif tuple(linear[path]) != tuple(shape):
+            problems.append(f"{path} ({tuple(shape)}, the layer is {tuple(linear[path])})")
+    if not problems:
+        return None
+    experts = sum(1 for p in problems if EXPERT_RE.search(p))
+    shown = ", ".join(problems[:SHOWN]) + (
+        f" and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    )
+    why = (
+        f"; {experts} are per-expert weights of a mixture of experts, which transformers holds fused "
+        "in 3-D expert parameters that a LoRA cannot adapt"
+        if experts
+        else ""
+    )
+    return (
+        f"{len(problems)} of its {len(modules)} compressed modules are not linear layers of the served "
+        f"model, so it cannot be applied as a LoRA: {shown}{why}. Write the fine-tuned model with "
+        "`lorafuse decompress` and serve that as the base"
+    )
 
 
 def save_compressed(

@@ -12,6 +12,13 @@ pipeline). For the calibration samples ``x_1 … x_n``:
    over all samples, hand ``{path: H_m}`` to the caller (who compresses the layer), run the
    layer forward to make layer ``l+1``'s inputs, and free the layer.
 
+Paths are the checkpoint's, which a mixture of experts' differ from the model's
+(:mod:`lorafuse.compress.moe`): its fused 3-D expert parameters are read by stacking the
+checkpoint's per-expert weights, each expert's projections get the Hessian of the tokens routed
+to it (an expert no calibration token reaches gets none), and the router (a ``TopKRouter``, no
+``nn.Linear``) that of the MoE block's input, under the checkpoint's name
+(``block_sparse_moe.gate`` in Mixtral checkpoints).
+
 Peak memory is one decoder layer + that layer's Hessians (modules reading the same input —
 ``q/k/v``, ``gate/up`` — share one) + two copies of the calibration activations
 ``n × T × H``, whatever the depth. At Llama-2-7B width (fp32): a layer is 0.8 GB, its Hessians
@@ -32,7 +39,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lorafuse._layers import find_decoder_layers
-from lorafuse.compress.checkpoint import ShardReader, open_checkpoint
+from lorafuse.compress.checkpoint import Checkpoint, ShardReader, open_checkpoint
+from lorafuse.compress.moe import (
+    ExpertHessians,
+    checkpoint_module,
+    checkpoint_tensor,
+    find_experts,
+    fused_experts,
+    router_modules,
+)
 from lorafuse.errors import CompressError
 
 
@@ -43,14 +58,14 @@ class _Captured(Exception):
 def _materialise(
     model: nn.Module, names: Sequence[str], reader: ShardReader, device: torch.device, dtype: torch.dtype
 ) -> None:
+    """Read the model's parameters ``names`` from the checkpoint (MoE experts stacked from their
+    per-expert weights, older checkpoint names mapped: :func:`~lorafuse.compress.moe.checkpoint_tensor`)."""
     from accelerate.utils import set_module_tensor_to_device
 
+    params = dict(model.named_parameters())
     for name in names:
-        if name not in reader.checkpoint.shapes:
-            raise CompressError(
-                f"{reader.checkpoint.root}: no tensor {name} for the model's parameter {name}"
-            )
-        set_module_tensor_to_device(model, name, device, value=reader.get(name), dtype=dtype)
+        value = checkpoint_tensor(name, tuple(params[name].shape), reader)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
 
 
 class _HessianHooks:
@@ -60,10 +75,19 @@ class _HessianHooks:
     alive for that forward, so no address is reused) share one accumulator.
     """
 
-    def __init__(self, layer: nn.Module, prefix: str) -> None:
+    def __init__(self, layer: nn.Module, prefix: str, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
         self.paths: dict[nn.Module, str] = {
             m: f"{prefix}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Linear)
         }
+        experts = fused_experts(layer)
+        for name, router in router_modules(layer, experts):  # a MoE router reads the block's input
+            self.paths[router] = f"{prefix}.{name}"
+        self.experts = []
+        for name, module in experts:
+            found = find_experts(f"{prefix}.{name}", module.gate_up_proj.shape[0], checkpoint)
+            if found is not None:
+                self.experts.append(ExpertHessians(module, found))
         self.group: dict[str, int] = {}
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, int] = {}
@@ -94,12 +118,19 @@ class _HessianHooks:
         self.first_sample, self._first, self._done = False, {}, set()
 
     def hessians(self) -> dict[str, Tensor]:
+        """``{checkpoint module path: H}``: the checkpoint's names (an older checkpoint's router
+        name, each expert's projections), not the model's, since the checkpoint is compressed."""
         for h in self._hooks:
             h.remove()
         means = {}
         for group in list(self.sums):  # one fp64 sum freed as each fp32 mean is made
             means[group] = self.sums.pop(group).div_(self.counts[group]).float()
-        return {path: means[group] for path, group in self.group.items()}
+        out = {}
+        for path, group in self.group.items():
+            out[checkpoint_module(path, self.checkpoint) or path] = means[group]
+        for experts in self.experts:
+            out |= experts.hessians()
+        return out
 
 
 @torch.no_grad()
@@ -158,7 +189,7 @@ def iter_layer_hessians(
             _materialise(
                 model, [f"{layer_prefix}.{n}" for n, _ in layer.named_parameters()], reader, device, dtype
             )
-            hooks = _HessianHooks(layer, layer_prefix)
+            hooks = _HessianHooks(layer, layer_prefix, checkpoint)
             outputs = []
             for hidden, args, kwargs in inputs:
                 out = layer(hidden, *args, **kwargs)

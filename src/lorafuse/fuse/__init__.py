@@ -7,7 +7,14 @@ The package is callable: ``lorafuse.fuse(model, tokenizer, loras, train_rows, ..
 import sys
 import types
 
-from lorafuse.fuse.api import FUSION_METHODS, FuseSettings, fit_on_bank, fuse, train_fresh_lora
+from lorafuse.fuse.api import (
+    FUSION_METHODS,
+    FuseSettings,
+    fit_fresh_lora,
+    fit_on_bank,
+    fuse,
+    train_fresh_lora,
+)
 from lorafuse.fuse.cat_weights import CatWeights
 from lorafuse.fuse.controls import random_like
 from lorafuse.fuse.flow import LoRAFlow, flow_for
@@ -26,6 +33,7 @@ __all__ = [
     "LoRAFlow",
     "TrainConfig",
     "TrainResult",
+    "fit_fresh_lora",
     "fit_on_bank",
     "flow_for",
     "fuse",

@@ -10,7 +10,8 @@ Every method weights one bank of the given LoRAs (base and LoRAs frozen) and ret
 | ``lorahub``   | one weight per LoRA in [-1.5, 1.5], + 0.05·mean|w|       | nevergrad, 40 evals   |
 | ``average``   | nothing: ``w_i = 1/k``                                   | —                     |
 
-``train_fresh_lora`` trains a new PEFT LoRA on the same examples (the recycling study's control).
+``train_fresh_lora`` / ``fit_fresh_lora`` train a new PEFT LoRA on the same examples (the recycling
+study's control; ``lorafuse train-lora`` on the command line).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from lorafuse._data import Encoded, encode_rows
 from lorafuse.adapters import LoRA, load_lora
+from lorafuse.errors import LorafuseError
 from lorafuse.fuse.cat_weights import CatWeights
 from lorafuse.fuse.flow import flow_for
 from lorafuse.fuse.fusion import Fusion, adapter_hashes
@@ -245,7 +247,12 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
-def train_fresh_lora(
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The recycling study's fresh-LoRA recipe: LoRA-Flow's schedule with lr 4e-3, no weight decay, eps 1e-8.
+FRESH_TRAIN = replace(FLOW_TRAIN, lr=4e-3, weight_decay=0.0, eps=1e-8)
+
+
+def fit_fresh_lora(
     model: nn.Module,
     train_data: Sequence[Encoded],
     dev_data: Sequence[Encoded] | None,
@@ -253,28 +260,35 @@ def train_fresh_lora(
     *,
     pad_id: int,
     rank: int = 16,
-    alpha: int = 32,
-    target_modules: Sequence[str] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
+    alpha: float = 32,
+    target_modules: str | Sequence[str] = LLAMA_TARGETS,
+    copy_model: bool = True,
     progress: bool = True,
-) -> nn.Module:
-    """A new PEFT LoRA trained on the same few examples (a copy of ``model``; the original is untouched)."""
+) -> tuple[nn.Module, TrainResult]:
+    """A new PEFT LoRA trained on ``train_data`` and its training record (losses, best dev step).
+
+    ``target_modules`` are module names as PEFT takes them (a list, or ``"all-linear"``: every
+    linear layer but the output head). ``copy_model=False`` wraps ``model`` itself (no second
+    copy of the weights in memory; the caller owns the result). A target list that matches no
+    module of the model is one :class:`LorafuseError` naming the list and some module names.
+    """
     from peft import LoraConfig, get_peft_model
 
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(
-        copy.deepcopy(model),
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0),
+    lora_config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
     )
+    try:
+        peft_model = get_peft_model(copy.deepcopy(model) if copy_model else model, lora_config)
+    except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise LorafuseError(
+            f"target modules {targets!r} cannot be adapted in {type(model).__name__} "
+            f"({str(exc).splitlines()[0][:200]}); its linear layers are named {linear[:12]}"
+        ) from None
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    train(
+    result = train(
         peft_model,
         trainable,
         train_data,
@@ -284,4 +298,30 @@ def train_fresh_lora(
         desc="fresh lora",
         progress=progress,
     )
-    return peft_model.eval()
+    return peft_model.eval(), result
+
+
+def train_fresh_lora(
+    model: nn.Module,
+    train_data: Sequence[Encoded],
+    dev_data: Sequence[Encoded] | None,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    rank: int = 16,
+    alpha: int = 32,
+    target_modules: str | Sequence[str] = LLAMA_TARGETS,
+    progress: bool = True,
+) -> nn.Module:
+    """A new PEFT LoRA trained on the same few examples (a copy of ``model``; the original is untouched)."""
+    return fit_fresh_lora(
+        model,
+        train_data,
+        dev_data,
+        config,
+        pad_id=pad_id,
+        rank=rank,
+        alpha=alpha,
+        target_modules=target_modules,
+        progress=progress,
+    )[0]

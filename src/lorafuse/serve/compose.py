@@ -148,6 +148,16 @@ class Resolver:
     # -- pieces ---------------------------------------------------------------------------------
     def _entry(self, name: str, param: str) -> Entry:
         entry = self.registry.get(name)
+        refused = self.registry.refusal(name) if entry is None else None
+        if refused is not None:
+            folder, reason = refused
+            raise RequestError(
+                404,
+                f"The model `{name}` is not served: {self._public_text(reason, folder.path, name)} "
+                "(GET /v1/models lists what is served)",
+                param=param,
+                code="model_not_servable",
+            )
         if entry is None:
             raise RequestError(
                 404,
@@ -204,7 +214,9 @@ class Resolver:
         return guarded
 
     def _public(self, exc: BaseException, folder: Path, name: str) -> str:
-        text = str(exc) or type(exc).__name__
+        return self._public_text(str(exc) or type(exc).__name__, folder, name)
+
+    def _public_text(self, text: str, folder: Path, name: str) -> str:
         return public_text(text, {folder: name, self.registry.root: "<adapters>"})
 
     def _weighted(self, compose: Mapping[object, object]) -> Composition:

@@ -14,6 +14,11 @@ outside the adapters folder; loading checks this again (:meth:`Registry.check_co
 The folder is scanned again when a name is not found, so adding a folder makes it servable
 without a restart; a changed adapter (new file time or size) gets a new key
 and is loaded again (noticed within ``rescan_interval`` seconds).
+
+A ``check`` (the server's :class:`~lorafuse.serve.servable.ServableCheck`) decides at scan time
+whether an entry can be served at all on the model (a PEFT adapter with ``target_parameters``, a
+MoE checkpoint's compressed delta cannot): a refused entry is not listed, its reason is logged
+once per version of its files and kept for :meth:`Registry.refusal`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -100,12 +106,21 @@ def outside_link(folder: Path, root: Path) -> str | None:
 class Registry:
     """Adapters, fusions and compressed deltas under ``root``, by name."""
 
-    def __init__(self, root: str | Path, *, rescan_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        rescan_interval: float = 1.0,
+        check: Callable[[Entry], str | None] | None = None,
+    ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"adapters folder {root} does not exist")
         self.rescan_interval = rescan_interval
+        self.check = check
         self._entries: dict[str, Entry] = {}
+        self._not_servable: dict[str, tuple[Entry, str]] = {}  # name → (entry, reason)
+        self._verdicts: dict[str, str | None] = {}  # entry key → reason (None: servable)
         self._lock = threading.Lock()
         self._scanned = 0.0
         self._refused: set[str] = set()  # folders skipped for links out (warned once)
@@ -114,6 +129,7 @@ class Registry:
     def scan(self) -> dict[str, Entry]:
         """Read the folder again; returns the entries by name."""
         found: dict[str, Entry] = {}
+        not_servable: dict[str, tuple[Entry, str]] = {}
         for folder in sorted(self.root.iterdir()):
             if not NAME_RE.match(folder.name) or not folder.is_dir():
                 continue
@@ -130,12 +146,42 @@ class Registry:
                 if (resolved / marker).is_file():
                     key = f"{kind}:{resolved}:{fingerprint(resolved)}"
                     created = int(resolved.stat().st_mtime)
-                    found[folder.name] = Entry(folder.name, kind, resolved, key, created)
+                    entry = Entry(folder.name, kind, resolved, key, created)
+                    reason = self._verdict(entry)
+                    if reason is None:
+                        found[folder.name] = entry
+                    else:
+                        not_servable[folder.name] = (entry, reason)
                     break
         with self._lock:
             self._entries = found
+            self._not_servable = not_servable
             self._scanned = time.monotonic()
         return found
+
+    def _verdict(self, entry: Entry) -> str | None:
+        """``check(entry)``, once per version of the entry's files (a refusal is logged then)."""
+        if self.check is None:
+            return None
+        with self._lock:
+            if entry.key in self._verdicts:
+                return self._verdicts[entry.key]
+        reason = self.check(entry)
+        if reason is not None:
+            log.warning("not serving %s: %s", entry.name, reason)
+        with self._lock:
+            self._verdicts[entry.key] = reason
+        return reason
+
+    def refusal(self, name: str) -> tuple[Entry, str] | None:
+        """The entry called ``name`` and why it is not served, when the last scan refused it."""
+        with self._lock:
+            return self._not_servable.get(name)
+
+    def not_servable(self) -> dict[str, str]:
+        """``{name: reason}`` of the folders the last scan refused (not listed, not served)."""
+        with self._lock:
+            return {name: reason for name, (_, reason) in self._not_servable.items()}
 
     def check_contained(self, folder: Path) -> None:
         """Raise :class:`OutsideLinkError` when a file under ``folder`` links outside the adapters

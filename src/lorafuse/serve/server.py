@@ -35,6 +35,7 @@ from lorafuse.serve.compose import Resolver, WeightLimits
 from lorafuse.serve.engine import Engine, available_cores, default_threads
 from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.registry import Registry
+from lorafuse.serve.servable import ServableCheck
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Server:
         self.settings = settings or ServeSettings()
         s = self.settings
         self.threads = s.engine_threads
-        self.registry = Registry(adapters)
+        self.registry = Registry(adapters, check=ServableCheck(model))
         self.pool = AdapterPool(
             model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks, table_ratio=s.table_ratio
         )

@@ -2,7 +2,8 @@
 
 :func:`serving_folder` copies the world's skill LoRAs and adds what a server should handle side
 by side: random PEFT-format LoRAs of several ranks and targets, saved fusions (LoRA-Flow gates,
-learned CAT weights, static weights) and a compressed fine-tuning delta. :func:`reference` gives,
+learned CAT weights, static weights), a compressed fine-tuning delta, and a dense (RTN) one that
+the server refuses when it scans the folder (``names["not_served"]``). :func:`reference` gives,
 for one request, the completion of the plain single-request path (``attach`` or
 ``Fusion.attach`` + HF ``generate``, batch 1, greedy) that the server's batched answers must equal.
 Used by the serving tests and ``bench/serve_load.py``.
@@ -51,7 +52,7 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
     world, out = Path(world), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
-    names: dict[str, list[str]] = {"adapters": [], "fusions": [], "compressed": []}
+    names: dict[str, list[str]] = {"adapters": [], "fusions": [], "compressed": [], "not_served": []}
     for name in WORLD_LORAS:
         if (world / "loras" / name).is_dir():
             shutil.copytree(world / "loras" / name, out / name, dirs_exist_ok=True)
@@ -110,11 +111,11 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
                     0.3 * torch.randn(o, 4, generator=g) @ torch.randn(4, i_, generator=g) / i_**0.5
                 )
     tuned.save_pretrained(finetuned)
-    for name, method in (("tuned", "low-rank"), ("dense", "rtn")):  # rtn is dense: listed, refused (400)
+    for name, method in (("tuned", "low-rank"), ("dense", "rtn")):  # rtn is dense: never served (404)
         compress_checkpoint(
             world / "base", finetuned, out / name, method=method, budget="1/4", progress=False
         )
-        names["compressed"].append(name)
+        names["compressed" if method == "low-rank" else "not_served"].append(name)
     shutil.rmtree(finetuned)
     return names
 

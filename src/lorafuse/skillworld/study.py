@@ -38,7 +38,7 @@ from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.eval import evaluate, response_loss
 from lorafuse.fuse import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
-from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
+from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
 from lorafuse.fuse.flow import mean_weights
 from lorafuse.merge import merge
 from lorafuse.runtime import attach, detach
@@ -218,9 +218,7 @@ def _study_composite(
     for seed in seeds:
 
         def fresh_run(lr: float, batch: int, seed: int = seed) -> tuple[float, Any]:
-            config = replace(
-                FLOW_TRAIN, lr=lr, batch_size=batch, weight_decay=0.0, eps=1e-8, seed=seed, epochs=epochs
-            )
+            config = replace(FRESH_TRAIN, lr=lr, batch_size=batch, seed=seed, epochs=epochs)
             fresh = train_fresh_lora(
                 model, train_data, dev_data, config, pad_id=pad, progress=False, rank=rank, alpha=alpha
             )
