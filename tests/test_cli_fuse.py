@@ -225,3 +225,21 @@ def test_demo_runs_the_study_on_the_tiny_world(tmp_path: Path, monkeypatch: pyte
     assert "| LoRA-Flow |" in (report / "study.md").read_text()
     assert (report / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert f"report: {report}" in result.output
+    page = (report / "study.html").read_text()
+    assert page.count("<table>") == 3 and page.count("data:image/png;base64,") == 3  # nothing fetched
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("LORAFUSE_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed; `make test` installs Debian's chromium package")
+        pytest.skip("chromium not installed (make test installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    flags += ["--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", (report / "study.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert 'data-images="3"' in dom and 'data-images-loaded="3"' in dom  # every figure decoded
+    assert dom.count("<table>") == 3 and "LoRA-Flow" in dom and "settings chosen on the dev set" in dom

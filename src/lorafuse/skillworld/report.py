@@ -1,4 +1,4 @@
-"""The composition study's report: a Markdown table, the JSON record and a bar chart PNG."""
+"""The composition study's report: a Markdown table, the JSON record, a bar chart PNG and an HTML page."""
 
 from __future__ import annotations
 
@@ -47,8 +47,11 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(result: dict[str, Any], path: Path) -> None:
-    """Grouped bars: one group per composite task (and the average), one bar per method, ± std."""
+def bar_chart(result: dict[str, Any], path: Path | None, *, fig: Any = None) -> None:
+    """Grouped bars: one group per composite task (and the average), one bar per method, ± std.
+
+    Saved to ``path``, or drawn into ``fig`` (a matplotlib figure) when given.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +59,10 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
 
     composites = [*result["composites"], "avg"]
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(composites)), 4.5))
+    own = fig is None
+    if own:
+        fig = plt.figure(figsize=(max(8, 2.2 * len(composites)), 4.5))
+    ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(rows)
     avg = row_means(result)
     for i, row in enumerate(rows):
@@ -76,13 +82,15 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     seeds = len(result["seeds"])
     ax.set_title(f"Composition study (skill world), trained rows: mean ± std over {seeds} seed(s)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def write_report(result: dict[str, Any], out: Path, *, inputs: OutputInputs = ()) -> Path:
-    """Write ``study.md``, ``study.json`` and ``study.png`` into the folder ``out`` (atomically).
+    """Write ``study.md``, ``study.json``, ``study.png`` and the self-contained ``study.html``
+    (tables, bar chart, gate heatmap, token-level plot) into the folder ``out`` (atomically).
 
     ``out`` must not be, contain or lie inside any of ``inputs`` (the skill world).
     """
@@ -96,4 +104,7 @@ def write_report(result: dict[str, Any], out: Path, *, inputs: OutputInputs = ()
         )
         (tmp / "study.md").write_text(header + table + "\n")
         bar_chart(result, tmp / "study.png")
+        from lorafuse.skillworld.report_html import study_html
+
+        (tmp / "study.html").write_text(study_html(result))
     return out
