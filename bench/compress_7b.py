@@ -92,6 +92,7 @@ def child(
             "peak_extra_mib": round(sampler.extra, 1),
             "nbytes": module.nbytes,
             "segments": getattr(module, "segments", None),
+            "choice": getattr(module, "label", None),  # what the ``best`` schedule kept
             "budget_nbytes": allowed,
             "weight_error": float((approx - delta).norm() / delta.norm()),
             "activation_error": activation_error(delta, approx, H),
@@ -118,6 +119,7 @@ def main() -> None:
         help="variants measured after all the others (labels separated by ';')",
     )
     parser.add_argument("--quick", action="store_true", help="1024×1024 and 2752×1024 instead (a smoke run)")
+    parser.add_argument("--variants", default=None, help="only these variants (labels separated by ';')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = (
@@ -126,7 +128,11 @@ def main() -> None:
     shapes = {k: v for k, v in shapes.items() if k.split()[0] in args.shapes.split(",")}
     budgets = [b.strip() for b in args.budgets.split(",")]
     slow = [v.strip() for v in args.slow_last.split(";") if v.strip()]
-    passes = [[v for v in VARIANTS if v not in slow], [v for v in VARIANTS if v in slow]]
+    wanted = [v.strip() for v in args.variants.split(";")] if args.variants else list(VARIANTS)
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    passes = [[v for v in wanted if v not in slow], [v for v in wanted if v in slow]]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for names in passes:
@@ -182,7 +188,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             continue
         ratio = f"{r['nbytes'] / (2 * r['dims'][0] * r['dims'][1]):.4f}"
         lines.append(
-            f"| {r['shape']} | {r['budget']} | {r['method']} | {r['median_s']:.2f} | "
+            f"| {r['shape']} | {r['budget']} | {r['method']}"
+            + (f" → kept {r['choice']}" if r.get("choice") and "best" in r["method"] else "")
+            + f" | {r['median_s']:.2f} | "
             f"{r['peak_extra_mib']:.0f} | {r['nbytes']:,} | {ratio} | {r['weight_error']:.4f} | "
             f"{r['activation_error']:.4f} |"
         )

@@ -69,14 +69,16 @@ class PackedModules(Mapping[str, CompressedModule]):
     def __init__(self) -> None:
         self._items: dict[str, _Packed] = {}
 
-    def add(self, path: str, module: CompressedModule) -> None:
+    def add(self, path: str, module: CompressedModule, tensors: dict[str, Tensor] | None = None) -> None:
+        """Hold ``module`` packed: ``tensors`` if given (read from its file), else its own packing."""
+        packed = module.to_tensors(path) if tensors is None else tensors
         self._items[path] = _Packed(
             module.kind,
             tuple(module.shape),
             module.nbytes,
             module.factored,
             module.meta(),
-            {k: t.cpu() for k, t in module.to_tensors(path).items()},
+            {k: t.cpu() for k, t in packed.items()},
         )
 
     def packed(self, path: str) -> _Packed:
@@ -389,7 +391,7 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
         raise CompressError(
             f"{path / OTHER}: holds {sorted(other)[:5]}, {META} lists {sorted(meta.other)[:5]}"
         )
-    modules: dict[str, CompressedModule] = {}
+    modules = PackedModules()  # held as read: a 7B delta costs its file size, not 4-8× unpacked
     for name, record in meta.modules.items():
         where = f"{path / DELTA}: module {name} ({record.kind})"
         try:
@@ -399,7 +401,9 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
         except (ValueError, RuntimeError, TypeError, IndexError) as exc:
             raise CompressError(f"{where} is damaged: {exc}") from None
         _check_module(module, record.shape, where)
-        modules[name] = module
+        own = {k: t for k, t in tensors.items() if k.startswith(f"{name}.")}
+        modules.add(name, module, own)
+        del module
     info = dict(meta.info)
     info["path"] = str(path)
     return CompressedDelta(meta.method, dict(meta.params), meta.budget, modules, other, info)
