@@ -196,7 +196,7 @@ def test_demo_runs_the_study_on_the_tiny_world(tmp_path: Path, monkeypatch: pyte
         "--epochs",
         "0.1",
         "--limit",
-        "10",
+        "4",
         "--report",
         str(report),
     ]

@@ -27,11 +27,11 @@ from lorafuse.skillworld.language import Language
 
 
 def test_two_builds_give_identical_data(tiny_world: Path, tmp_path: Path) -> None:
-    again = build_world(tmp_path / "again", profile="tiny", seed=0, progress=False)
+    again = build_world(tmp_path / "again", profile="tiny", seed=0, progress=False, loras=[])
     first, second = read_manifest(tiny_world)["files"], read_manifest(again)["files"]
     data = {k for k in first if k.startswith("data/") or k.startswith("tokenizer/")}
     assert data and {k: first[k] for k in data} == {k: second[k] for k in data}
-    other = build_world(tmp_path / "other", profile="tiny", seed=1, progress=False)
+    other = build_world(tmp_path / "other", profile="tiny", seed=1, progress=False, loras=[])
     assert read_manifest(other)["files"]["data/math/train.jsonl"] != first["data/math/train.jsonl"]
 
 
@@ -40,11 +40,11 @@ def test_complete_build_is_reused_and_damage_rebuilt(tiny_world: Path, tmp_path:
     stamp = (tiny_world / "manifest.json").stat().st_mtime_ns
     build_world(tiny_world, profile="tiny", seed=0, progress=False)
     assert (tiny_world / "manifest.json").stat().st_mtime_ns == stamp
-    copy = build_world(tmp_path / "w", profile="tiny", seed=0, progress=False)
+    copy = build_world(tmp_path / "w", profile="tiny", seed=0, progress=False, loras=[])
     (copy / "data" / "math" / "test.jsonl").write_text("damaged\n")
-    assert not is_complete(copy, "tiny", 0)
-    build_world(copy, profile="tiny", seed=0, progress=False)
-    assert is_complete(copy, "tiny", 0)
+    assert not is_complete(copy, "tiny", 0, loras=[])
+    build_world(copy, profile="tiny", seed=0, progress=False, loras=[])
+    assert is_complete(copy, "tiny", 0, loras=[])
 
 
 def test_task_files_and_sizes(tiny_world: Path) -> None:
@@ -166,14 +166,15 @@ def test_exact_match_cases(generated: str, answer: str, completion: str, hit: bo
 
 
 def test_accuracy_matrix_shape(tiny_world: Path) -> None:
-    result = accuracy_matrix(tiny_world, limit=4, progress=False)
-    assert result["rows"][0] == "base" and len(result["rows"]) == 1 + len(ALL_SKILLS) + len(POOL) + len(
-        ALL_COMPOSITES
-    )
+    skills, composites = ["math", "lang_zorb", "chat_zorb", "math_worded"], ["math_zorb", "math_worded_zorb"]
+    result = accuracy_matrix(tiny_world, limit=2, progress=False, skills=skills, composites=composites)
+    assert result["rows"] == ["base", *skills, *POOL, "oracle_math_zorb", "oracle_math_worded_zorb"]
+    assert result["columns"] == [*skills, *composites, *POOL]
     scored = [v for row in result["matrix"].values() for v in row.values() if v is not None]
-    assert all(0.0 <= v <= 100.0 for v in scored)
+    assert scored and all(0.0 <= v <= 100.0 for v in scored)
     assert result["matrix"]["oracle_math_zorb"]["math"] is None  # oracles: their composite only
-    assert set(result["final_answer"]["base"]) == {"math_worded", "list_worded", *FAITHFUL_COMPOSITES}
+    assert result["matrix"]["oracle_math_zorb"]["math_zorb"] is not None
+    assert set(result["final_answer"]["base"]) == {"math_worded", "math_worded_zorb"}
     assert {c["variant"] for c in result["conditions"]} == {"faithful", "translate"}
     assert json.dumps(result)
 
