@@ -316,7 +316,7 @@ def demo(
     LoRAs, cached for later commands), checks the bank against PEFT, then for every composite
     task trains and evaluates: base, each single LoRA, average, LoraHub, learned CAT, the best
     training-free merge, LoRA-Flow, a fresh LoRA and LoRA-Flow on random LoRAs (the two
-    controls), and the oracle. Prints the table and writes it as Markdown, JSON and a bar chart.
+    controls), and the oracle. Prints the table; writes Markdown, JSON, a bar chart and one HTML page.
     """
     import time
 
