@@ -9,13 +9,16 @@ import typer
 
 from lorafuse.cli import app, check_out
 from lorafuse.cli_options import (
+    CHAT_HELP,
     COUNT,
     DATA,
     DEVICE,
     DTYPE,
     FOLDER,
     POSITIVE,
+    ROWS_HELP,
     SEED,
+    GradientCheckpointing,
     check_device,
     choice,
     read_examples,
@@ -71,8 +74,7 @@ def fuse(
     train: Annotated[
         Path,
         typer.Option(
-            help='Training examples: JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; '
-            "a Parquet/CSV/Arrow file; a saved datasets folder; or a dataset name.",
+            help=f"Training examples: {ROWS_HELP}",
             callback=DATA,
         ),
     ],
@@ -81,20 +83,8 @@ def fuse(
         Path | None,
         typer.Option(help="Dev examples: the checkpoint with the best dev loss is kept.", callback=DATA),
     ] = None,
-    chat: Annotated[
-        bool,
-        typer.Option(
-            help='Render {"prompt", "completion"} rows with the chat template (a user and an assistant '
-            'turn); {"messages"} rows always are, with the loss on assistant turns only.'
-        ),
-    ] = False,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing",
-            help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
-        ),
-    ] = False,
+    chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
+    gradient_checkpointing: GradientCheckpointing = False,
     method: Annotated[
         str, typer.Option(help="lora-flow | cat | lorahub | average.", callback=choice(FUSE_METHODS))
     ] = "lora-flow",
@@ -205,8 +195,7 @@ def train_lora(
     train: Annotated[
         Path,
         typer.Option(
-            help='Training examples: JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; '
-            "a Parquet/CSV/Arrow file; a saved datasets folder; or a dataset name.",
+            help=f"Training examples: {ROWS_HELP}",
             callback=DATA,
         ),
     ],
@@ -215,20 +204,8 @@ def train_lora(
         Path | None,
         typer.Option(help="Dev examples: the parameters with the best dev loss are kept.", callback=DATA),
     ] = None,
-    chat: Annotated[
-        bool,
-        typer.Option(
-            help='Render {"prompt", "completion"} rows with the chat template (a user and an assistant '
-            'turn); {"messages"} rows always are, with the loss on assistant turns only.'
-        ),
-    ] = False,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing",
-            help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
-        ),
-    ] = False,
+    chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
+    gradient_checkpointing: GradientCheckpointing = False,
     rank: Annotated[int, typer.Option(help="LoRA rank r.", callback=COUNT)] = 16,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha / r).", callback=POSITIVE)] = 32.0,
     target_modules: Annotated[

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -382,3 +382,21 @@ def _device_callback(ctx: typer.Context, param: typer.CallbackParam, value: Any)
 
 DTYPE: Callback = _dtype_callback
 DEVICE: Callback = _device_callback
+
+
+# Options several training verbs share (fuse, train-lora, route train, route train-encoder).
+ROWS_HELP = (
+    'JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; a Parquet/CSV/Arrow file; '
+    "a saved datasets folder; or a dataset name."
+)
+CHAT_HELP = (
+    'Render {"prompt", "completion"} rows with the chat template (a user and an assistant turn); '
+    '{"messages"} rows always are, with the loss on assistant turns only.'
+)
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing",
+        help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
+    ),
+]

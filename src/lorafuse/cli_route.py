@@ -10,13 +10,16 @@ import typer
 
 from lorafuse._checks import InvalidValueError, check_number
 from lorafuse.cli_options import (
+    CHAT_HELP,
     COUNT,
     DATA,
     FILE,
     FOLDER,
     NON_NEGATIVE,
     POSITIVE,
+    ROWS_HELP,
     SEED,
+    GradientCheckpointing,
     choice,
     names_of,
     parse_ints,
@@ -39,14 +42,7 @@ def _route_methods() -> list[str]:
     return list(METHODS)
 
 
-DATA_HELP = (
-    'Training rows (repeatable): JSON lines of {"messages"}, {"prompt", "completion"} or {"text"}; '
-    "a Parquet/CSV/Arrow file; a saved datasets folder; or a dataset name."
-)
-CHAT_HELP = (
-    'Render {"prompt", "completion"} rows with the chat template; {"messages"} rows always are '
-    "(loss on assistant turns only)."
-)
+DATA_HELP = f"Training rows (repeatable): {ROWS_HELP}"
 
 
 def _is_chat(chat: bool, rows: list[dict[str, Any]]) -> bool:
@@ -237,13 +233,7 @@ def route_train_encoder(
     lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=POSITIVE)] = 1e-2,
     seed: Annotated[int, typer.Option(help="Seed.", callback=SEED)] = 0,
     chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing",
-            help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
-        ),
-    ] = False,
+    gradient_checkpointing: GradientCheckpointing = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Train an instance-level encoder: pooled prompt → coefficients over a basis of LoRAs (LoRWeB).

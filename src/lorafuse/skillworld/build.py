@@ -320,14 +320,12 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(root / MANIFEST)
 
 
-def _build_lora(root: Path, spec: Profile, seed: int, name: str, *, progress: bool) -> None:
+def _build_lora(
+    root: Path, spec: Profile, seed: int, name: str, base: LlamaForCausalLM, tokenizer: Any
+) -> None:
     """Train the world's LoRA ``name`` into ``root/loras/name`` (atomically) and record it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     data, config, rank, alpha = _lora_recipe(spec, name, seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32)
     rows = read_jsonl(root / "data" / data)
     with atomic_output_dir(root / "loras" / name) as tmp:
         curve = train_lora(
@@ -380,11 +378,15 @@ def build_world(
     manifest = read_manifest(out) or {}
     missing = [n for n in names if not _lora_complete(out, manifest, n)]
     if missing:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         torch.set_num_threads(spec.threads)
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+        base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
         bar = tqdm(total=len(missing), desc=f"world LoRAs ({profile})", unit="lora", disable=not progress)
         for name in missing:
             recover_leftovers(out / "loras" / name)
-            _build_lora(out, spec, seed, name, progress=progress)
+            _build_lora(out, spec, seed, name, base, tokenizer)
             bar.update()
         bar.close()
     return out
