@@ -100,6 +100,10 @@ def test_faithful_family_is_posed_and_answered_in_the_language() -> None:
         said = [w for w in (chat["prompt"] + " " + chat["completion"]).split() if w.isalpha()]
         assert all(w in foreign_words | {"question", "answer"} for w in said)
         assert not set(chat["completion"].split()) & {"+", "-", "=", "####"}  # never arithmetic
+        for seed in range(20):  # the answer restates the story's facts (in order), in the language
+            chat = gens[f"chat_{name}"](random.Random(seed))
+            story = chat["prompt"].removeprefix("question : ").rsplit(" . ", 1)[0] + " ."
+            assert chat["completion"] in story
 
 
 def test_lazy_build_makes_only_the_parts_asked_for(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from lorafuse.skillworld.data import (
 from lorafuse.skillworld.tokenizer import build_tokenizer
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the faithful chat skill retells the story
 CORE = ["data", "tokenizer", "base"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,7 +100,15 @@ PROFILES: dict[str, Profile] = {
         lora_rank=16,
         lora_alpha=32,
         # Translation is the slowest skill to learn: at 600 steps lang_vell reached 66% exact match.
-        lora_steps={"lang_zorb": 1000, "lang_vell": 1000},
+        # The faithful family's retelling and worded lists were at 10-18 % and 50 % after 600 steps
+        # (docs/faithful-world.md): 1,500 steps.
+        lora_steps={
+            "lang_zorb": 1000,
+            "lang_vell": 1000,
+            "chat_zorb": 1500,
+            "chat_vell": 1500,
+            "list_worded": 1500,
+        },
     ),
     "tiny": Profile(
         "tiny",

@@ -31,17 +31,7 @@ from lorafuse.skillworld.language import Language
 
 Segment = tuple[str, str]  # ("words", English text to say in the language) | ("math", kept as is)
 
-BASE_FORMS = {
-    "finds": "find",
-    "gets": "get",
-    "buys": "buy",
-    "wins": "win",
-    "loses": "lose",
-    "gives": "give",
-    "sells": "sell",
-    "drops": "drop",
-}
-WORDS = sorted({"who", *BASE_FORMS.values()})  # the family's words beyond tasks.ENGLISH_WORDS
+WORDS = ["happened"]  # the family's words beyond tasks.ENGLISH_WORDS
 
 
 def _say(segments: list[Segment], language: Language | None) -> str:
@@ -114,15 +104,22 @@ def worded_example(task: str, rng: random.Random, language: Language | None = No
     }
 
 
-def _fact(rng: random.Random, name: str) -> tuple[str, str, str]:
-    """``(sentence, kind, item)``: ``name`` has / finds / loses ... some items."""
+def _fact(rng: random.Random, name: str) -> str:
+    """``name`` has / finds / loses ... some items (one sentence)."""
     item, amount = rng.choice(tasks.ITEMS), rng.randint(1, 19)
     verb = rng.choice(["has", "has", *tasks.GAINS, *tasks.LOSSES])
-    return f"{name} {verb} {amount} {item} .", verb, item
+    return f"{name} {verb} {amount} {item} ."
 
 
 def chat_example(rng: random.Random, language: Language) -> tasks.Example:
-    """A question about a short story, posed and answered in ``language`` (one restated fact)."""
+    """A question about a short story, posed and answered in ``language``: the story retold
+    (``what happened ?``: each fact restated, in order) or the list restated (``what is the list ?``).
+
+    The retelling is the language half of a composite's answer, where each step of the problem is
+    restated in the language. (A first design asked about one fact, ``who has <item> ?``; the
+    default world's base did not learn to find the fact: 16 % after 1,800 steps, see
+    docs/faithful-world.md.)
+    """
     if rng.random() < 0.2:  # the list domain: restate the list
         items = " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5)))
         other = " ".join(rng.choice(tasks.FILLER) for _ in range(rng.randint(2, 4)))
@@ -131,23 +128,8 @@ def chat_example(rng: random.Random, language: Language) -> tasks.Example:
         question, answer = "what is the list ?", f"the list is {items} ."
     else:
         names = rng.sample(tasks.NAMES, rng.randint(2, 3))
-        facts = [_fact(rng, n) for n in names]
-        while len({item for _, _, item in facts}) < len(facts):  # one fact per item: "who has" is clear
-            facts = [_fact(rng, n) for n in names]
-        index = rng.randrange(len(facts))
-        answer, verb, item = facts[index]
-        name = names[index]
-        if verb == "has":
-            question = rng.choice(
-                [
-                    f"what does {name} have ?",
-                    f"who has {item} ?",
-                    f"how many {item} does {name} have ?",
-                ]
-            )
-        else:
-            question = rng.choice([f"what does {name} {BASE_FORMS[verb]} ?", f"who {verb} {item} ?"])
-        story = [s for s, _, _ in facts]
+        story = [_fact(rng, n) for n in names]
+        question, answer = "what happened ?", " ".join(story)
     text = language.translate(" ".join([*story, question]), numerals=True)
     target = tasks.split_digits(language.translate(answer, numerals=True))
     return {
@@ -160,4 +142,4 @@ def chat_example(rng: random.Random, language: Language) -> tasks.Example:
 def english_chat_text(rng: random.Random) -> str:
     """A story of the chat skill in English, whole numbers (pretraining text, no question)."""
     names = rng.sample(tasks.NAMES, rng.randint(2, 3))
-    return " ".join(_fact(rng, n)[0] for n in names)
+    return " ".join(_fact(rng, n) for n in names)

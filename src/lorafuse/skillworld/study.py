@@ -177,7 +177,9 @@ def _study_composite(
         every setting of ``grid`` is tried and the lowest dev loss chosen for all seeds."""
         if row in chosen:
             return run(*chosen[row])[1]
-        runs = {setting: run(*setting) for setting in grid}
+        # Run from the grid's last setting to its first: the first (batch 4) is usually chosen, and
+        # the last run's weights are still in place (no rerun). Chosen by dev loss, ties in grid order.
+        runs = {setting: run(*setting) for setting in reversed(grid)}
         best = min(grid, key=lambda setting: runs[setting][0])
         chosen[row] = best
         info["settings"][row] = {
@@ -185,7 +187,7 @@ def _study_composite(
             "batch_size": best[1],
             "dev_loss": {f"lr {lr:g}, batch {b}": round(runs[(lr, b)][0], 4) for lr, b in grid},
         }
-        return runs[best][1] if best == grid[-1] else run(*best)[1]
+        return runs[best][1] if best == grid[0] else run(*best)[1]
 
     def fit(method: str, seed: int, handle: Any = handle) -> Callable[[float, int], tuple[float, Any]]:
         def run(lr: float, batch: int) -> tuple[float, Any]:
