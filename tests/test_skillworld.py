@@ -120,6 +120,10 @@ def test_lazy_build_makes_only_the_parts_asked_for(tmp_path: Path) -> None:
     assert not is_complete(root, "tiny", 0, ["math"])
     build_world(root, profile="tiny", seed=0, progress=False, loras=["math"])
     assert is_complete(root, "tiny", 0, ["chat_zorb", "math"])
+    manifest = read_manifest(root)
+    manifest["loras"]["math"]["steps"] += 1  # trained with another recipe than the profile's
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_complete(root, "tiny", 0, ["math"]) and is_complete(root, "tiny", 0, ["chat_zorb"])
     with pytest.raises(ValueError, match="unknown world LoRA"):
         build_world(root, profile="tiny", seed=0, progress=False, loras=["nope"])
 
