@@ -100,8 +100,8 @@ PROFILES: dict[str, Profile] = {
         lora_rank=16,
         lora_alpha=32,
         # Translation is the slowest skill to learn: at 600 steps lang_vell reached 66% exact match.
-        # The faithful family's retelling and worded lists were at 10-18 % and 50 % after 600 steps
-        # (docs/faithful-world.md): 1,500 steps.
+        # The faithful family's chat skills and worded lists need more than 600 steps to pass the
+        # world's >= 80 % condition (docs/faithful-world.md).
         lora_steps={
             "lang_zorb": 1000,
             "lang_vell": 1000,
