@@ -17,21 +17,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lorafuse._data import encode_examples, encode_text
+from lorafuse._io import versions
 from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.skillworld.build import (
     PROFILES,
-    TARGETS,
     _lora_recipe,
     default_world_dir,
+    fresh_peft_lora,
     read_manifest,
     variant_loras,
 )
@@ -39,7 +42,8 @@ from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 
 
-def _seconds_per_step(run: callable, steps: int, reps: int) -> list[float]:  # type: ignore[valid-type]
+def _seconds_per_step(run: Callable[[int], None], steps: int, reps: int) -> list[float]:
+    """Wall seconds per step of ``run(steps)``, each rep (the setup of each run included)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -78,7 +82,7 @@ def main() -> None:
         "batch_size": spec.pretrain.batch_size,
         "seconds_per_step": [round(t, 4) for t in per_step],
         "predicted_s": round(spec.pretrain.steps * statistics.median(per_step), 1),
-        "recorded_s": manifest.get("build_seconds"),  # the core: data, tokenizer and pretraining
+        "recorded_s": manifest.get("build_seconds"),  # the whole core: data, tokenizer, pretraining
     }
     print(f"pretrain base: {parts['pretrain base']}", flush=True)
 
@@ -87,14 +91,11 @@ def main() -> None:
         if args.lora_batch:
             config = replace(config, batch_size=args.lora_batch)
         rows = encode_examples(tokenizer, read_jsonl(root / "data" / data))
-        lora = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"
-        )
 
         def train(
-            steps: int, config: TrainConfig = config, rows: list = rows, lora: LoraConfig = lora
+            steps: int, config: TrainConfig = config, rows: list = rows, rank: int = rank, alpha: int = alpha
         ) -> None:
-            model = get_peft_model(copy.deepcopy(base), lora)
+            model = fresh_peft_lora(base, rank, alpha)
             train_loop(
                 model, model.parameters(), rows, replace(config, steps=steps), pad_id=pad, progress=False
             )
@@ -117,7 +118,9 @@ def main() -> None:
         "reps": args.reps,
         "lora_batch": args.lora_batch,
         "threads": spec.threads,
-        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor(),
+        "versions": versions(),
         "parts": parts,
         "predicted_total_s": total,
         "pretrain_recipe": asdict(spec.pretrain),

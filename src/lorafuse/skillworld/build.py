@@ -233,6 +233,14 @@ def _base_model(profile: Profile, vocab_size: int, tokenizer) -> LlamaForCausalL
     return LlamaForCausalLM(config)
 
 
+def fresh_peft_lora(base: LlamaForCausalLM, rank: int, alpha: int):  # type: ignore[no-untyped-def]
+    """A copy of ``base`` with a new PEFT LoRA of ``rank`` / ``alpha`` on all 7 projections."""
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(copy.deepcopy(base), config)
+
+
 def train_lora(
     base: LlamaForCausalLM,
     tokenizer,
@@ -247,14 +255,7 @@ def train_lora(
 ) -> list[float]:
     """Train a PEFT LoRA (all 7 projections) on ``rows`` and save it to ``out``."""
     torch.manual_seed(config.seed)
-    lora_config = LoraConfig(
-        r=rank or profile.lora_rank,
-        lora_alpha=alpha or profile.lora_alpha,
-        target_modules=TARGETS,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(copy.deepcopy(base), lora_config)
+    model = fresh_peft_lora(base, rank or profile.lora_rank, alpha or profile.lora_alpha)
     losses = train_loop(
         model,
         model.parameters(),
