@@ -36,7 +36,7 @@ from peft import PeftModel
 
 from _common import timed
 from lorafuse import attach, detach, load_lora
-from lorafuse.fuse import flow_for
+from lorafuse.fusion import flow_for
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
 
 RESULTS = Path(__file__).parent / "results"

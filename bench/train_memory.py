@@ -41,9 +41,9 @@ def child(model_dir: str, case: str, checkpointing: bool, args: dict, queue) -> 
     from transformers import AutoModelForCausalLM
 
     from lorafuse import attach, load_lora
-    from lorafuse.fuse import flow_for
-    from lorafuse.fuse.loop import gradient_checkpointing
+    from lorafuse.fusion import flow_for
     from lorafuse.tiny import random_peft_adapter
+    from lorafuse.train.loop import gradient_checkpointing
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p in model.parameters():

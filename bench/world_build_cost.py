@@ -29,7 +29,6 @@ import torch
 
 from lorafuse._data import encode_examples, encode_text
 from lorafuse._io import versions
-from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.skillworld.build import (
     PROFILES,
     _lora_recipe,
@@ -40,6 +39,7 @@ from lorafuse.skillworld.build import (
 )
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.train.loop import TrainConfig, train_loop
 
 
 def _seconds_per_step(run: Callable[[int], None], steps: int, reps: int) -> list[float]:

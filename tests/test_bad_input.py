@@ -298,7 +298,7 @@ def test_merge_cli_refuses_an_adapter_with_nan_alpha(
 
 
 def _static_fusion(loras: dict[str, Path], base: str, **info: str):  # type: ignore[no-untyped-def]
-    from lorafuse.fuse.fusion import Fusion, adapter_hashes
+    from lorafuse.fusion.artefact import Fusion, adapter_hashes
 
     return Fusion(
         "static",
@@ -314,7 +314,7 @@ def test_fusion_records_absolute_paths_and_generates_from_another_folder(
     tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from conftest import run_cli
-    from lorafuse.fuse import load_fusion, save_fusion
+    from lorafuse.fusion import load_fusion, save_fusion
 
     monkeypatch.chdir(tiny_world.parent)
     world = Path(tiny_world.name)  # relative to the current folder
@@ -336,7 +336,7 @@ def test_fusion_records_absolute_paths_and_generates_from_another_folder(
 def test_old_fusion_with_relative_paths_resolves_from_its_folder_then_the_cwd(
     llama_adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lorafuse.fuse import load_fusion, save_fusion
+    from lorafuse.fusion import load_fusion, save_fusion
 
     library = Path(shutil.copytree(llama_adapters["plain"].parent, tmp_path / "lib"))
     loras = {"plain": library / "plain", "patterned": library / "patterned"}
@@ -356,7 +356,7 @@ def test_old_fusion_with_relative_paths_resolves_from_its_folder_then_the_cwd(
 def test_fusion_loras_without_hashes_are_never_loaded_unchecked(
     llama_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
-    from lorafuse.fuse import FusionFormatError, save_fusion
+    from lorafuse.fusion import FusionFormatError, save_fusion
 
     fusion = _static_fusion({"plain": llama_adapters["plain"], "rs": llama_adapters["rslora_qv"]}, "b")
     fusion.lora_hashes["rs"] = {}

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from lorafuse.cli import app
 from lorafuse.eval import generate as run_generate
-from lorafuse.fuse import load_fusion
+from lorafuse.fusion import load_fusion
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 

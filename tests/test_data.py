@@ -145,7 +145,7 @@ def test_cli_fuse_on_chat_rows_then_generate_with_the_template(tmp_path, capsys)
     """A {"messages"} JSONL trains LoRA-Flow gates from the CLI (gradient checkpointing on); the
     fusion records that it is a chat fusion and `generate` renders prompts with the template."""
     from conftest import run_cli
-    from lorafuse.fuse import load_fusion
+    from lorafuse.fusion import load_fusion
     from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
 
     tok = chat_tokenizer()
@@ -242,7 +242,7 @@ def test_cli_route_train_encoder_on_chat_rows(chat_base, tmp_path, capsys, monke
     """`route train-encoder` trains on {"messages"} rows with the loss on assistant turns only
     (what the training loop received), records that it is a chat encoder, and `route generate`
     then renders prompts with the chat template."""
-    import lorafuse.fuse.instance as instance
+    import lorafuse.fusion.instance as instance
     from conftest import run_cli
 
     seen: list = []
@@ -303,7 +303,7 @@ def test_train_encoder_gradient_checkpointing_gives_the_same_losses(chat_base, t
     for key in ("query", "keys"):
         assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5)
     first = load_file(str(tmp_path / "plain" / "encoder.safetensors"))
-    from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder
+    from lorafuse.fusion.instance import EncoderConfig, InstanceEncoder
 
     initial = InstanceEncoder(first["query"].shape[1], 2, EncoderConfig()).state_dict()
     assert not torch.allclose(initial["keys"], first["keys"])  # it did train
@@ -318,10 +318,10 @@ def test_cli_train_lora_on_chat_rows_is_a_peft_adapter_that_lowers_the_loss(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import lorafuse.fuse.api as api
+    import lorafuse.fusion.api as api
     from conftest import run_cli
     from lorafuse.adapters import load_lora
-    from lorafuse.fuse.loop import dev_loss
+    from lorafuse.train.loop import dev_loss
 
     seen: list = []
     loop = api.train

@@ -19,7 +19,7 @@ from torch import nn
 from conftest import load
 from lorafuse import load_lora
 from lorafuse._data import collate, encode_examples
-from lorafuse.fuse import (
+from lorafuse.fusion import (
     FlowGates,
     FuseSettings,
     FusionFormatError,
@@ -31,15 +31,15 @@ from lorafuse.fuse import (
     load_fusion,
     random_like,
     save_fusion,
-    train,
 )
-from lorafuse.fuse.api import FLOW_TRAIN
-from lorafuse.fuse.cat_weights import CatWeights
-from lorafuse.fuse.loop import TrainConfig, batch_schedule, lr_at
-from lorafuse.fuse.lorahub import LoraHubConfig, lorahub_search
+from lorafuse.fusion.api import FLOW_TRAIN
+from lorafuse.fusion.cat_weights import CatWeights
+from lorafuse.fusion.lorahub import LoraHubConfig, lorahub_search
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.train import train
+from lorafuse.train.loop import TrainConfig, batch_schedule, lr_at
 
 
 def test_gate_starts_as_task_lora_only_and_adds_bias_after_softmax() -> None:
@@ -243,7 +243,7 @@ def test_training_moves_only_the_gates_and_keeps_the_best_dev_checkpoint(
     result = fusion.info["result"]
     assert result["steps"] == 16 and len(result["dev_losses"]) == 4
     assert result["best_dev_loss"] == min(loss for _, loss in result["dev_losses"])
-    from lorafuse.fuse.loop import dev_loss
+    from lorafuse.train.loop import dev_loss
 
     assert dev_loss(model, dev_data, tokenizer.pad_token_id) == pytest.approx(
         result["best_dev_loss"], rel=1e-5
@@ -367,7 +367,7 @@ def test_gates_stay_out_of_the_model_parameters(llama_dir: Path, llama_adapters:
 def test_gradient_checkpointing_gives_the_same_gate_gradients(
     llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor, granularity: str
 ) -> None:
-    from lorafuse.fuse.loop import gradient_checkpointing
+    from lorafuse.train.loop import gradient_checkpointing
 
     loras = [load_lora(llama_adapters["plain"]), load_lora(llama_adapters["patterned"])]
     grads = []
@@ -390,7 +390,7 @@ def test_gradient_checkpointing_gives_the_same_gate_gradients(
 def test_bf16_base_trains_fp32_gates(
     llama_dir: Path, llama_adapters: dict[str, Path], ids: torch.Tensor
 ) -> None:
-    from lorafuse.fuse.loop import train
+    from lorafuse.train.loop import train
 
     model = load(llama_dir, torch.bfloat16)
     loras = [load_lora(llama_adapters["plain"]), load_lora(llama_adapters["patterned"])]

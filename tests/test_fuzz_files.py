@@ -25,14 +25,14 @@ from conftest import load
 from lorafuse import LorafuseError, load_lora
 from lorafuse.compress import compress_checkpoint, load_compressed
 from lorafuse.compress.checkpoint import open_checkpoint
-from lorafuse.fuse.fusion import Fusion, adapter_hashes, load_fusion, save_fusion
-from lorafuse.fuse.gate import GateConfig
-from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder, InstanceMixing, read_encoder
-from lorafuse.fuse.loop import TrainResult, _Checkpoint
-from lorafuse.merge import load_recipe
+from lorafuse.fusion.artefact import Fusion, adapter_hashes, load_fusion, save_fusion
+from lorafuse.fusion.gate import GateConfig
+from lorafuse.fusion.instance import EncoderConfig, InstanceEncoder, InstanceMixing, read_encoder
+from lorafuse.merging import load_recipe
 from lorafuse.route.mixture import Mixture, MixtureConfig
 from lorafuse.runtime import detach
 from lorafuse.tiny import save_model, tiny_llama
+from lorafuse.train.loop import TrainResult, _Checkpoint
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 MODULE = "model.layers.0.mlp.down_proj"  # the first module of every compressed delta

@@ -13,13 +13,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorafuse"
 ALLOWED = {
     "adapters": set(),
     "runtime": {"adapters"},
-    "merge": {"adapters"},
+    "train": set(),
+    "merging": {"adapters"},
     "compress": {"adapters"},
-    "fuse": {"adapters", "runtime"},
-    "route": {"adapters", "runtime", "fuse"},
+    "fusion": {"adapters", "runtime", "train"},
+    "route": {"adapters", "runtime", "train"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "fuse", "merge", "eval", "compress", "route"},
-    "serve": {"adapters", "runtime", "compress", "fuse"},
+    "skillworld": {"adapters", "runtime", "train", "fusion", "merging", "eval", "compress", "route"},
+    "serve": {"adapters", "runtime", "compress", "fusion"},
 }
 BOTTOM = {
     "errors",
@@ -31,9 +32,9 @@ BOTTOM = {
 PURE_MATHS = [
     "adapters/lora.py",
     "runtime/functional.py",
-    "fuse/gate.py",
-    "fuse/lorahub.py",
-    "fuse/controls.py",
+    "fusion/gate.py",
+    "fusion/lorahub.py",
+    "fusion/controls.py",
     "route/functional.py",
     "route/arrow.py",
     *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from conftest import load
 from lorafuse import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.cli import app
-from lorafuse.merge import MERGE_METHODS, RecipeError, load_recipe, merge
-from lorafuse.merge.factored import randomized_svd, truncate_factors
+from lorafuse.merging import MERGE_METHODS, RecipeError, load_recipe, merge
+from lorafuse.merging.factored import randomized_svd, truncate_factors
 
 OUT, IN = 24, 20
 SPARSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -279,7 +279,7 @@ def test_recipe_validation(tmp_path: Path) -> None:
 
 def test_package_level_api() -> None:
     import lorafuse
-    import lorafuse.merge.ties as ties_module
+    import lorafuse.merging.ties as ties_module
 
     merged = lorafuse.merge(LORAS, "cat", WEIGHTS, progress=False)
     assert rel_err(merged["m.0.q"].delta(), exact_sum(LORAS, WEIGHTS)) < 1e-5

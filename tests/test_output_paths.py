@@ -34,8 +34,8 @@ from lorafuse._io import (
 from lorafuse.adapters import load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, decompress
 from lorafuse.errors import OutputExistsError, OutputPathError
-from lorafuse.fuse import save_fusion
-from lorafuse.fuse.fusion import Fusion, adapter_hashes
+from lorafuse.fusion import save_fusion
+from lorafuse.fusion.artefact import Fusion, adapter_hashes
 from lorafuse.route import Mixture, MixtureConfig
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama
 

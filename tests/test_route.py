@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorafuse.adapters import LoRA, LoRAModule, load_lora
-from lorafuse.fuse.instance import (
+from lorafuse.fusion.instance import (
     EncoderConfig,
     InstanceEncoder,
     InstanceMixing,
@@ -18,7 +18,6 @@ from lorafuse.fuse.instance import (
     read_encoder,
     train_encoder,
 )
-from lorafuse.fuse.loop import TrainConfig
 from lorafuse.route import ArrowSource, Mixture, MixtureConfig, RoutingStats, plot_health, train_mixture
 from lorafuse.route.arrow import arrow_weights, bank_prototypes
 from lorafuse.route.functional import (
@@ -34,6 +33,7 @@ from lorafuse.route.functional import (
 )
 from lorafuse.runtime import attach, detach
 from lorafuse.tiny import tiny_llama
+from lorafuse.train.loop import TrainConfig
 
 torch.set_num_threads(1)
 

@@ -15,10 +15,6 @@ The public API (see README.md):
   :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`.
 """
 
-from lorafuse import (
-    fuse,  # a callable package: lorafuse.fuse(...) and lorafuse.fuse.flow
-    merge,  # a callable package: lorafuse.merge(...) and lorafuse.merge.ties
-)
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
 from lorafuse.compress import COMPRESS_METHODS, compress_checkpoint, decompress, load_compressed
 from lorafuse.errors import (
@@ -28,11 +24,18 @@ from lorafuse.errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
-from lorafuse.fuse import FuseSettings, Fusion, TrainConfig, load_fusion, save_fusion
-from lorafuse.fuse.instance import EncoderConfig, InstanceEncoder, InstanceMixing, mode_weights, train_encoder
-from lorafuse.merge import MERGE_METHODS, load_recipe
+from lorafuse.fusion import FuseSettings, Fusion, fuse, load_fusion, save_fusion
+from lorafuse.fusion.instance import (
+    EncoderConfig,
+    InstanceEncoder,
+    InstanceMixing,
+    mode_weights,
+    train_encoder,
+)
+from lorafuse.merging import MERGE_METHODS, load_recipe, merge
 from lorafuse.route import ArrowSource, Mixture, MixtureConfig, RoutingStats, plot_health, train_mixture
 from lorafuse.runtime import AdapterPool, AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
+from lorafuse.train import TrainConfig
 
 __version__ = "0.1.0"
 

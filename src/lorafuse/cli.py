@@ -110,7 +110,7 @@ def inspect(
 
 
 def _merge_methods() -> list[str]:
-    from lorafuse.merge import MERGE_METHODS
+    from lorafuse.merging import MERGE_METHODS
 
     return sorted(MERGE_METHODS)
 
@@ -199,8 +199,8 @@ def merge(
     from lorafuse._checks import MAX_MAGNITUDE, check_number
     from lorafuse.adapters import load_lora, save_lora
     from lorafuse.cli_options import SEED_MAX, torch_dtype
-    from lorafuse.merge import get_method, load_recipe
-    from lorafuse.merge import merge as run_merge
+    from lorafuse.merging import get_method, load_recipe
+    from lorafuse.merging import merge as run_merge
 
     if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
         recipe = load_recipe(inputs[0])

@@ -60,7 +60,7 @@ def load_base(
     if found is None:
         raise typer.BadParameter(f"no tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
     if device == "auto":  # under torchrun / `accelerate launch`, each process its own device
-        from lorafuse.fuse.loop import process_state
+        from lorafuse.train.loop import process_state
 
         device = str(process_state().device)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_type).to(device).eval()
@@ -128,9 +128,9 @@ def fuse(
     """
     from dataclasses import replace
 
-    from lorafuse.fuse import FuseSettings, save_fusion
-    from lorafuse.fuse import fuse as run_fuse
-    from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN
+    from lorafuse.fusion import FuseSettings, save_fusion
+    from lorafuse.fusion import fuse as run_fuse
+    from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN
 
     sources: dict[str, str | Path | None] = {
         "--base": base,
@@ -165,7 +165,7 @@ def fuse(
     )
     fusion = run_fuse(model, tok, loras, train_rows, dev_rows, settings, checkpoint_dir=checkpoint)
     fusion.info["tokenizer"] = str((tokenizer or base).resolve())
-    from lorafuse.fuse.loop import process_state
+    from lorafuse.train.loop import process_state
 
     if process_state().is_main_process:
         save_fusion(fusion, out, inputs=sources)
@@ -247,9 +247,9 @@ def train_lora(
 
     from lorafuse._data import encode_rows
     from lorafuse._io import atomic_output_dir, versions, write_json
-    from lorafuse.fuse import fit_fresh_lora
-    from lorafuse.fuse.api import FRESH_TRAIN, _pad_id
-    from lorafuse.fuse.loop import process_state
+    from lorafuse.fusion import fit_fresh_lora
+    from lorafuse.fusion.api import FRESH_TRAIN, _pad_id
+    from lorafuse.train.loop import process_state
 
     sources: dict[str, str | Path | None] = {
         "--base": base,
@@ -328,7 +328,7 @@ def _attached(
     dtype: str,
     device: str,
 ):  # type: ignore[no-untyped-def]
-    from lorafuse.fuse import load_fusion
+    from lorafuse.fusion import load_fusion
 
     fusion = load_fusion(fusion_dir)
     base = base or (Path(fusion.info["base_model"]) if fusion.info.get("base_model") else None)
@@ -400,9 +400,9 @@ def explain(
     from lorafuse._data import tokenize
     from lorafuse._io import check_output_path
     from lorafuse.eval.generate import cap_new_tokens
-    from lorafuse.fuse import LoRAFlow
-    from lorafuse.fuse.explain import explain as run_explain
-    from lorafuse.fuse.explain import write_explanation
+    from lorafuse.fusion import LoRAFlow
+    from lorafuse.fusion.explain import explain as run_explain
+    from lorafuse.fusion.explain import write_explanation
 
     sources: dict[str, str | Path | None] = {"--fusion": fusion, "--base": base, "--tokenizer": tokenizer}
     sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}

@@ -147,8 +147,8 @@ def route_train(
 
     from lorafuse._data import encode_rows
     from lorafuse.cli import check_out
-    from lorafuse.fuse.loop import TrainConfig
     from lorafuse.route import MixtureConfig, train_mixture
+    from lorafuse.train.loop import TrainConfig
 
     check_number(top_k, f"--top-k (experts per token, of --experts {experts})", high=experts)
     sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
@@ -248,9 +248,9 @@ def route_train_encoder(
     from lorafuse._data import encode_rows
     from lorafuse.adapters import load_lora
     from lorafuse.cli import check_out
-    from lorafuse.fuse.instance import EncoderConfig, train_encoder
-    from lorafuse.fuse.loop import TrainConfig
+    from lorafuse.fusion.instance import EncoderConfig, train_encoder
     from lorafuse.skillworld.route_study import ROUTE_TASKS
+    from lorafuse.train.loop import TrainConfig
 
     sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
     sources += [("--data", path) for path in data or []]
@@ -334,7 +334,7 @@ def route_generate(
 
     from lorafuse.adapters import load_lora
     from lorafuse.eval import generate
-    from lorafuse.fuse.instance import InstanceMixing, mode_weights, read_encoder
+    from lorafuse.fusion.instance import InstanceMixing, mode_weights, read_encoder
     from lorafuse.route import ArrowSource, Mixture
     from lorafuse.route.mixture import read_mixture_meta
     from lorafuse.runtime import attach

@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from lorafuse import attach, load_lora
 from lorafuse._data import encode_examples
-from lorafuse.fuse import flow_for, train
-from lorafuse.fuse.api import FLOW_TRAIN
+from lorafuse.fusion import flow_for
+from lorafuse.fusion.api import FLOW_TRAIN
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.train import train
 
 
 def main(world: Path, out: Path) -> None:

@@ -36,11 +36,12 @@ from lorafuse._io import (
     write_json,
     write_safetensors,
 )
+from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.adapters.validate import linear_shape
 from lorafuse.errors import LorafuseError
 from lorafuse.route.remix import remix_loss
-from lorafuse.route.router import ROUTINGS, Router, RouterSource, decoder_layers
+from lorafuse.route.router import ROUTINGS, Router, RouterSource
 from lorafuse.route.softmax import softmax_loss
 from lorafuse.runtime import AttachedBank, attach, detach
 
@@ -68,7 +69,7 @@ class MixtureConfig:
 
 def new_experts(model: nn.Module, config: MixtureConfig) -> list[LoRA]:
     """``n`` fresh LoRAs on every target module of the decoder layers: ``A ~ U(±1/√in)``, ``B = 0``."""
-    layers = decoder_layers(model)
+    layers = find_decoder_layers(model)[1]
     prefix = next(name for name, module in model.named_modules() if module is layers)
     paths = [
         name
@@ -116,7 +117,12 @@ class Mixture:
     def create(cls, model: nn.Module, config: MixtureConfig, base_model: str | None = None) -> Mixture:
         hidden = int(model.config.hidden_size)
         router = Router(
-            config.router, len(decoder_layers(model)), hidden, config.experts, config.top_k, seed=config.seed
+            config.router,
+            len(find_decoder_layers(model)[1]),
+            hidden,
+            config.experts,
+            config.top_k,
+            seed=config.seed,
         )
         return cls(model, new_experts(model, config), router, config, base_model)
 
@@ -136,7 +142,7 @@ class Mixture:
     def loss_fn(
         self, generator: torch.Generator | None = None
     ) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
-        """The training loss of this router kind, for :func:`lorafuse.fuse.loop.train_loop`."""
+        """The training loss of this router kind, for :func:`lorafuse.train.loop.train_loop`."""
         if self.config.router == "remix":
             return remix_loss(
                 self.source, self.config.samples, generator or torch.Generator().manual_seed(self.config.seed)

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lorafuse._layers import find_decoder_layers
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.instance import decoder_layers
 from lorafuse.runtime.bank import LoRABank
 
 
@@ -102,7 +102,7 @@ class RouterSource:
         self.aux: list[Tensor] = []
         self.stats: Callable[[int, Tensor, Tensor], None] | None = None
         self._weights: dict[int, Tensor] = {}
-        layers = decoder_layers(model)
+        layers = find_decoder_layers(model)[1]
         if len(layers) != router.num_layers:
             raise LorafuseError(
                 f"the router has {router.num_layers} layers but the model has {len(layers)} decoder layers"

@@ -1,4 +1,4 @@
-"""Train a mixture of LoRA experts with the shared loop (:func:`lorafuse.fuse.loop.train_loop`)."""
+"""Train a mixture of LoRA experts with the shared loop (:func:`lorafuse.train.loop.train_loop`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lorafuse._data import Encoded
-from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.route.mixture import Mixture, MixtureConfig
+from lorafuse.train.loop import TrainConfig, train_loop
 
 
 def train_mixture(

@@ -25,7 +25,7 @@ from pathlib import Path
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.compress import load_compressed
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.fusion import Fusion, adapter_hashes, load_fusion
+from lorafuse.fusion.artefact import Fusion, adapter_hashes, load_fusion
 from lorafuse.serve.registry import Entry, Registry
 
 log = logging.getLogger("lorafuse.serve")

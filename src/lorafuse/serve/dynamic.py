@@ -2,13 +2,13 @@
 
 A row using a LoRA-Flow fusion has its fusion's k LoRAs as its parts (weight 1); at each decoder
 layer ``l`` the gate reads that row's residual stream ``x_l`` and gives ``w_l (T, k)``
-(:func:`lorafuse.fuse.gate.gate_weights`), which scales each LoRA's ranks::
+(:func:`lorafuse.fusion.gate.gate_weights`), which scales each LoRA's ranks::
 
     c[b, t, j] = w_l[b, t, owner[b, j]]          (owner = which of the k LoRAs rank j belongs to)
 
 A row using learned CAT weights gets ``softmax(logits_m)`` per module ``m``, the same for every
 token. Other rows keep the plan's static coefficients. Pre-hooks on the decoder layers capture the
-layer inputs; this is exactly what :class:`lorafuse.fuse.flow.LoRAFlow` does for one fusion, for
+layer inputs; this is exactly what :class:`lorafuse.fusion.flow.LoRAFlow` does for one fusion, for
 any mix of fusions in one batch.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lorafuse.fuse.fusion import Fusion
-from lorafuse.fuse.gate import gate_weights
+from lorafuse.fusion.artefact import Fusion
+from lorafuse.fusion.gate import gate_weights
 from lorafuse.runtime.pool import PooledBank
 
 

@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from lorafuse._checks import check_number
 from lorafuse._data import decode
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.flow import decoder_layers
+from lorafuse.fusion.flow import decoder_layers
 from lorafuse.runtime.pool import AdapterPool, Allocation, BatchPlan
 from lorafuse.serve.compose import Composition, RequestError, public_text
 from lorafuse.serve.dynamic import FusionRows

@@ -3,7 +3,7 @@
 Each direct sub-folder of the adapters folder whose name is a valid model name is one entry:
 
 - ``adapter_config.json`` → a PEFT LoRA adapter (``kind="adapter"``);
-- ``fusion.json`` → a saved fusion (``kind="fusion"``, see :mod:`lorafuse.fuse.fusion`);
+- ``fusion.json`` → a saved fusion (``kind="fusion"``, see :mod:`lorafuse.fusion.artefact`);
 - ``compressed.json`` → a compressed fine-tuning delta (``kind="compressed"``, low-rank kinds
   only are servable: Delta-CoMe and SVD truncation; BitDelta/RTN deltas are dense).
 

@@ -36,7 +36,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorafuse._data import encode_examples, encode_text
 from lorafuse._io import atomic_output_dir, lorafuse_home, recover_leftovers, versions
 from lorafuse.errors import OutputExistsError
-from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.skillworld.data import (
     ALL_COMPOSITES,
     COMPOSITES,
@@ -49,6 +48,7 @@ from lorafuse.skillworld.data import (
     write_world_data,
 )
 from lorafuse.skillworld.tokenizer import build_tokenizer
+from lorafuse.train.loop import TrainConfig, train_loop
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: the faithful chat skill retells the story

@@ -33,11 +33,11 @@ from lorafuse.compress import (
 )
 from lorafuse.errors import BudgetError
 from lorafuse.eval import evaluate
-from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.build import world_home
 from lorafuse.skillworld.data import read_jsonl
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.train.loop import TrainConfig, train_loop
 
 # (row label, method, settings, BitDelta scale-distillation steps)
 VARIANTS: list[tuple[str, str, dict[str, Any], int]] = [

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lorafuse.adapters import load_lora
 from lorafuse.eval import evaluate
-from lorafuse.merge import merge
+from lorafuse.merging import merge
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world

@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import load_lora
 from lorafuse.eval import evaluate
-from lorafuse.fuse.instance import EncoderConfig, train_encoder
-from lorafuse.fuse.loop import TrainConfig
+from lorafuse.fusion.instance import EncoderConfig, train_encoder
 from lorafuse.route import ArrowSource, MixtureConfig, RoutingStats, train_mixture
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.data import POOL, SKILLS, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.train.loop import TrainConfig
 
 ROUTE_TASKS = [*SKILLS, *POOL]
 METHODS = ("softmax", "remix", "encoder", "arrow")

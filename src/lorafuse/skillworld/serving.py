@@ -22,9 +22,9 @@ from torch import nn
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, load_compressed
 from lorafuse.eval.generate import generate
-from lorafuse.fuse.flow import decoder_layers, hidden_size_of
-from lorafuse.fuse.fusion import Fusion, adapter_hashes, load_fusion, save_fusion
-from lorafuse.fuse.gate import GateConfig
+from lorafuse.fusion.artefact import Fusion, adapter_hashes, load_fusion, save_fusion
+from lorafuse.fusion.flow import decoder_layers, hidden_size_of
+from lorafuse.fusion.gate import GateConfig
 from lorafuse.runtime import attach, detach
 
 WORLD_LORAS = ("math", "lang_zorb", "lang_vell", "list", "copy", "reverse")

@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.eval import evaluate, response_loss
-from lorafuse.fuse import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
-from lorafuse.fuse.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
-from lorafuse.fuse.flow import mean_weights
-from lorafuse.merge import merge
+from lorafuse.fusion import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
+from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
+from lorafuse.fusion.flow import mean_weights
+from lorafuse.merging import merge
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.data import COMPOSITES, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
@@ -313,7 +313,7 @@ def composition_study(
 def _settings(
     method: str, seed: int, epochs: float, *, lr: float | None = None, batch_size: int | None = None
 ) -> FuseSettings:
-    """Each method's default recipe (lorafuse.fuse.api) with ``epochs`` passes over the 200
+    """Each method's default recipe (lorafuse.fusion.api) with ``epochs`` passes over the 200
     examples, at ``lr`` / ``batch_size`` when given (the per-task choice of :data:`GRIDS`)."""
     train = replace(CAT_TRAIN if method == "cat" else FLOW_TRAIN, epochs=epochs)
     if lr is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lorafuse._data import collate, encode_examples
-from lorafuse.fuse.flow import LoRAFlow
+from lorafuse.fusion.flow import LoRAFlow
 
 COMPUTATION = {str(d) for d in range(10)} | {"+", "-", "="}
 KINDS = ("language words", "digits and operators")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lorafuse._data import decode, tokenize
 from lorafuse._io import OutputInputs, check_output_path, write_text_atomic
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.flow import LoRAFlow
+from lorafuse.fusion.flow import LoRAFlow
 
 
 @dataclass

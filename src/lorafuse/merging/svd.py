@@ -1,7 +1,7 @@
 """``svd``: the best rank-K approximation of ``Σ w_i s_i B_i A_i``, in factored form.
 
 QR of the stacked factors and an SVD of the small ``Σr × Σr`` core (see
-:mod:`lorafuse.merge.factored`), never the full SVD of a dense ``out × in`` matrix that PEFT's
+:mod:`lorafuse.merging.factored`), never the full SVD of a dense ``out × in`` matrix that PEFT's
 ``svd`` runs. Default ``K = max r_i`` (PEFT's default).
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lorafuse.merge.factored import stack_weighted, truncate_factors
-from lorafuse.merge.registry import FactorTriple, MergeMethod, NoParams, register
+from lorafuse.merging.factored import stack_weighted, truncate_factors
+from lorafuse.merging.registry import FactorTriple, MergeMethod, NoParams, register
 
 
 def merge_svd(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.gate import FlowGates, GateConfig
+from lorafuse.fusion.gate import FlowGates, GateConfig
 from lorafuse.runtime import AttachedBank, LoRABank
 
 _LAYERS_RE = re.compile(r"^(.*)\.(\d+)\.")
@@ -52,7 +52,7 @@ class LoRAFlow(nn.Module):
     """Per-token, per-layer fusion weights from :class:`FlowGates`; a bank ``WeightSource``.
 
     ``record`` (a list) collects ``(layer, weights (B, T, k))`` of every forward pass, detached,
-    for :mod:`lorafuse.fuse.explain`.
+    for :mod:`lorafuse.fusion.explain`.
     """
 
     def __init__(self, gates: FlowGates) -> None:

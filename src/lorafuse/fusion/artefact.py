@@ -47,9 +47,9 @@ from lorafuse._io import (
 )
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.cat_weights import CatWeights
-from lorafuse.fuse.flow import LoRAFlow
-from lorafuse.fuse.gate import FlowGates, GateConfig
+from lorafuse.fusion.cat_weights import CatWeights
+from lorafuse.fusion.flow import LoRAFlow
+from lorafuse.fusion.gate import FlowGates, GateConfig
 from lorafuse.runtime import AttachedBank, attach
 
 FORMAT = "lorafuse-fusion"

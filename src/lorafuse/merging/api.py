@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorafuse._checks import MAX_MAGNITUDE, InvalidValueError, check_number
 from lorafuse._io import versions
 from lorafuse.adapters.lora import LoRA, LoRAModule
-from lorafuse.merge.registry import get_method
+from lorafuse.merging.registry import get_method
 
 
 def _check_inputs(loras: Sequence[LoRA], union: bool, allow_different_bases: bool) -> list[str]:

@@ -39,7 +39,7 @@ from pydantic import (
 
 from lorafuse._checks import MAX_MAGNITUDE, PositiveInt, StrictBool, describe_validation_error, parse_model
 from lorafuse.errors import LorafuseError
-from lorafuse.merge.registry import get_method
+from lorafuse.merging.registry import get_method
 
 MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few lines; anything larger is not one
 

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from lorafuse.merge.registry import FactorTriple, MergeMethod, register
+from lorafuse.merging.registry import FactorTriple, MergeMethod, register
 
 
 class LegoParams(BaseModel):

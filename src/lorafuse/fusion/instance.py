@@ -53,9 +53,9 @@ from lorafuse._io import (
 from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.loop import TrainConfig, train_loop
 from lorafuse.runtime import AttachedBank, attach, detach
 from lorafuse.runtime.bank import LoRABank
+from lorafuse.train.loop import TrainConfig, train_loop
 
 FORMAT = "lorafuse-instance-encoder"
 VERSION = 1

@@ -3,7 +3,7 @@
 - :func:`random_like`: LoRAs with the same shapes and scales whose factors are redrawn from
   ``N(0, σ)``, ``σ`` matching each real factor's std (per module, per factor): a fusion that does
   as well on them learned nothing from the LoRAs' contents.
-- A fresh LoRA trained on the same few examples: see :func:`lorafuse.fuse.api.train_fresh_lora`
+- A fresh LoRA trained on the same few examples: see :func:`lorafuse.fusion.api.train_fresh_lora`
   (``lorafuse train-lora`` on the command line).
 """
 

@@ -1,7 +1,7 @@
 """Learned composition of existing LoRAs on a few examples: ``lorafuse.fuse(...)``.
 
 Every method weights one bank of the given LoRAs (base and LoRAs frozen) and returns a
-:class:`~lorafuse.fuse.fusion.Fusion`:
+:class:`~lorafuse.fusion.artefact.Fusion`:
 
 | method        | what is learned                                          | trained by            |
 | ------------- | -------------------------------------------------------- | --------------------- |
@@ -29,13 +29,13 @@ from torch import nn
 from lorafuse._data import Encoded, encode_rows
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
-from lorafuse.fuse.cat_weights import CatWeights
-from lorafuse.fuse.flow import flow_for
-from lorafuse.fuse.fusion import Fusion, adapter_hashes
-from lorafuse.fuse.gate import Granularity
-from lorafuse.fuse.loop import TrainConfig, TrainResult, dev_loss, train
-from lorafuse.fuse.lorahub import LoraHubConfig, lorahub_search
+from lorafuse.fusion.artefact import Fusion, adapter_hashes
+from lorafuse.fusion.cat_weights import CatWeights
+from lorafuse.fusion.flow import flow_for
+from lorafuse.fusion.gate import Granularity
+from lorafuse.fusion.lorahub import LoraHubConfig, lorahub_search
 from lorafuse.runtime import AttachedBank, attach, detach
+from lorafuse.train.loop import TrainConfig, TrainResult, dev_loss, train
 
 FUSION_METHODS = ("lora-flow", "cat", "lorahub", "average")
 

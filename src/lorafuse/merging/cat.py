@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lorafuse.merge.factored import stack_weighted
-from lorafuse.merge.registry import FactorTriple, MergeMethod, NoParams, register
+from lorafuse.merging.factored import stack_weighted
+from lorafuse.merging.registry import FactorTriple, MergeMethod, NoParams, register
 
 
 def merge_cat(

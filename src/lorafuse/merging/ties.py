@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from lorafuse.merge.factored import dense_to_rank
-from lorafuse.merge.registry import FactorTriple, MergeMethod, register
+from lorafuse.merging.factored import dense_to_rank
+from lorafuse.merging.registry import FactorTriple, MergeMethod, register
 
 
 class SparsifyParams(BaseModel):

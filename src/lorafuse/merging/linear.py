@@ -14,8 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from lorafuse.merge.factored import factored_svd, split_svd, stack_weighted
-from lorafuse.merge.registry import FactorTriple, MergeMethod, register
+from lorafuse.merging.factored import factored_svd, split_svd, stack_weighted
+from lorafuse.merging.registry import FactorTriple, MergeMethod, register
 
 
 class LinearParams(BaseModel):
