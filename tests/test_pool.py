@@ -93,7 +93,7 @@ def test_pool_evicts_lru_unused_and_reuses_rows(llama_dir: Path, llama_adapters:
     with pool.use(pool.plan([[("plain", 1.0)]])):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
     assert pool.detach() is model
-    assert not any(type(m).__name__ == "PooledBank" for m in model.modules())
+    assert not any(type(m).__name__ == "LoRABank" for m in model.modules())
 
 
 def test_pool_in_bfloat16_follows_the_model_dtype(llama_dir: Path, llama_adapters: dict[str, Path]) -> None:
@@ -104,7 +104,7 @@ def test_pool_in_bfloat16_follows_the_model_dtype(llama_dir: Path, llama_adapter
     model = load(llama_dir, torch.bfloat16)
     pool = AdapterPool(model)
     pool.add("p", lora)
-    assert next(iter(pool.banks.values())).A_table.dtype == torch.bfloat16
+    assert next(iter(pool.banks.values())).A.dtype == torch.bfloat16
     with pool.use(pool.plan([[("p", 1.0)], [("p", 1.0)]])):
         got = model(ids).logits
     torch.testing.assert_close(got.float(), reference(ids).logits.float(), atol=0.05, rtol=0.05)

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from lorafuse.errors import LorafuseError
 
 LAYER_LIST_NAMES = frozenset({"layers", "h", "blocks"})
+_INDEX_RE = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(path: str, prefix: str | None = None) -> int | None:
+    """The decoder-layer index in a module path (``model.layers.3.mlp.up_proj`` → 3), or ``None``.
+
+    With ``prefix`` (the decoder-layer list's qualified name) only paths inside that list count;
+    without it, the first number between dots.
+    """
+    if prefix is not None:
+        head = f"{prefix}."
+        if not path.startswith(head):
+            return None
+        number = path[len(head) :].split(".", 1)[0]
+        return int(number) if number.isdigit() else None
+    match = _INDEX_RE.search(f".{path}.")
+    return int(match.group(1)) if match else None
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -92,6 +92,33 @@ class Fusion:
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
+    def build_rule(self) -> CatWeights | LoRAFlow | None:
+        """A new module holding this fusion's learned weight rule (``None`` for static weights)."""
+        if self.method == "static":
+            return None
+        if self.method == "cat-weights":
+            cat = CatWeights(self.module_paths, self.k)
+            with torch.no_grad():
+                cat.logits.copy_(self.tensors["logits"])
+            return cat
+        assert self.gate is not None
+        gates = FlowGates(self.gate)
+        with torch.no_grad():
+            gates.weight.copy_(self.tensors["gate.weight"])
+            gates.bias.copy_(self.tensors["gate.bias"])
+        return LoRAFlow(gates)
+
+    def weight_rule(self, device: torch.device | str | None = None) -> CatWeights | LoRAFlow | None:
+        """The fusion's weight rule, frozen and built once (serving reuses it for every batch)."""
+        rules: dict[str, nn.Module] = self.__dict__.setdefault("_rules", {})
+        key = str(device)
+        if key not in rules and self.method != "static":
+            rule = self.build_rule()
+            assert rule is not None
+            rule.requires_grad_(False)
+            rules[key] = rule.to(device) if device is not None else rule
+        return rules.get(key)  # type: ignore[return-value]
+
     def source(self, handle: AttachedBank) -> nn.Module | None:
         """Install this fusion's weights on an attached bank (the bank's LoRA order must match)."""
         if handle.names != self.lora_names:
@@ -101,20 +128,16 @@ class Fusion:
             handle.set_weights(self.tensors["weights"])
             return None
         if self.method == "cat-weights":
-            cat = CatWeights(self.module_paths, self.k).to(device)
-            with torch.no_grad():
-                cat.logits.copy_(self.tensors["logits"])
             missing = set(handle.banks) - set(self.module_paths)
             if missing:
                 raise FusionFormatError(f"no CAT weights for modules {sorted(missing)[:3]}")
-            handle.set_source(cat)
-            return cat
-        assert self.gate is not None
-        gates = FlowGates(self.gate).to(device)
-        with torch.no_grad():
-            gates.weight.copy_(self.tensors["gate.weight"])
-            gates.bias.copy_(self.tensors["gate.bias"])
-        return LoRAFlow(gates).install(handle)
+        rule = self.build_rule()
+        assert rule is not None
+        rule = rule.to(device)
+        if isinstance(rule, LoRAFlow):
+            return rule.install(handle)
+        handle.set_source(rule)
+        return rule
 
     def load_loras(
         self, overrides: Mapping[str, str | Path] | None = None, *, verify: bool = True

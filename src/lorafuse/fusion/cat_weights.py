@@ -14,11 +14,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lorafuse.runtime import LoRABank
+from lorafuse.runtime import ForwardCall, LoRABank, Reads
 
 
 class CatWeights(nn.Module):
-    """``logits (modules, k)``; ``weights_for`` gives ``softmax(logits[module]) (k,)``."""
+    """``logits (modules, k)``; ``weights_for`` gives ``softmax(logits[module]) (k,)``.
+
+    Also a :class:`~lorafuse.runtime.WeightRule` reading nothing (``reads = "none"``), for serving
+    rows that use learned CAT weights; a module without CAT weights gets 0.
+    """
+
+    reads: Reads = "none"
+    per_module = True
 
     def __init__(self, module_paths: Sequence[str], k: int) -> None:
         super().__init__()
@@ -28,6 +35,14 @@ class CatWeights(nn.Module):
 
     def weights_for(self, bank: LoRABank, x: Tensor) -> Tensor | None:
         return torch.softmax(self.logits[self._index[bank.path]], dim=-1).to(bank.A.dtype)  # (k,)
+
+    def weights(self, hidden: Tensor, layer: int | None, path: str, call: ForwardCall) -> Tensor:
+        """``softmax(c_m) (n, 1, k)`` for module ``m = path``, the same for every token."""
+        index = self._index.get(path)
+        if index is None:
+            return self.logits.new_zeros(hidden.shape[0], 1, self.logits.shape[1])  # (n, 1, k)
+        w = torch.softmax(self.logits[index].float(), dim=-1)  # (k,)
+        return w.expand(hidden.shape[0], 1, -1)  # (n, 1, k)
 
     @torch.no_grad()
     def mean_weights(self) -> Tensor:

@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
@@ -50,11 +49,9 @@ from lorafuse._io import (
     write_json,
     write_safetensors,
 )
-from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA
 from lorafuse.errors import LorafuseError
-from lorafuse.runtime import AttachedBank, attach, detach
-from lorafuse.runtime.bank import LoRABank
+from lorafuse.runtime import AttachedBank, ForwardCall, LayerInputSource, Reads, attach, detach
 from lorafuse.train.loop import TrainConfig, train_loop
 
 FORMAT = "lorafuse-instance-encoder"
@@ -69,11 +66,6 @@ class EncoderConfig:
     top_k: int | None = None  # keep only the top-k scores (sparse basis), None = all
     temperature: float = 1.0
     seed: int = 0
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a HF causal LM (``model.model.layers``, ``transformer.h``, ...)."""
-    return find_decoder_layers(model)[1]
 
 
 class InstanceEncoder(nn.Module):
@@ -104,60 +96,53 @@ class InstanceEncoder(nn.Module):
 
 
 class InstanceSource:
-    """Feeds every bank the per-sequence coefficients ``(B, k)`` of the encoder."""
+    """The encoder's weight rule: per-sequence coefficients ``(B, 1, k)`` from the pooled prompt.
+
+    Reads the input of the first decoder layer (``reads = "first"``), pooled over the prompt's
+    tokens (the attention mask, and only prompt tokens when labels mark answers with -100). The
+    coefficients are computed once per sequence and kept while the sequence continues (the KV
+    cache holds its past, or ``generate`` without the cache re-feeds the prompt plus new tokens).
+    """
+
+    reads: Reads = "first"
+    per_module = False
 
     def __init__(self, encoder: InstanceEncoder, model: nn.Module) -> None:
         self.encoder = encoder
         self.coefficients: Tensor | None = None  # (B, k) of the current sequences
-        self._new, self._pool_mask = True, None
         self._prompt: Tensor | None = None  # (B, T0) ids of the current sequences' prompt
-        self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._on_model, with_kwargs=True),
-            decoder_layers(model)[0].register_forward_pre_hook(self._on_first_layer, with_kwargs=True),
-        ]
+        self.source = LayerInputSource(model, self)
 
-    def _on_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """A sequence is new unless the KV cache holds its past or it extends the last prompt seen
-        (``generate`` without the cache re-feeds prompt + generated tokens at every step)."""
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
-        cache = kwargs.get("past_key_values")
-        continued = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        prompt = self._prompt
-        if not continued and isinstance(ids, Tensor) and prompt is not None:
-            width = prompt.shape[1]
-            continued = (
-                ids.shape[0] == prompt.shape[0]
-                and ids.shape[1] > width
-                and torch.equal(ids[:, :width].to(prompt.device), prompt)
-            )
-        self._new = not continued
-        if self._new:
-            self._prompt = ids.detach().clone() if isinstance(ids, Tensor) else None
-        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
-        pool = mask.bool() if isinstance(mask, Tensor) and mask.ndim == 2 else None
-        if isinstance(labels, Tensor):
-            prompt_tokens = labels == -100
+    def _continued(self, call: ForwardCall) -> bool:
+        ids, prompt = call.input_ids, self._prompt
+        if call.past_length > 0:
+            return True
+        if ids is None or prompt is None:
+            return False
+        width = prompt.shape[1]
+        return bool(
+            ids.shape[0] == prompt.shape[0]
+            and ids.shape[1] > width
+            and torch.equal(ids[:, :width].to(prompt.device), prompt)
+        )
+
+    def weights(self, hidden: Tensor, layer: int | None, path: str, call: ForwardCall) -> Tensor:
+        """``encoder(mean of the prompt's first-layer inputs) (B, 1, k)``."""
+        if self._continued(call) and self.coefficients is not None:
+            return self.coefficients.unsqueeze(1)  # (B, 1, k)
+        self._prompt = call.input_ids.detach().clone() if call.input_ids is not None else None
+        pool = call.attention_mask.bool() if call.attention_mask is not None else None
+        if call.labels is not None:
+            prompt_tokens = call.labels == -100
             pool = prompt_tokens if pool is None else pool & prompt_tokens
-        self._pool_mask = pool
-
-    def _on_first_layer(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._new and self.coefficients is not None:
-            return
-        x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-        mask = self._pool_mask
-        m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask[:, -x.shape[1] :].float()
-        pooled = (x.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
+        T = hidden.shape[1]
+        m = torch.ones(hidden.shape[:2], device=hidden.device) if pool is None else pool[:, -T:].float()
+        pooled = (hidden.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
         self.coefficients = self.encoder(pooled)  # (B, k)
-
-    def weights_for(self, bank: LoRABank, x: Tensor) -> Tensor | None:
-        if self.coefficients is None:
-            raise LorafuseError(f"{bank.path}: the instance encoder has not seen a prompt yet")
-        return self.coefficients.to(bank.A.dtype)
+        return self.coefficients.unsqueeze(1)  # (B, 1, k)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.source.remove()
 
 
 class InstanceMixing:
@@ -167,7 +152,7 @@ class InstanceMixing:
         self.model, self.encoder = model, encoder
         self.bank: AttachedBank = attach(model, dict(basis))
         self.source = InstanceSource(encoder, model)
-        self.bank.set_source(self.source)
+        self.bank.set_source(self.source.source)
 
     @property
     def names(self) -> list[str]:

@@ -4,8 +4,8 @@ Per adapted module, LoRA i's prototype ``v_i`` is the unit top right singular ve
 ``s_i B_i A_i`` (computed from the ``r × r`` core, :func:`top_right_singular_vector`). A token
 with module input ``x`` scores ``|x · v_i|`` (the sign of a singular vector is arbitrary); the
 top-k LoRAs get ``softmax(score / τ)`` over the selected, the others 0 (PEFT's Arrow defaults:
-``top_k = 3``, ``τ = 1``). Routing is per module on that module's own input, so it needs no hook
-and follows ``generate`` with the KV cache.
+``top_k = 3``, ``τ = 1``). Routing is per module on that module's own input (``reads =
+"module"``), so it needs no layer hook and follows ``generate`` with the KV cache.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.route.functional import top_right_singular_vector
-from lorafuse.route.router import MaskTracker
-from lorafuse.runtime import AttachedBank
+from lorafuse.runtime import AttachedBank, ForwardCall, LayerInputSource, Reads
 from lorafuse.runtime.bank import LoRABank
 
 
@@ -43,8 +42,11 @@ def arrow_weights(x: Tensor, prototypes: Tensor, top_k: int, temperature: float 
     return torch.zeros_like(scores).scatter(-1, top.indices, torch.softmax(top.values / temperature, dim=-1))
 
 
-class ArrowSource:
-    """A :class:`~lorafuse.runtime.WeightSource` routing every token of every module with Arrow."""
+class ArrowSource(LayerInputSource):
+    """Arrow's weight rule: every token of every module routed on that module's own input."""
+
+    reads: Reads = "module"
+    per_module = True
 
     def __init__(
         self, handle: AttachedBank, model: nn.Module, *, top_k: int = 3, temperature: float = 1.0
@@ -56,14 +58,12 @@ class ArrowSource:
         self.top_k, self.temperature = top_k, temperature
         self.prototypes = {path: bank_prototypes(bank) for path, bank in handle.banks.items()}
         self.stats: Callable[[int, Tensor, Tensor], None] | None = None
-        self._masks = MaskTracker(model)
+        super().__init__(model, self)
 
-    def weights_for(self, bank: LoRABank, x: Tensor) -> Tensor | None:
-        protos = self.prototypes[bank.path].to(x.device)
-        weights = arrow_weights(x, protos, self.top_k, self.temperature)  # (B, T, k)
-        if self.stats is not None and bank.layer_index is not None:
-            self.stats(bank.layer_index, weights, self._masks.token_mask(x))
-        return weights.to(bank.A.dtype)
-
-    def remove(self) -> None:
-        self._masks.handle.remove()
+    def weights(self, hidden: Tensor, layer: int | None, path: str, call: ForwardCall) -> Tensor:
+        """``softmax(|x · v_i| / τ)`` over the top-k prototypes of this module, 0 elsewhere."""
+        protos = self.prototypes[path].to(hidden.device)
+        weights = arrow_weights(hidden, protos, self.top_k, self.temperature)  # (B, T, k)
+        if self.stats is not None and layer is not None:
+            self.stats(layer, weights, call.token_mask(hidden))
+        return weights

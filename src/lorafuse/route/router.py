@@ -1,12 +1,13 @@
 """The per-layer router and the hooks that feed a LoRA bank from it.
 
 One router per decoder layer ``l``: logits ``l_l(t) = W_l · rms(x_l(t))`` over the n experts,
-where ``x_l(t)`` is the residual stream entering layer ``l`` at token ``t`` (captured by a forward
-pre-hook, as in LoRA-Flow) and ``rms(x) = x / sqrt(mean(x²) + ε)`` (parameter-free). What the
-logits become (softmax over the top-k, or ReMix's equal weights) is the routing *kind*, one file
-each (:mod:`lorafuse.route.softmax`, :mod:`lorafuse.route.remix`), looked up in :data:`ROUTINGS`.
+where ``x_l(t)`` is the residual stream entering layer ``l`` at token ``t`` (captured by
+:class:`~lorafuse.runtime.LayerInputSource`, as for LoRA-Flow) and
+``rms(x) = x / sqrt(mean(x²) + ε)`` (parameter-free). What the logits become (softmax over the
+top-k, or ReMix's equal weights) is the routing *kind*, one file each
+(:mod:`lorafuse.route.softmax`, :mod:`lorafuse.route.remix`), looked up in :data:`ROUTINGS`.
 
-:class:`RouterSource` is a :class:`~lorafuse.runtime.WeightSource`: weights are computed once per
+:class:`RouterSource` implements only the router's weight rule: weights are computed once per
 layer per forward pass from the captured hidden state, so they follow ``model.generate`` step by
 step with the KV cache (each step's hidden states are the new tokens' only).
 """
@@ -14,15 +15,13 @@ step with the KV cache (each step's hidden states are the new tokens' only).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lorafuse._layers import find_decoder_layers
 from lorafuse.errors import LorafuseError
-from lorafuse.runtime.bank import LoRABank
+from lorafuse.runtime import ForwardCall, LayerInputSource, Reads
 
 
 class RoutingKind(Protocol):
@@ -67,32 +66,18 @@ class Router(nn.Module):
         return x @ self.weight[layer].T  # (B, T, n)
 
 
-class MaskTracker:
-    """Keeps the 2-D ``attention_mask`` of the model's current forward call (a pre-hook on the model)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.mask: Tensor | None = None
-        self.handle = model.register_forward_pre_hook(self._capture, with_kwargs=True)
-
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        self.mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-
-    def token_mask(self, x: Tensor) -> Tensor:
-        """``(B, T)`` validity of the tokens in ``x (B, T, ·)``: the last T columns of the mask."""
-        if self.mask is None or self.mask.shape[0] != x.shape[0]:
-            return torch.ones(x.shape[:2], device=x.device)
-        return self.mask[:, -x.shape[1] :].to(x.device).float()
-
-
-class RouterSource:
+class RouterSource(LayerInputSource):
     """Feeds every bank of layer ``l`` the weights routed from the residual entering layer ``l``.
 
-    ``sampling`` (set by the ReMix loss) draws selections instead of the deterministic top-k and
-    accumulates their log-probabilities in ``logp`` ``(B, T)``; ``aux`` collects per-layer
-    auxiliary losses (load balancing); ``stats`` (when not ``None``) is called with
+    The router's weight rule (``reads = "layer"``) on :class:`~lorafuse.runtime.LayerInputSource`'s
+    hooks. ``sampling`` (set by the ReMix loss) draws selections instead of the deterministic
+    top-k and accumulates their log-probabilities in ``logp`` ``(B, T)``; ``aux`` collects
+    per-layer auxiliary losses (load balancing); ``stats`` (when not ``None``) is called with
     ``(layer, weights (B, T, n), mask (B, T))`` for routing-health statistics.
     """
+
+    reads: Reads = "layer"
+    per_module = False
 
     def __init__(self, router: Router, model: nn.Module) -> None:
         self.router = router
@@ -101,41 +86,21 @@ class RouterSource:
         self.logp: Tensor | None = None
         self.aux: list[Tensor] = []
         self.stats: Callable[[int, Tensor, Tensor], None] | None = None
-        self._weights: dict[int, Tensor] = {}
-        layers = find_decoder_layers(model)[1]
-        if len(layers) != router.num_layers:
+        super().__init__(model, self)
+        if self.num_layers != router.num_layers:
+            self.remove()
             raise LorafuseError(
-                f"the router has {router.num_layers} layers but the model has {len(layers)} decoder layers"
+                f"the router has {router.num_layers} layers but the model has {self.num_layers} "
+                "decoder layers"
             )
-        self._masks = MaskTracker(model)
-        self._handles: list[RemovableHandle] = [self._masks.handle]
-        self._handles += [
-            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-        ]
 
-    def token_mask(self, x: Tensor) -> Tensor:
-        """``(B, T)`` validity of the tokens of the current pass (the model's attention mask)."""
-        return self._masks.token_mask(x)
-
-    def _hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-            kind = ROUTINGS[self.router.kind]
-            logits = self.router.logits(layer, x.detach() if kind.detach_input else x)  # (B, T, n)
-            weights = kind.route(self, layer, logits)  # (B, T, n)
-            self._weights[layer] = weights
-            if self.stats is not None:
-                self.stats(layer, weights.detach(), self.token_mask(x))
-
-        return hook
-
-    def weights_for(self, bank: LoRABank, x: Tensor) -> Tensor | None:
-        if bank.layer_index is None or bank.layer_index not in self._weights:
-            raise LorafuseError(f"{bank.path}: no routing weights for this module's layer")
-        return self._weights[bank.layer_index].to(bank.A.dtype)
-
-    def remove(self) -> None:
-        """Remove the hooks (the bank keeps this source until another is set)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def weights(self, hidden: Tensor, layer: int | None, path: str, call: ForwardCall) -> Tensor:
+        """``route(W_l · rms(x_l))``: ``(B, T, n)`` weights, zero outside the selected experts."""
+        if layer is None:
+            raise LorafuseError(f"{path}: no routing weights for a module outside the decoder layers")
+        kind = ROUTINGS[self.router.kind]
+        logits = self.router.logits(layer, hidden.detach() if kind.detach_input else hidden)  # (B, T, n)
+        weights = kind.route(self, layer, logits)  # (B, T, n)
+        if self.stats is not None:
+            self.stats(layer, weights.detach(), call.token_mask(hidden))
+        return weights

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lorafuse.adapters.lora import LoRA
 from lorafuse.adapters.validate import check_compatible, linear_shape
 from lorafuse.errors import LorafuseError
-from lorafuse.runtime.bank import LoRABank, StaticWeights, WeightSource
+from lorafuse.runtime.bank import CoefficientSource, LoRABank, StaticWeights, WeightSource
 from lorafuse.runtime.functional import stack_factors
 
 WeightsLike = Tensor | Sequence[float] | Mapping[str, float]
@@ -51,7 +51,7 @@ class AttachedBank:
         self.static.set(self.weight_vector(weights))
         self.set_source(self.static)
 
-    def set_source(self, source: WeightSource) -> None:
+    def set_source(self, source: CoefficientSource | WeightSource) -> None:
         """Feed every bank from ``source`` (LoRA-Flow gates, routers, ...)."""
         for bank in self.banks.values():
             bank.set_source(source)
@@ -132,11 +132,11 @@ def attach(
         target_dtype = dtype or weight.dtype
         bank = LoRABank(
             base,
-            a.to(device=weight.device, dtype=target_dtype),
-            b.to(device=weight.device, dtype=target_dtype),
-            ranks,
-            static,
+            a.to(device=weight.device, dtype=target_dtype),  # (R, in)
+            b.to(device=weight.device, dtype=target_dtype),  # (out, R)
             path,
+            static,
+            ranks=ranks,
         )
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, bank)

@@ -92,6 +92,54 @@ def expand_weights(weights: Tensor, index: Tensor, x_shape: torch.Size, where: s
     return w
 
 
+def spread_weights(weights: Tensor, owner: Tensor) -> Tensor:
+    """Per-LoRA weights → per-rank coefficients ``c[b, t, j] = w[b, t, owner[j]]`` (0 where owner < 0).
+
+    ``weights`` is ``(k,)``, ``(B, k)`` or ``(B, 1|T, k)``; ``owner`` is ``(R,)`` (one stack shared by
+    every row: the bank's own ranks) or ``(B, R)`` (a serving plan: row b's part owning rank j,
+    -1 on padding). Returns ``(1|B, 1|T, R)``.
+    """
+    if weights.ndim == 1:
+        weights = weights.view(1, 1, -1)  # (1, 1, k)
+    elif weights.ndim == 2:
+        weights = weights.unsqueeze(1)  # (B, 1, k)
+    valid = (owner >= 0).to(weights.dtype)
+    index = owner.clamp(min=0)
+    if owner.ndim == 1:
+        return weights.index_select(-1, index) * valid  # (B, 1|T, R)
+    index = index.unsqueeze(1).expand(-1, weights.shape[1], -1)  # (B, 1|T, R)
+    return weights.expand(index.shape[0], -1, -1).gather(-1, index) * valid.unsqueeze(1)  # (B, 1|T, R)
+
+
+def token_rows(x: Tensor, batch: int, steps: int, where: str = "") -> Tensor:
+    """``x`` as ``(B, T', in)`` rows for coefficients of batch ``batch`` and ``steps`` (1 or T) tokens.
+
+    A layer input is ``(B, T, in)`` for most layers; OPT's ``fc1``/``fc2`` and Qwen2-MoE's shared
+    expert see the tokens flattened row-major to ``(B·T, in)``, so token ``n`` belongs to row
+    ``n // T`` and the view ``(B, T, in)`` restores it (the token→row index is the view). A
+    coefficient batch of 1 broadcasts over any input.
+    """
+    at = f" at {where}" if where else ""
+    if batch == 1 and steps == 1:
+        return x.reshape(1, -1, x.shape[-1])  # (1, N, in)
+    if x.ndim == 3 and x.shape[0] == batch and steps in (1, x.shape[1]):
+        return x
+    tokens = x.shape[:-1].numel()
+    if x.ndim == 2 and tokens % batch == 0 and steps in (1, tokens // batch):
+        return x.view(batch, tokens // batch, x.shape[-1])  # (B, T, in): token n is row n // T
+    if steps == 1:
+        raise ValueError(
+            f"per-row bank weights have batch {batch} but the layer input{at} is {tuple(x.shape)}; "
+            "give one row per sequence (repeat rows for num_return_sequences or beams)"
+        )
+    raise ValueError(
+        f"per-token bank weights have (batch, seq) = ({batch}, {steps}) but the layer input{at} is "
+        f"{tuple(x.shape)}. Static per-token weights fit one forward pass of that length; during "
+        "generation use per-row weights or a weight source that computes weights per step "
+        "(LoRA-Flow gates, routers)."
+    )
+
+
 def bank_delta(x: Tensor, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
     """``Δy = ((x Aᵀ) ⊙ w) Bᵀ`` for stacked factors ``A (R, in)``, ``B (out, R)``.
 

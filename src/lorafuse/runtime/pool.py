@@ -3,10 +3,11 @@
 :func:`~lorafuse.runtime.attach` stacks a fixed bank of k LoRAs and computes all of them for every
 row. A server holds hundreds of adapters, loads and evicts them while it runs, and each batch row
 wants its own adapter or weighted combination. The pool keeps, for each adapted linear layer, one
-table of LoRA ranks shared by every loaded adapter (S-LoRA's unified pool)::
+table of LoRA ranks shared by every loaded adapter (S-LoRA's unified pool), held by the layer's
+:class:`~lorafuse.runtime.LoRABank` (the same module an attached stack uses)::
 
-    A_table (N, in)    row j = s · A_i[r]  for the rank r of adapter i stored in row j
-    B_table (N, out)   row j = B_i[:, r]ᵀ
+    A (N, in)     row j = s · A_i[r]  for the rank r of adapter i stored in row j
+    B (out, N)    column j = B_i[:, r]
     row 0 is all zeros: the padding row
 
 An adapter of rank r owns r rows (the same rows in every layer; layers where it has a smaller rank
@@ -14,10 +15,12 @@ or none keep zeros). A :class:`BatchPlan` says which rows each batch row uses an
 coefficient; the layer then computes, per batch row ``b`` with rows ``I_b`` and coefficients
 ``c_b``::
 
-    y_b = W0 x_b + ((x_b A_table[I_b]ᵀ) ⊙ c_b) B_table[I_b]
+    y_b = W0 x_b + ((x_b A[I_b]ᵀ) ⊙ c_b) B[:, I_b]ᵀ
 
 A plain adapter is ``c = 1`` on its ranks; ``{"math": 0.7, "zh": 0.5}`` is 0.7 on math's ranks and
-0.5 on zh's (exactly the ``cat`` merge); per-token sources (LoRA-Flow gates) give ``c`` per token.
+0.5 on zh's (exactly the ``cat`` merge); rows using a learned fusion get ``c`` per token from its
+weight rule (:class:`~lorafuse.runtime.layer_input.LayerInputSource`, the same rules an attached
+stack uses).
 Two kernels, chosen per plan: *gathered* (Punica BGMV: each row multiplies only its own ranks, so
 cost follows the ranks a row uses) and *table* (one matmul over the U rows the whole batch uses,
 cheaper when few adapters are shared by many rows).
@@ -28,7 +31,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +38,8 @@ from torch import Tensor, nn
 from lorafuse.adapters.lora import LoRA
 from lorafuse.adapters.validate import check_compatible, linear_shape
 from lorafuse.errors import LorafuseError
-from lorafuse.runtime.bank import _LAYER_RE, LoRABank
-from lorafuse.runtime.functional import gathered_delta, table_delta
+from lorafuse.runtime.bank import Coefficients, LoRABank
+from lorafuse.runtime.layer_input import LayerInputSource
 
 
 @dataclass
@@ -52,14 +54,6 @@ class Allocation:
     @property
     def rank(self) -> int:
         return int(self.rows.numel())
-
-
-class CoefSource(Protocol):
-    """Per-token coefficients for some rows of a plan (LoRA-Flow gates, per-module CAT weights)."""
-
-    def coef_for(self, bank: PooledBank, x: Tensor, static: Tensor) -> Tensor | None:
-        """``(B, T, R)`` coefficients for this layer's input ``x (B, T, in)``, or ``None`` = static."""
-        ...
 
 
 @dataclass
@@ -77,7 +71,7 @@ class BatchPlan:
     position: Tensor  # (B, R) long, column of index[b, j] in ``used``
     kernel: str  # "gathered" or "table"
     version: int
-    dynamic: CoefSource | None = None
+    dynamic: LayerInputSource | None = None  # weight rules for some rows (learned fusions)
 
     @property
     def batch(self) -> int:
@@ -87,13 +81,12 @@ class BatchPlan:
     def rank(self) -> int:
         return int(self.index.shape[1])
 
-    def coefficients(self, bank: PooledBank, x: Tensor) -> Tensor:
-        """``(B, 1, R)`` or ``(B, T, R)``."""
-        if self.dynamic is not None:
-            coef = self.dynamic.coef_for(bank, x, self.coef)
-            if coef is not None:
-                return coef
-        return self.coef
+    def coefficients(self, bank: LoRABank, x: Tensor) -> Coefficients:
+        """This plan's coefficients ``(B, 1|T, R)`` for ``bank`` and the table rows they multiply."""
+        coef = self.coef if self.dynamic is None else self.dynamic.fill(bank, x, self.coef, self.owner)
+        if self.kernel == "table":
+            return Coefficients(coef, used=self.used, position=self.position, key=self.version)
+        return Coefficients(coef, rows=self.index, key=self.version)
 
 
 @dataclass
@@ -101,86 +94,6 @@ class PoolStats:
     loads: int = 0
     evictions: int = 0
     forwards: dict[str, int] = field(default_factory=lambda: {"gathered": 0, "table": 0})
-
-
-class PooledBank(nn.Module):
-    """A linear layer plus the pool's rank tables for it: ``y = base(x) + per-row LoRA deltas``."""
-
-    def __init__(self, base: nn.Module, pool: AdapterPool, path: str, rows: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        shape = linear_shape(base)
-        if shape is None:
-            raise LorafuseError(f"{path} is a {type(base).__name__}, not a linear layer")
-        self.base = base
-        self.path = path
-        device = base.weight.device
-        self.register_buffer("A_table", torch.zeros(rows, shape.in_features, dtype=dtype, device=device))
-        self.register_buffer("B_table", torch.zeros(rows, shape.out_features, dtype=dtype, device=device))
-        object.__setattr__(self, "pool", pool)
-        match = _LAYER_RE.search(f".{path}.")
-        self.layer_index: int | None = int(match.group(1)) if match else None
-        self._cached: tuple[int, Tensor, Tensor] | None = None
-
-    @property
-    def wrapped_linear(self) -> nn.Module:
-        """The base layer (for :func:`lorafuse.adapters.validate.linear_shape`)."""
-        return self.base
-
-    def extra_repr(self) -> str:
-        return f"path={self.path!r}, rows={self.A_table.shape[0]}, dtype={self.A_table.dtype}"
-
-    def resize(self, rows: int) -> None:
-        for name in ("A_table", "B_table"):
-            old = getattr(self, name)
-            new = old.new_zeros(rows, old.shape[1])
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
-        self._cached = None
-
-    def write(self, rows: Tensor, A: Tensor | None, B: Tensor | None, scale: float) -> None:
-        """Store ``s · A (r_m, in)`` and ``Bᵀ`` in ``rows`` (zeros beyond r_m, or everywhere if absent)."""
-        self.A_table[rows] = 0
-        self.B_table[rows] = 0
-        if A is not None and B is not None:
-            r = A.shape[0]
-            target = rows[:r].to(self.A_table.device)
-            self.A_table[target] = (A.float() * scale).to(self.A_table)
-            self.B_table[target] = B.float().T.to(self.B_table)
-        self._cached = None
-
-    def _factors(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
-        if self._cached is None or self._cached[0] != plan.version:
-            if plan.kernel == "table":
-                used = plan.used.to(self.A_table.device)
-                tensors = (self.A_table[used], self.B_table[used])  # (U, in), (U, out)
-            else:
-                index = plan.index.to(self.A_table.device)
-                tensors = (self.A_table[index], self.B_table[index])  # (B, R, in), (B, R, out)
-            self._cached = (plan.version, *tensors)
-        return self._cached[1], self._cached[2]
-
-    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        y = self.base(x, *args, **kwargs)
-        plan = self.pool.current
-        if plan is None:
-            return y
-        if x.ndim != 3 or x.shape[0] != plan.batch:
-            raise LorafuseError(
-                f"{self.path}: the batch plan has {plan.batch} rows but the layer input is "
-                f"{tuple(x.shape)}; set a plan for this batch (AdapterPool.use)"
-            )
-        coef = plan.coefficients(self, x).to(device=x.device, dtype=self.A_table.dtype)  # (B, 1|T, R)
-        A, B = self._factors(plan)
-        xs = x.to(self.A_table.dtype)
-        if plan.kernel == "table":
-            position = plan.position.to(x.device)  # (B, R)
-            wide = coef.new_zeros(coef.shape[0], coef.shape[1], plan.used.numel())  # (B, 1|T, U)
-            wide.scatter_add_(2, position.unsqueeze(1).expand(-1, coef.shape[1], -1), coef)
-            delta = table_delta(xs, A, B, wide)  # (B, T, out)
-        else:
-            delta = gathered_delta(xs, A, B, coef)  # (B, T, out)
-        self.pool.stats.forwards[plan.kernel] += 1
-        return y + delta.to(y.dtype)
 
 
 class AdapterPool:
@@ -203,11 +116,11 @@ class AdapterPool:
         table_max_ranks: int = 64,
         table_ratio: float = 4.0,
     ) -> None:
-        if any(isinstance(m, (LoRABank, PooledBank)) for m in model.modules()):
+        if any(isinstance(m, LoRABank) for m in model.modules()):
             raise LorafuseError("the model already has LoRA banks attached; detach them first")
         self.model = model
         self.dtype = dtype
-        self.banks: dict[str, PooledBank] = {}
+        self.banks: dict[str, LoRABank] = {}
         self.adapters: OrderedDict[str, Allocation] = OrderedDict()  # least recently used first
         self.capacity = max(2, initial_rows)
         self.free: list[int] = list(range(1, self.capacity))  # row 0 = zeros (padding)
@@ -281,8 +194,14 @@ class AdapterPool:
 
     def _wrap(self, path: str) -> None:
         base = self.model.get_submodule(path)
+        shape = linear_shape(base)
+        if shape is None:
+            raise LorafuseError(f"{path} is a {type(base).__name__}, not a linear layer")
         weight = base.weight
-        bank = PooledBank(base, self, path, self.capacity, self.dtype or weight.dtype)
+        dtype = self.dtype or weight.dtype
+        A = torch.zeros(self.capacity, shape.in_features, dtype=dtype, device=weight.device)  # (N, in)
+        B = torch.zeros(shape.out_features, self.capacity, dtype=dtype, device=weight.device)  # (out, N)
+        bank = LoRABank(base, A, B, path, self)
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, bank)
         self.banks[path] = bank
@@ -297,8 +216,22 @@ class AdapterPool:
         return self.model
 
     # -- plans ----------------------------------------------------------------------------------
+    def coefficients(self, bank: LoRABank, x: Tensor) -> Coefficients | None:
+        """The banks' source: the current plan's coefficients, ``None`` (base model) without one."""
+        plan = self.current
+        if plan is None:
+            return None
+        flat = x.ndim == 2 and x.shape[0] % plan.batch == 0
+        if not flat and (x.ndim != 3 or x.shape[0] != plan.batch):
+            raise LorafuseError(
+                f"{bank.path}: the batch plan has {plan.batch} rows but the layer input is "
+                f"{tuple(x.shape)}; set a plan for this batch (AdapterPool.use)"
+            )
+        self.stats.forwards[plan.kernel] += 1
+        return plan.coefficients(bank, x)
+
     def plan(
-        self, rows: Sequence[Sequence[tuple[str, float]]], dynamic: CoefSource | None = None
+        self, rows: Sequence[Sequence[tuple[str, float]]], dynamic: LayerInputSource | None = None
     ) -> BatchPlan:
         """A plan for a batch whose row b uses adapters ``rows[b] = [(key, weight), ...]``.
 
@@ -345,8 +278,16 @@ class _UsePlan:
 
     def __enter__(self) -> BatchPlan | None:
         self.previous = self.pool.current
-        self.pool.current = self.plan
+        self._switch(self.previous, self.plan)
         return self.plan
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.current = self.previous
+        self._switch(self.plan, self.previous)
+
+    def _switch(self, old: BatchPlan | None, new: BatchPlan | None) -> None:
+        """Make ``new`` current; only the current plan's weight rules listen to forward passes."""
+        if old is not None and old.dynamic is not None:
+            old.dynamic.enabled = False
+        if new is not None and new.dynamic is not None:
+            new.dynamic.enabled = True
+        self.pool.current = new

@@ -36,10 +36,10 @@ from transformers import DynamicCache
 from lorafuse._checks import check_number
 from lorafuse._data import decode
 from lorafuse.errors import LorafuseError
-from lorafuse.fusion.flow import decoder_layers
+from lorafuse.runtime import LayerInputSource
 from lorafuse.runtime.pool import AdapterPool, Allocation, BatchPlan
 from lorafuse.serve.compose import Composition, RequestError, public_text
-from lorafuse.serve.dynamic import FusionRows
+from lorafuse.serve.dynamic import fusion_rows
 
 log = logging.getLogger("lorafuse.serve")
 
@@ -173,7 +173,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._layers: nn.ModuleList | None = None
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -185,7 +184,7 @@ class Engine:
         self._mask: Tensor | None = None  # (B, L) 1 = real token
         self._positions: Tensor | None = None  # (B,) position id of the next token
         self._last: Tensor | None = None  # (B,) last token of each row
-        self._plan_rows: FusionRows | None = None
+        self._plan_rows: LayerInputSource | None = None
         self._plan: BatchPlan | None = None
         self.steps = 0
 
@@ -340,13 +339,10 @@ class Engine:
             allocation = self.pool.touch(part.key)
             allocation.refs += 1
             request.allocations.append(allocation)
-        fusion = request.composition.fusion
-        if fusion is not None and fusion.method == "lora-flow" and self._layers is None:
-            self._layers = decoder_layers(self.model, list(self.pool.banks))
         if request.params.seed is not None:
             request.generator = torch.Generator().manual_seed(request.params.seed)
 
-    def _make_plan(self, rows: Sequence[Request]) -> tuple[BatchPlan | None, FusionRows | None]:
+    def _make_plan(self, rows: Sequence[Request]) -> tuple[BatchPlan | None, LayerInputSource | None]:
         """The pool plan for ``rows`` and, when some use learned fusions, their hooks (installed)."""
         if not any(r.composition.parts for r in rows):
             return None, None  # every row is the base model
@@ -358,9 +354,8 @@ class Engine:
                 groups.setdefault(key, (r.composition.fusion, []))[1].append(b)
         if not groups:
             return plan, None
-        fusion_rows = FusionRows(list(groups.values()), plan.owner).install(self._layers)
-        plan.dynamic = fusion_rows
-        return plan, fusion_rows
+        plan.dynamic = fusion_rows(self.model, list(groups.values()))
+        return plan, plan.dynamic
 
     def _set_batch_plan(self) -> None:
         if self._plan_rows is not None:
@@ -375,7 +370,7 @@ class Engine:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L)
-        plan, fusion_rows = self._make_plan(requests)
+        plan, rows_source = self._make_plan(requests)
         try:
             with self.pool.use(plan):
                 out = self.model(
@@ -387,8 +382,8 @@ class Engine:
                     logits_to_keep=1,
                 )
         finally:
-            if fusion_rows is not None:
-                fusion_rows.remove()
+            if rows_source is not None:
+                rows_source.remove()
         tokens = self._sample(out.logits[:, -1], requests)  # (n,)
         start = len(self.rows)
         self._merge(requests, out.past_key_values, mask, mask.sum(-1), tokens.to(self.device))
@@ -542,7 +537,7 @@ class Engine:
         if isinstance(exc, RequestError):
             request.emit(Event("error", text=exc.message, status=exc.status))
         else:
-            log.warning("request %s failed: %s: %s", request.id, type(exc).__name__, exc)
+            log.warning("request %s failed: %s: %s", request.id, type(exc).__name__, exc, exc_info=exc)
             text = f"internal error while generating ({type(exc).__name__}: {public_text(str(exc))})"
             request.emit(Event("error", text=text, status=500))
         self.metrics.finished(request, "error")

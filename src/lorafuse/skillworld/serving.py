@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, load_compressed
 from lorafuse.eval.generate import generate
 from lorafuse.fusion.artefact import Fusion, adapter_hashes, load_fusion, save_fusion
-from lorafuse.fusion.flow import decoder_layers, hidden_size_of
+from lorafuse.fusion.flow import hidden_size_of
 from lorafuse.fusion.gate import GateConfig
 from lorafuse.runtime import attach, detach
 
@@ -69,7 +70,7 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
 
     first, second = "rand0", "rand1"
     handle = attach(model, {first: load_lora(out / first), second: load_lora(out / second)})
-    layers = len(decoder_layers(model, list(handle.banks)))
+    layers = len(find_decoder_layers(model)[1])
     paths = list(handle.banks)
     detach(model)
     hidden = hidden_size_of(model)

@@ -328,7 +328,7 @@ def _gate_mean(
     banks: dict[str, Any], rows: list[dict[str, str]], model: torch.nn.Module, tokenizer: Any
 ) -> list[list[float]]:
     """Mean LoRA-Flow weights per layer ``(layers, k)`` over the dev sequences (teacher-forced)."""
-    source = next(iter(banks.values())).source
+    source = getattr(next(iter(banks.values())).source, "rule", None)
     assert isinstance(source, LoRAFlow)
     source.record = []
     batch = collate(encode_examples(tokenizer, rows), tokenizer.pad_token_id)

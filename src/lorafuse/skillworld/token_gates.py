@@ -40,7 +40,7 @@ def token_gate_means(
     banks: dict[str, Any], rows: list[dict[str, str]], model: torch.nn.Module, tokenizer: Any
 ) -> dict[str, Any]:
     """Mean LoRA-Flow weights per layer on the answer tokens of ``rows``, by token kind."""
-    source = next(iter(banks.values())).source
+    source = getattr(next(iter(banks.values())).source, "rule", None)
     if not isinstance(source, LoRAFlow):
         raise TypeError("token_gate_means needs a LoRA-Flow fusion attached")
     batch = collate(encode_examples(tokenizer, rows), tokenizer.pad_token_id)
