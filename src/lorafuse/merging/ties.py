@@ -14,8 +14,10 @@ Settings of one method, not copies (mergekit's view). Per module, with ``τ_i = 
 
 The maths is :mod:`lorafuse.merging.functional`. With ``convention="peft"`` steps 1–2 equal
 PEFT's ``merge_utils`` (``ties``, ``dare_ties``, ...); with ``convention="mergekit"`` they equal
-mergekit 0.1.5's ``ties`` / ``dare_ties`` with ``normalize: true`` — both on ``ΔW``, not on ``A``
-and ``B`` separately.
+mergekit 0.1.5's ``ties`` (and its sign election and normalized merge for ``dare_ties`` with
+``normalize: true``; its DARE draws differ: it rescales the kept entries to ``τ_i``'s L1 norm,
+not by ``1/density``) — both on ``ΔW``, not on ``A`` and ``B`` separately. Measured against both
+peers by ``bench/mergekit_parity.py``.
 """
 
 from __future__ import annotations
