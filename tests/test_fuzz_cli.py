@@ -47,7 +47,7 @@ CASES: list[tuple[str, str, str]] = [
         "--dtype must be one of float32, float16, bfloat16; got 'int8'",
     ),
     ("merge-dtype-bogus", MERGE + " -m linear --dtype bogus", "--dtype must be one of float32"),
-    ("merge-method-bogus", MERGE + " -m bogus", "--method must be one of cat, dare_linear"),
+    ("merge-method-bogus", MERGE + " -m bogus", "--method must be one of cat, dare-linear"),
     ("merge-rank-0", MERGE + " -m svd --rank 0", "--rank must be ≥ 1"),
     ("merge-rank-negative", MERGE + " -m svd --rank -3", "--rank must be ≥ 1"),
     (

@@ -28,6 +28,7 @@ BOTTOM = {
     "_data",
     "_checks",
     "_layers",
+    "_registry",
 }  # shared by every layer, import nothing of lorafuse themselves
 PURE_MATHS = [
     "adapters/lora.py",
@@ -37,6 +38,8 @@ PURE_MATHS = [
     "fusion/controls.py",
     "route/functional.py",
     "route/arrow.py",
+    "merging/functional.py",
+    "merging/factored.py",
     *(f"compress/{name}.py" for name in ("packing", "quantize", "budget", "types", "calibrate")),
     *(f"compress/{name}.py" for name in ("deltacome", "lowrank", "bitdelta", "rtn", "registry", "distill")),
 ]

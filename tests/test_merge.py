@@ -18,7 +18,7 @@ from lorafuse.merging import MERGE_METHODS, RecipeError, load_recipe, merge
 from lorafuse.merging.factored import randomized_svd, truncate_factors
 
 OUT, IN = 24, 20
-SPARSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+SPARSE = ("ties", "dare-linear", "dare-ties", "magnitude-prune")
 
 
 def random_lora(
@@ -84,7 +84,7 @@ def test_randomized_svd_matches_exact_on_low_rank_plus_noise() -> None:
     torch.testing.assert_close(s, torch.linalg.svdvals(m)[:6], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
+@pytest.mark.parametrize("method", ["ties", "magnitude-prune"])
 @pytest.mark.parametrize("sign_method", ["total", "frequency"])
 def test_sparse_methods_equal_peft_dense_reference(method: str, sign_method: str) -> None:
     loras = [random_lora(1, 4), random_lora(2, 6)]
@@ -110,7 +110,7 @@ def test_dare_is_unbiased_and_keeps_density() -> None:
     loras = [random_lora(1, 4), random_lora(2, 6)]
     want = exact_sum(loras, [1.0, 0.5])
     runs = [
-        merge(loras, "dare_linear", [1.0, 0.5], rank=20, density=0.3, seed=s, progress=False)["m.0.q"].delta()
+        merge(loras, "dare-linear", [1.0, 0.5], rank=20, density=0.3, seed=s, progress=False)["m.0.q"].delta()
         for s in range(300)
     ]
     # per entry the std of one run is |τ|·√((1−p)/p) ≈ 1.53|τ|: ≈ 0.09 relative after 300 runs;
@@ -120,15 +120,15 @@ def test_dare_is_unbiased_and_keeps_density() -> None:
     kept = torch.stack([(r.abs() > 1e-4).float().mean() for r in runs]).mean().item()
     assert kept == pytest.approx(1 - 0.7**2, abs=0.02)  # union of two Bernoulli(0.3) masks
     assert not torch.equal(runs[0], runs[1])
-    again = merge(loras, "dare_linear", [1.0, 0.5], rank=20, density=0.3, seed=0, progress=False)
+    again = merge(loras, "dare-linear", [1.0, 0.5], rank=20, density=0.3, seed=0, progress=False)
     assert torch.equal(
         again["m.0.q"].A,
-        merge(loras, "dare_linear", [1.0, 0.5], rank=20, density=0.3, seed=0, progress=False)["m.0.q"].A,
+        merge(loras, "dare-linear", [1.0, 0.5], rank=20, density=0.3, seed=0, progress=False)["m.0.q"].A,
     )
 
 
 def test_dare_ties_at_density_one_is_ties() -> None:
-    a = merge(LORAS, "dare_ties", WEIGHTS, rank=20, density=1.0, progress=False)["m.0.q"].delta()
+    a = merge(LORAS, "dare-ties", WEIGHTS, rank=20, density=1.0, progress=False)["m.0.q"].delta()
     b = merge(LORAS, "ties", WEIGHTS, rank=20, density=1.0, progress=False)["m.0.q"].delta()
     assert rel_err(a, b) < 1e-5
 

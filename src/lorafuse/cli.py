@@ -109,10 +109,14 @@ def inspect(
         raise typer.Exit(2)
 
 
-def _merge_methods() -> list[str]:
+def _merge_method(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """``--method``: a merge method's canonical name; old spellings (``dare_ties``) are accepted."""
+    from lorafuse.cli_options import check_choice, flag_of
     from lorafuse.merging import MERGE_METHODS
 
-    return sorted(MERGE_METHODS)
+    if value is None or ctx.resilient_parsing:
+        return value
+    return check_choice(MERGE_METHODS.aliases().get(value, value), flag_of(param), MERGE_METHODS.names())
 
 
 def _profiles() -> list[str]:
@@ -138,8 +142,8 @@ def merge(
         typer.Option(
             "--method",
             "-m",
-            help="cat | linear | svd | ties | dare_linear | dare_ties | magnitude_prune | lego.",
-            callback=choice(_merge_methods),
+            help="cat | linear | svd | ties | dare-linear | dare-ties | magnitude-prune | lego.",
+            callback=_merge_method,
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output PEFT folder.")] = None,
@@ -154,11 +158,11 @@ def merge(
         ),
     ] = None,
     density: Annotated[
-        float | None, typer.Option(help="Fraction of each ΔW kept (ties, dare_*, magnitude_prune).")
+        float | None, typer.Option(help="Fraction of each ΔW kept (ties, dare-*, magnitude-prune).")
     ] = None,
     majority_sign_method: Annotated[
         str | None,
-        typer.Option(help="total | frequency (ties, dare_ties).", callback=choice(("total", "frequency"))),
+        typer.Option(help="total | frequency (ties, dare-ties).", callback=choice(("total", "frequency"))),
     ] = None,
     settings: Annotated[
         list[str] | None,

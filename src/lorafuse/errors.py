@@ -45,3 +45,7 @@ class OutputPathError(LorafuseError, ValueError):
 
 class OutputExistsError(LorafuseError, FileExistsError):
     """The output exists (or is not a folder) and replacing it was not asked for (``--force``)."""
+
+
+class UnknownMethodError(LorafuseError, ValueError):
+    """A method, routing kind or other registered name that no registry holds."""

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lorafuse.compress.lowrank import NoParams
 from lorafuse.compress.packing import packed_nbytes
-from lorafuse.compress.registry import CompressMethod, register
+from lorafuse.compress.registry import CompressMethod, NoParams, register
 from lorafuse.compress.types import SignDelta
 from lorafuse.errors import BudgetError
 
@@ -34,10 +33,11 @@ def compress_bitdelta(
 
 BITDELTA = register(
     CompressMethod(
-        "bitdelta",
-        compress_bitdelta,
-        NoParams,
-        "sign(ΔW) × one scale per matrix (α = mean|ΔW|); fixed 1 bit per weight",
+        name="bitdelta",
+        paper="Liu et al. 2024, BitDelta: Your Fine-Tune May Only Be Worth One Bit, arXiv:2402.10193",
+        fn=compress_bitdelta,
+        params=NoParams,
+        summary="sign(ΔW) × one scale per matrix (α = mean|ΔW|); fixed 1 bit per weight",
         factored=False,
         uses_calibration=False,
     )

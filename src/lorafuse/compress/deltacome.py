@@ -129,10 +129,12 @@ def _quantized(
 
 DELTA_COME = register(
     CompressMethod(
-        "delta-come",
-        compress_delta_come,
-        DeltaCoMeParams,
-        "SVD; singular vectors in mixed-precision segments (8/3/2 bits), GPTQ on calibration inputs; "
+        name="delta-come",
+        paper="Ping et al. 2024, Delta-CoMe: Training-Free Delta-Compression with Mixed-Precision for "
+        "Large Language Models, arXiv:2406.08903",
+        fn=compress_delta_come,
+        params=DeltaCoMeParams,
+        summary="SVD; singular vectors in mixed-precision segments (8/3/2 bits), GPTQ on calibration inputs; "
         "by default the schedule (or fp16 low-rank) of least output error per module",
         factored=True,
         uses_calibration=True,

@@ -9,13 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorafuse.compress.registry import CompressMethod, Params, register
+from lorafuse.compress.registry import CompressMethod, NoParams, register
 from lorafuse.compress.types import HalfFactors
 from lorafuse.errors import BudgetError
-
-
-class NoParams(Params):
-    """A method without settings."""
 
 
 def compress_low_rank(
@@ -48,10 +44,11 @@ def truncate(
 
 LOW_RANK = register(
     CompressMethod(
-        "low-rank",
-        compress_low_rank,
-        NoParams,
-        "fp16 truncated SVD with as many ranks as the budget holds",
+        name="low-rank",
+        paper="Ping et al. 2024, Delta-CoMe (its low-rank baseline), arXiv:2406.08903",
+        fn=compress_low_rank,
+        params=NoParams,
+        summary="fp16 truncated SVD with as many ranks as the budget holds",
         factored=True,
         uses_calibration=False,
     )

@@ -1,4 +1,4 @@
-"""The explicit registry of delta-compression methods and their one shared signature.
+"""The registry of delta-compression methods and their one shared signature.
 
 Every method compresses one linear layer's delta at a time::
 
@@ -14,45 +14,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from lorafuse._registry import FrozenParams, NoParams, Registry
 from lorafuse.compress.types import CompressedModule
 from lorafuse.errors import CompressError
 
-CompressFn = Callable[[Tensor, "Tensor | None", int, BaseModel, str], CompressedModule]
+__all__ = ["COMPRESS_METHODS", "CompressFn", "CompressMethod", "NoParams", "Params", "get_method", "register"]
+
+CompressFn = Callable[[Tensor, "Tensor | None", int, FrozenParams, str], CompressedModule]
+
+Params = FrozenParams  # base of every method's settings: frozen, unknown keys refused
 
 
-class Params(BaseModel):
-    """Base of every method's settings: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompressMethod:
+    """One compression method: its name, source, settings and the per-module compressor."""
+
     name: str
+    paper: str  # citation; empty for a baseline without one
     fn: CompressFn
-    params: type[Params]
+    params: type[FrozenParams]
     summary: str
     factored: bool  # served as a low-rank adapter (B A) without forming ΔW
     uses_calibration: bool
 
 
-COMPRESS_METHODS: dict[str, CompressMethod] = {}
-
-
-def register(method: CompressMethod) -> CompressMethod:
-    if method.name in COMPRESS_METHODS:
-        raise ValueError(f"compression method {method.name!r} is registered twice")
-    COMPRESS_METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> CompressMethod:
-    try:
-        return COMPRESS_METHODS[name]
-    except KeyError:
-        raise CompressError(
-            f"unknown compression method {name!r}; choose one of {sorted(COMPRESS_METHODS)}"
-        ) from None
+COMPRESS_METHODS: Registry[CompressMethod] = Registry("compression method", error=CompressError)
+register = COMPRESS_METHODS.register
+get_method = COMPRESS_METHODS.get

@@ -36,10 +36,11 @@ def compress_rtn(
 
 RTN = register(
     CompressMethod(
-        "rtn",
-        compress_rtn,
-        RTNParams,
-        "round-to-nearest of the dense ΔW at ⌊16·ratio⌋ bits, per-row scale and zero point",
+        name="rtn",
+        paper="",
+        fn=compress_rtn,
+        params=RTNParams,
+        summary="round-to-nearest of the dense ΔW at ⌊16·ratio⌋ bits, per-row scale and zero point",
         factored=False,
         uses_calibration=False,
     )

@@ -21,6 +21,15 @@ from lorafuse.adapters.lora import LoRA, LoRAModule
 from lorafuse.merging.registry import get_method
 
 
+def module_generator(seed: int, path: str) -> torch.Generator:
+    """The generator of one module's random draws (DARE's masks, the randomized SVD, k-means).
+
+    Seeded by ``seed`` and the module path only, so a module's result does not depend on which
+    other modules are merged or in what order.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+
+
 def _check_inputs(loras: Sequence[LoRA], union: bool, allow_different_bases: bool) -> list[str]:
     names = [lo.name or f"lora{i}" for i, lo in enumerate(loras)]
     bases = {lo.base_model for lo in loras if lo.base_model}
@@ -72,21 +81,23 @@ def merge(
 
     Args:
         loras: the adapters (a list, or ``{name: LoRA}``).
-        method: ``cat``, ``linear``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``,
-            ``magnitude_prune`` or ``lego``.
+        method: ``cat``, ``linear``, ``svd``, ``ties``, ``dare-linear``, ``dare-ties``,
+            ``magnitude-prune`` or ``lego`` (the underscore spellings ``dare_ties``, ... and
+            ``task_arithmetic`` for ``linear`` are accepted; the canonical name is recorded).
         weights: one weight per LoRA (default all 1); any sign.
         rank: output rank ``K`` (default: ``Σ r_i`` for ``cat``, the exact rank for ``linear``,
             ``max r_i`` otherwise).
         union: merge LoRAs that adapt different modules (missing = zero).
         seed: seeds DARE's masks, the randomized SVD and k-means (per module, order-free).
         dtype: dtype of the merged factors (default: the inputs' dtype).
-        **params: the method's settings (``density``, ``majority_sign_method``, ``n_init``, ...),
-            validated against its pydantic model.
+        **params: the method's settings (``density``, ``majority_sign_method``, ``convention``,
+            ``n_init``, ...), validated against its pydantic model.
     """
     lora_list = list(loras.values()) if isinstance(loras, Mapping) else list(loras)
     if not lora_list:
         raise ValueError("merge needs at least one LoRA")
     spec = get_method(method)
+    method = spec.name  # canonical spelling, whatever alias was given
     settings = spec.params(**params)
     weights = [1.0] * len(lora_list) if weights is None else list(weights)
     if len(weights) != len(lora_list):
@@ -113,7 +124,7 @@ def merge(
             for lo, w in zip(lora_list, weights, strict=True)
             if path in lo.modules
         ]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+        generator = module_generator(seed, path)
         b, a = spec.fn(
             [(A, B, s) for A, B, s, _ in present],
             [w for *_, w in present],

@@ -27,4 +27,13 @@ def merge_cat(
     return stack_weighted(factors, weights)
 
 
-CAT = register(MergeMethod("cat", merge_cat, NoParams, "exact concatenation of ranks (Σ r_i)", exact=True))
+CAT = register(
+    MergeMethod(
+        name="cat",
+        paper="",
+        fn=merge_cat,
+        params=NoParams,
+        summary="exact concatenation of ranks (Σ r_i); not the learned CAT weights of fusion",
+        exact=True,
+    )
+)

@@ -22,14 +22,14 @@ import math
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from lorafuse._registry import FrozenParams
 from lorafuse.merging.registry import FactorTriple, MergeMethod, register
 
 
-class LegoParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class LegoParams(FrozenParams):
     n_init: int = Field(10, ge=1, description="k-means restarts (best inertia kept)")
     max_iter: int = Field(300, ge=1)
     parameter_reweighting: bool = True
@@ -106,5 +106,13 @@ def merge_lego(
 
 
 LEGO = register(
-    MergeMethod("lego", merge_lego, LegoParams, "LoRA-LEGO: k-means over rank-1 units", exact=False)
+    MergeMethod(
+        name="lego",
+        paper="Zhao et al. 2024, Merging LoRAs like Playing LEGO: Enhancing the Modularity of LoRA "
+        "with Rank-Wise Clustering, arXiv:2409.16167",
+        fn=merge_lego,
+        params=LegoParams,
+        summary="LoRA-LEGO: k-means over rank-1 units",
+        exact=False,
+    )
 )

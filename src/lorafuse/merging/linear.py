@@ -1,4 +1,4 @@
-"""``linear`` / task arithmetic: ``ΔW = Σ w_i s_i B_i A_i`` (Ilharco et al., 2023).
+"""``linear`` / task arithmetic: ``ΔW = Σ w_i s_i B_i A_i`` (Ilharco et al. 2023, arXiv:2212.04089).
 
 Unlike PEFT's ``linear``, which mixes ``A`` and ``B`` separately and so adds cross terms
 ``B_i A_j`` (PEFT issue 3004), this is exact for any signs. Without a rank it is the exact sum at
@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from lorafuse._registry import FrozenParams
 from lorafuse.merging.factored import factored_svd, split_svd, stack_weighted
 from lorafuse.merging.registry import FactorTriple, MergeMethod, register
 
 
-class LinearParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class LinearParams(FrozenParams):
     tol: float = Field(
         1e-6, ge=0.0, allow_inf_nan=False, description="relative singular-value cut-off for the exact rank"
     )
@@ -39,5 +39,13 @@ def merge_linear(
 
 
 LINEAR = register(
-    MergeMethod("linear", merge_linear, LinearParams, "task arithmetic Σ w_i ΔW_i, exact", exact=True)
+    MergeMethod(
+        name="linear",
+        paper="Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv:2212.04089",
+        fn=merge_linear,
+        params=LinearParams,
+        summary="task arithmetic Σ w_i ΔW_i, exact",
+        exact=True,
+    ),
+    aliases=("task-arithmetic", "task_arithmetic"),
 )

@@ -9,13 +9,14 @@
       - adapter: adapters/zh
         weight: 0.5
     rank: 16
-    parameters: {density: 0.5, majority_sign_method: total}
+    parameters: {density: 0.5, majority_sign_method: total, convention: peft}
     union: false
     seed: 0
     dtype: bfloat16        # optional; default the inputs' dtype
     out: merged/math-zh    # optional; --out overrides
 
-Relative adapter paths are taken from the recipe file's folder.
+Relative adapter paths are taken from the recipe file's folder. ``merge_method`` takes the
+canonical names (``dare-ties``) and the underscore spellings of older recipes (``dare_ties``).
 """
 
 from __future__ import annotations
@@ -95,8 +96,7 @@ class MergeRecipe(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        get_method(name)  # raises on an unknown method
-        return name
+        return get_method(name).name  # raises on an unknown method; an old spelling becomes canonical
 
     @field_validator("parameters")
     @classmethod

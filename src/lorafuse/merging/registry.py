@@ -1,4 +1,4 @@
-"""The explicit registry of merge methods and their one shared signature.
+"""The registry of merge methods and their one shared signature.
 
 Every method merges one module at a time::
 
@@ -7,6 +7,9 @@ Every method merges one module at a time::
 ``factors`` is a list of ``(A_i, B_i, s_i)`` (the LoRAs that have this module), ``weights`` the
 matching ``w_i``, ``rank`` the requested output rank (``None`` = the method's default), ``params``
 the method's validated pydantic settings. The merged module is ``ΔW = B A`` (scale 1).
+
+Names are hyphenated (``dare-ties``, ``magnitude-prune``); the underscore spellings of earlier
+recipes and saved metadata (``dare_ties``) still resolve.
 """
 
 from __future__ import annotations
@@ -15,43 +18,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
+
+from lorafuse._registry import FrozenParams, NoParams, Registry
+
+__all__ = ["MERGE_METHODS", "FactorTriple", "MergeFn", "MergeMethod", "NoParams", "get_method", "register"]
 
 FactorTriple = tuple[Tensor, Tensor, float]  # (A (r, in), B (out, r), scale)
 MergeFn = Callable[
-    [Sequence[FactorTriple], Sequence[float], "int | None", BaseModel, torch.Generator],
+    [Sequence[FactorTriple], Sequence[float], "int | None", FrozenParams, torch.Generator],
     tuple[Tensor, Tensor],
 ]
 
 
-class NoParams(BaseModel):
-    """A method without settings."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeMethod:
+    """One merge method: its name, source, settings and the function that merges one module."""
+
     name: str
+    paper: str  # citation; empty for a baseline without one
     fn: MergeFn
-    params: type[BaseModel]
+    params: type[FrozenParams]
     summary: str
     exact: bool  # the result equals Σ w_i ΔW_i exactly (no rank reduction, no sparsification)
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name in MERGE_METHODS:
-        raise ValueError(f"merge method {method.name!r} is registered twice")
-    MERGE_METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> MergeMethod:
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; choose one of {sorted(MERGE_METHODS)}") from None
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+register = MERGE_METHODS.register
+get_method = MERGE_METHODS.get

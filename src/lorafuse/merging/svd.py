@@ -28,5 +28,13 @@ def merge_svd(
 
 
 SVD = register(
-    MergeMethod("svd", merge_svd, NoParams, "best rank-K approximation of Σ w_i ΔW_i", exact=False)
+    MergeMethod(
+        name="svd",
+        paper="Eckart & Young 1936, The approximation of one matrix by another of lower rank, "
+        "Psychometrika 1(3)",
+        fn=merge_svd,
+        params=NoParams,
+        summary="best rank-K approximation of Σ w_i ΔW_i",
+        exact=False,
+    )
 )

@@ -1,6 +1,6 @@
 """The ReMix router: equal fixed weights ``1/k`` on the selected experts, an RLOO-trained policy.
 
-ReMix (2026; "mixture of LoRAs with reinforcement routing"): the router is a policy over k-subsets
+ReMix (Qiu et al. 2026, arXiv:2603.10160): the router is a policy over k-subsets
 of the n experts; the selected experts get non-learnable weights ``1/k`` (so the router gets no
 gradient from the language loss); it is trained with the REINFORCE leave-one-out estimator.
 Per example, ``M`` selections are sampled (every token, every layer; Gumbel-top-k, i.e.
@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lorafuse._registry import NoParams
 from lorafuse.route.functional import (
     equal_weights,
     gumbel_topk,
@@ -36,6 +37,12 @@ from lorafuse.route.router import RouterSource, register
 
 class RemixRouting:
     name = "remix"
+    paper = (
+        "Qiu et al. 2026, ReMix: Reinforcement Routing for Mixtures of LoRAs in LLM Finetuning, "
+        "arXiv:2603.10160"
+    )
+    params = NoParams  # top-k and the number of samples are the mixture's settings
+    summary = "equal fixed weights 1/k on the top-k experts, router trained by RLOO"
     detach_input = True
 
     def route(self, source: RouterSource, layer: int, logits: Tensor) -> Tensor:

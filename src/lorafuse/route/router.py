@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from lorafuse._registry import FrozenParams, Registry
 from lorafuse.errors import LorafuseError
 from lorafuse.runtime import ForwardCall, LayerInputSource, Reads
 
@@ -28,6 +29,9 @@ class RoutingKind(Protocol):
     """How router logits become bank weights; one implementation per method."""
 
     name: str
+    paper: str  # citation of the method
+    params: type[FrozenParams]
+    summary: str
     detach_input: bool  # True: the router sees sg(x) (a policy trained by score functions)
 
     def route(self, source: RouterSource, layer: int, logits: Tensor) -> Tensor:
@@ -35,12 +39,8 @@ class RoutingKind(Protocol):
         ...
 
 
-ROUTINGS: dict[str, RoutingKind] = {}
-
-
-def register(kind: RoutingKind) -> RoutingKind:
-    ROUTINGS[kind.name] = kind
-    return kind
+ROUTINGS: Registry[RoutingKind] = Registry("router")
+register = ROUTINGS.register
 
 
 class Router(nn.Module):
@@ -48,8 +48,7 @@ class Router(nn.Module):
 
     def __init__(self, kind: str, num_layers: int, hidden_size: int, n: int, k: int, *, seed: int = 0):
         super().__init__()
-        if kind not in ROUTINGS:
-            raise LorafuseError(f"unknown router {kind!r}; choose one of {sorted(ROUTINGS)}")
+        kind = ROUTINGS.canonical(kind)  # an unknown kind: one error listing the choices
         if not 1 <= k <= n:
             raise LorafuseError(f"top-k must be between 1 and the number of experts {n}, got {k}")
         self.kind, self.n, self.k = kind, n, k

@@ -11,12 +11,18 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from lorafuse._registry import NoParams
 from lorafuse.route.functional import load_balance_loss, softmax_topk_weights
 from lorafuse.route.router import RouterSource, register
 
 
 class SoftmaxRouting:
     name = "softmax"
+    paper = (
+        "Li et al. 2024, MixLoRA, arXiv:2404.15159; Fedus et al. 2021, Switch Transformers, arXiv:2101.03961"
+    )
+    params = NoParams  # top-k and the balance weight are the mixture's settings
+    summary = "learned softmax weights over the top-k experts, load-balancing loss"
     detach_input = False
 
     def route(self, source: RouterSource, layer: int, logits: Tensor) -> Tensor:
