@@ -74,3 +74,51 @@ def test_tensor_maths_imports_no_transformers(relative: str) -> None:
     modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {m for m in modules if m.split(".")[0] in {"transformers", "peft"}}
+
+
+def _classes(path: Path) -> list[ast.ClassDef]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)]
+
+
+def _calls_self_base(cls: ast.ClassDef) -> bool:
+    """The class calls ``self.base(...)``: it wraps a layer and adds to its output."""
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "base"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+        for node in ast.walk(cls)
+    )
+
+
+def test_one_bank_module_class() -> None:
+    """Exactly one module wraps a base layer and adds LoRA deltas: ``runtime.bank.LoRABank``."""
+    wrappers = [
+        f"{path.relative_to(SRC)}:{cls.name}"
+        for path in SRC.rglob("*.py")
+        for cls in _classes(path)
+        if _calls_self_base(cls)
+    ]
+    assert wrappers == ["runtime/bank.py:LoRABank"]
+
+
+@pytest.mark.parametrize("layer", ["fusion", "route", "serve"])
+def test_weight_rules_install_no_hooks_of_their_own(layer: str) -> None:
+    """Layer-input hooks live in ``runtime/layer_input.py``; methods implement only weight rules."""
+    for path in (SRC / layer).rglob("*.py"):
+        assert "register_forward_pre_hook" not in path.read_text(), path.relative_to(SRC)
+
+
+def test_serve_holds_no_gate_maths() -> None:
+    """Serving weights fusion rows with the fusion's own rule: no gates, no CAT softmax in serve/."""
+    for path in (SRC / "serve").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not ({"gate_weights", "FlowGates", "CatWeights", "LoRAFlow"} & (names | imported)), path
+        modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in modules if m.startswith(("lorafuse.fusion.gate", "lorafuse.fusion.flow"))}, (
+            path
+        )
