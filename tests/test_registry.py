@@ -16,11 +16,13 @@ from lorafuse._registry import CANONICAL, FrozenParams, NoParams, Registry
 from lorafuse.cli import app
 from lorafuse.compress import COMPRESS_METHODS
 from lorafuse.errors import CompressError, LorafuseError, UnknownMethodError
+from lorafuse.fusion import FUSION_METHODS, WEIGHTINGS, FuseSettings, LoRAFlowParams, LoraHubParams
 from lorafuse.merging import MERGE_METHODS, get_method, load_recipe, merge
 from lorafuse.route import ROUTINGS
 from lorafuse.route.router import Router
 
-BASELINES = {"cat", "magnitude-prune", "rtn"}  # no paper of their own
+BASELINES = {"cat", "magnitude-prune", "rtn", "average", "static"}  # no paper of their own
+FAMILIES = [MERGE_METHODS, COMPRESS_METHODS, ROUTINGS, FUSION_METHODS, WEIGHTINGS]
 
 
 class Settings(FrozenParams):
@@ -84,7 +86,7 @@ def test_frozen_params_are_frozen_and_refuse_unknown_keys() -> None:
         NoParams(density=0.5)  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize("registry", [MERGE_METHODS, COMPRESS_METHODS, ROUTINGS], ids=lambda r: r.kind)
+@pytest.mark.parametrize("registry", FAMILIES, ids=lambda r: r.kind)
 def test_every_entry_has_a_canonical_name_paper_and_frozen_settings(registry: Registry) -> None:
     assert len(registry) >= 2
     for name, entry in registry.items():
@@ -112,6 +114,14 @@ def test_the_families_names_and_errors() -> None:
     ]
     assert COMPRESS_METHODS.names() == ["bitdelta", "delta-come", "low-rank", "rtn"]
     assert ROUTINGS.names() == ["remix", "softmax"]
+    assert FUSION_METHODS.names() == ["average", "cat-weights", "lora-flow", "lorahub"]
+    assert WEIGHTINGS.names() == ["cat-weights", "lora-flow", "static"]
+    assert FUSION_METHODS.aliases() == {
+        "cat": "cat-weights",
+        "cat_weights": "cat-weights",
+        "lora_flow": "lora-flow",
+    }
+    assert {m.stores for m in FUSION_METHODS.values()} == set(WEIGHTINGS)  # every learned kind is stored
     assert MERGE_METHODS.aliases() == {
         "dare_linear": "dare-linear",
         "dare_ties": "dare-ties",
@@ -189,3 +199,19 @@ def test_cli_takes_old_spellings_and_lists_only_canonical_names(
         bogus.exception
     )
     assert "dare_" not in runner.invoke(app, ["merge", "--help"]).output
+
+
+def test_fusion_settings_pick_the_method_and_its_params() -> None:
+    """The flat :class:`FuseSettings` resolve to one registered method and its frozen settings."""
+    flow = FuseSettings(granularity="module", temperature=2.0, start=None)
+    assert flow.method_params() == LoRAFlowParams(granularity="module", temperature=2.0, start=None)
+    assert FuseSettings(method="cat").entry is FUSION_METHODS["cat-weights"]
+    assert FuseSettings(method="cat").train_config().lr == 1e-2  # CAT's own default budget
+    assert FuseSettings(method="lorahub").method_params() == LoraHubParams()
+    assert FuseSettings(method="average").method_params() == NoParams()
+    with pytest.raises(ValidationError, match="temperature"):
+        FuseSettings(temperature=0.0).method_params()
+    with pytest.raises(
+        UnknownMethodError, match="unknown fusion method 'flow'; choose one of average, cat-weights"
+    ):
+        _ = FuseSettings(method="flow").entry  # type: ignore[arg-type]

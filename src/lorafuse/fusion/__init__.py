@@ -12,21 +12,29 @@ from lorafuse.fusion.api import (
     fuse,
     train_fresh_lora,
 )
-from lorafuse.fusion.artefact import Fusion, FusionFormatError, load_fusion, save_fusion
+from lorafuse.fusion.artefact import WEIGHTINGS, Fusion, FusionFormatError, load_fusion, save_fusion
 from lorafuse.fusion.cat_weights import CatWeights
 from lorafuse.fusion.controls import random_like
 from lorafuse.fusion.flow import LoRAFlow, flow_for
 from lorafuse.fusion.gate import FlowGates, GateConfig, gate_weights
+from lorafuse.fusion.methods import FitRun, FusionMethod, LoRAFlowParams, LoraHubParams
+from lorafuse.fusion.weighting import Weighting
 
 __all__ = [
     "FUSION_METHODS",
+    "WEIGHTINGS",
     "CatWeights",
+    "FitRun",
     "FlowGates",
     "FuseSettings",
     "Fusion",
     "FusionFormatError",
+    "FusionMethod",
     "GateConfig",
     "LoRAFlow",
+    "LoRAFlowParams",
+    "LoraHubParams",
+    "Weighting",
     "fit_fresh_lora",
     "fit_on_bank",
     "flow_for",

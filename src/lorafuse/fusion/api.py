@@ -1,14 +1,9 @@
 """Learned composition of existing LoRAs on a few examples: ``lorafuse.fuse(...)``.
 
 Every method weights one bank of the given LoRAs (base and LoRAs frozen) and returns a
-:class:`~lorafuse.fusion.artefact.Fusion`:
-
-| method        | what is learned                                          | trained by            |
-| ------------- | -------------------------------------------------------- | --------------------- |
-| ``lora-flow`` | per-layer gates, per-token weights (LoRA-Flow)           | the shared loop       |
-| ``cat``       | one softmax-normalised weight per LoRA per module (Soups)| the shared loop       |
-| ``lorahub``   | one weight per LoRA in [-1.5, 1.5], + 0.05·mean|w|       | nevergrad, 40 evals   |
-| ``average``   | nothing: ``w_i = 1/k``                                   | —                     |
+:class:`~lorafuse.fusion.artefact.Fusion`; the methods (``lora-flow``, ``cat-weights``,
+``lorahub``, ``average``) are the entries of :data:`~lorafuse.fusion.methods.FUSION_METHODS`,
+each owning its settings and its fit.
 
 ``train_fresh_lora`` / ``fit_fresh_lora`` train a new PEFT LoRA on the same examples (the recycling
 study's control; ``lorafuse train-lora`` on the command line).
@@ -17,7 +12,6 @@ study's control; ``lorafuse train-lora`` on the command line).
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,31 +21,39 @@ import torch
 from torch import nn
 
 from lorafuse._data import Encoded, encode_rows
+from lorafuse._registry import FrozenParams
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.artefact import Fusion, adapter_hashes
-from lorafuse.fusion.cat_weights import CatWeights
-from lorafuse.fusion.flow import flow_for
 from lorafuse.fusion.gate import Granularity
-from lorafuse.fusion.lorahub import LoraHubConfig, lorahub_search
+from lorafuse.fusion.lorahub import LoraHubConfig
+from lorafuse.fusion.methods import CAT_TRAIN, FLOW_TRAIN, FUSION_METHODS, FitRun, FusionMethod
 from lorafuse.runtime import AttachedBank, attach, detach
-from lorafuse.train.loop import TrainConfig, TrainResult, dev_loss, train
+from lorafuse.train.loop import TrainConfig, TrainResult, train
 
-FUSION_METHODS = ("lora-flow", "cat", "lorahub", "average")
-
-# LoRA-Flow's recipe (paper code): 5 epochs, AdamW β (0.9, 0.95), eps 1e-5, weight decay 0.1, cosine
-# with 20 % warm-up, clip 1.0, lr 1e-3, batch 4.
-FLOW_TRAIN = TrainConfig(epochs=5, batch_size=4, lr=1e-3, warmup=0.2, weight_decay=0.1, eps=1e-5)
-# CAT: the same budget; scalars per module need a larger step (the recycling study uses 5e-2).
-CAT_TRAIN = replace(FLOW_TRAIN, lr=1e-2, weight_decay=0.0)
+__all__ = [
+    "CAT_TRAIN",
+    "FLOW_TRAIN",
+    "FRESH_TRAIN",
+    "FUSION_METHODS",
+    "FuseSettings",
+    "fit_fresh_lora",
+    "fit_on_bank",
+    "fuse",
+    "train_fresh_lora",
+]
 
 
 @dataclass(frozen=True)
 class FuseSettings:
-    """Settings of :func:`fuse`; the defaults follow each method's paper (see the module table)."""
+    """Settings of :func:`fuse`; the defaults follow each method's paper (:data:`FUSION_METHODS`).
 
-    method: Literal["lora-flow", "cat", "lorahub", "average"] = "lora-flow"
-    train: TrainConfig | None = None  # default FLOW_TRAIN / CAT_TRAIN
+    The gate fields (``granularity``, ``temperature``, ``bias_in_softmax``, ``start``) are
+    LoRA-Flow's, ``lorahub`` is LoraHub's; :meth:`method_params` validates the chosen method's.
+    """
+
+    method: Literal["lora-flow", "cat-weights", "cat", "lorahub", "average"] = "lora-flow"
+    train: TrainConfig | None = None  # default: the method's (FLOW_TRAIN / CAT_TRAIN)
     granularity: Granularity = "layer"
     temperature: float = 1.0
     bias_in_softmax: bool = False
@@ -60,9 +62,20 @@ class FuseSettings:
     seed: int = 0
     chat: bool = False  # {"prompt", "completion"} rows as a user and an assistant turn (chat template)
 
+    @property
+    def entry(self) -> FusionMethod:
+        """The registered method (``cat`` resolves to ``cat-weights``)."""
+        return FUSION_METHODS[self.method]
+
     def train_config(self) -> TrainConfig:
-        base = self.train or (CAT_TRAIN if self.method == "cat" else FLOW_TRAIN)
+        base = self.train or self.entry.default_train or FLOW_TRAIN
         return replace(base, seed=self.seed)
+
+    def method_params(self) -> FrozenParams:
+        """The chosen method's validated settings, taken from the matching fields."""
+        params = self.entry.params
+        fields = {**asdict(self), **asdict(self.lorahub)}
+        return params.model_validate({name: fields[name] for name in params.model_fields})
 
 
 def _frozen(model: nn.Module) -> dict[str, bool]:
@@ -76,18 +89,6 @@ def _restore(model: nn.Module, flags: dict[str, bool]) -> None:
         p.requires_grad_(flags.get(name, p.requires_grad))
 
 
-def _summary(result: TrainResult, seconds: float) -> dict[str, Any]:
-    return {
-        "steps": len(result.losses),
-        "final_train_loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 5),
-        "dev_losses": result.dev,
-        "best_step": result.best_step,
-        "best_dev_loss": result.best_dev_loss,
-        "resumed_from": result.resumed_from,
-        "seconds": round(seconds, 2),
-    }
-
-
 def fit_on_bank(
     handle: AttachedBank,
     train_data: Sequence[Encoded],
@@ -99,81 +100,23 @@ def fit_on_bank(
     progress: bool = True,
 ) -> Fusion:
     """Learn ``settings.method``'s weights for the bank ``handle`` (the model's parameters stay frozen)."""
-    model, started = handle.model, time.perf_counter()
-    if settings.method not in FUSION_METHODS:
-        raise ValueError(f"unknown fusion method {settings.method!r}; choose one of {FUSION_METHODS}")
-    flags = _frozen(model)
+    entry = settings.entry
+    params = settings.method_params()
+    run = FitRun(
+        handle,
+        train_data,
+        dev_data,
+        settings.train_config(),
+        pad_id,
+        seed=settings.seed,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+    )
+    flags = _frozen(handle.model)
     try:
-        if settings.method == "average":
-            weights = torch.full((handle.k,), 1.0 / handle.k)
-            handle.set_weights(weights)
-            return Fusion("static", list(handle.names), {"weights": weights}, info={"fusion": "average"})
-        if settings.method == "lorahub":
-
-            def loss_of(w: torch.Tensor) -> float:
-                with handle.weights(w):
-                    return dev_loss(model, train_data, pad_id)
-
-            cfg = replace(settings.lorahub, seed=settings.seed)
-            weights, history = lorahub_search(loss_of, handle.k, cfg, progress=progress)
-            handle.set_weights(weights)
-            info = {
-                "fusion": "lorahub",
-                "config": asdict(cfg),
-                "objective": history,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            return Fusion("static", list(handle.names), {"weights": weights}, info=info)
-        config = settings.train_config()
-        if settings.method == "cat":
-            source: nn.Module = CatWeights(list(handle.banks), handle.k)
-            source.to(next(iter(handle.banks.values())).A.device)
-            handle.set_source(source)  # type: ignore[arg-type]
-        else:
-            source = flow_for(
-                handle,
-                granularity=settings.granularity,
-                temperature=settings.temperature,
-                bias_in_softmax=settings.bias_in_softmax,
-                start=settings.start,
-            )
-        result = train(
-            model,
-            source.parameters(),
-            train_data,
-            config,
-            pad_id=pad_id,
-            dev_data=dev_data,
-            checkpoint_dir=checkpoint_dir,
-            desc=settings.method,
-            progress=progress,
-        )
-        info = {
-            "fusion": settings.method,
-            "train": asdict(config),
-            "result": _summary(result, time.perf_counter() - started),
-        }
-        if settings.method == "cat":
-            assert isinstance(source, CatWeights)
-            return Fusion(
-                "cat-weights",
-                list(handle.names),
-                {"logits": source.logits.detach().cpu()},
-                module_paths=source.module_paths,
-                info=info,
-            )
-        return Fusion(
-            "lora-flow",
-            list(handle.names),
-            {
-                "gate.weight": source.gates.weight.detach().cpu(),
-                "gate.bias": source.gates.bias.detach().cpu(),
-            },
-            gate=source.config,
-            info=info,
-        )
+        return entry.fit(run, params)
     finally:
-        _restore(model, flags)
+        _restore(handle.model, flags)
 
 
 def fuse(
@@ -194,7 +137,7 @@ def fuse(
     ``train_rows``/``dev_rows`` are ``{"messages"}`` rows (the tokenizer's chat template, loss on
     assistant turns only), ``{"prompt", "completion"}`` rows (loss on the completion; rendered as
     a chat with ``chat=True``) or ``{"text"}`` rows (:func:`lorafuse._data.encode_rows`).
-    ``options`` override :class:`FuseSettings` fields (``method="cat"``, ...).
+    ``options`` override :class:`FuseSettings` fields (``method="cat-weights"``, ...).
     The LoRA order matters for LoRA-Flow's start: the gate starts on the last LoRA (put the task
     LoRA last, as in the paper). Returns the fusion; the model is left as it was unless
     ``keep_attached``.

@@ -45,16 +45,23 @@ from lorafuse._io import (
     versions,
     write_safetensors,
 )
+from lorafuse._registry import Registry
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.errors import LorafuseError
-from lorafuse.fusion.cat_weights import CatWeights
-from lorafuse.fusion.flow import LoRAFlow
-from lorafuse.fusion.gate import FlowGates, GateConfig
+from lorafuse.fusion.cat_weights import CatWeighting
+from lorafuse.fusion.flow import FlowWeighting
+from lorafuse.fusion.gate import GateConfig
+from lorafuse.fusion.weighting import StaticWeighting, Weighting
 from lorafuse.runtime import AttachedBank, attach
 
 FORMAT = "lorafuse-fusion"
 VERSION = 1
-METHODS = ("lora-flow", "cat-weights", "static")
+
+# The stored kinds of fusion (``fusion.json``'s ``method``); each owns its tensors and weight rule.
+WEIGHTINGS: Registry[Weighting] = Registry("fusion kind")
+for _weighting in (StaticWeighting(), CatWeighting(), FlowWeighting()):
+    WEIGHTINGS.register(_weighting)
+METHODS = tuple(WEIGHTINGS.names())
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -92,51 +99,43 @@ class Fusion:
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
-    def build_rule(self) -> CatWeights | LoRAFlow | None:
-        """A new module holding this fusion's learned weight rule (``None`` for static weights)."""
-        if self.method == "static":
-            return None
-        if self.method == "cat-weights":
-            cat = CatWeights(self.module_paths, self.k)
-            with torch.no_grad():
-                cat.logits.copy_(self.tensors["logits"])
-            return cat
-        assert self.gate is not None
-        gates = FlowGates(self.gate)
-        with torch.no_grad():
-            gates.weight.copy_(self.tensors["gate.weight"])
-            gates.bias.copy_(self.tensors["gate.bias"])
-        return LoRAFlow(gates)
+    @property
+    def weighting(self) -> Weighting:
+        """How this fusion's kind (``method``) weights the bank (:data:`WEIGHTINGS`)."""
+        return WEIGHTINGS[self.method]
 
-    def weight_rule(self, device: torch.device | str | None = None) -> CatWeights | LoRAFlow | None:
+    @property
+    def dynamic(self) -> bool:
+        """Whether a rule computes the weights in every forward pass (not one static vector)."""
+        return self.weighting.dynamic
+
+    def build_rule(self) -> nn.Module | None:
+        """A new module holding this fusion's learned weight rule (``None`` for static weights)."""
+        return self.weighting.build_rule(self.tensors, self.gate, self.module_paths)
+
+    def weight_rule(self, device: torch.device | str | None = None) -> nn.Module | None:
         """The fusion's weight rule, frozen and built once (serving reuses it for every batch)."""
         rules: dict[str, nn.Module] = self.__dict__.setdefault("_rules", {})
         key = str(device)
-        if key not in rules and self.method != "static":
+        if key not in rules and self.dynamic:
             rule = self.build_rule()
             assert rule is not None
             rule.requires_grad_(False)
             rules[key] = rule.to(device) if device is not None else rule
-        return rules.get(key)  # type: ignore[return-value]
+        return rules.get(key)
 
     def source(self, handle: AttachedBank) -> nn.Module | None:
         """Install this fusion's weights on an attached bank (the bank's LoRA order must match)."""
         if handle.names != self.lora_names:
             raise FusionFormatError(f"the bank holds {handle.names}, the fusion needs {self.lora_names}")
-        device = next(iter(handle.banks.values())).A.device
-        if self.method == "static":
-            handle.set_weights(self.tensors["weights"])
-            return None
-        if self.method == "cat-weights":
-            missing = set(handle.banks) - set(self.module_paths)
-            if missing:
-                raise FusionFormatError(f"no CAT weights for modules {sorted(missing)[:3]}")
+        weighting = self.weighting
+        problem = weighting.bank_problem(handle, self.module_paths)
+        if problem:
+            raise FusionFormatError(problem)
         rule = self.build_rule()
-        assert rule is not None
-        rule = rule.to(device)
-        if isinstance(rule, LoRAFlow):
-            return rule.install(handle)
-        handle.set_source(rule)
+        if rule is not None:
+            rule = rule.to(next(iter(handle.banks.values())).A.device)
+        weighting.install(rule, self.tensors, handle)
         return rule
 
     def load_loras(
@@ -229,17 +228,6 @@ def _check_tensors(fusion: Fusion, where: str) -> None:
             )
 
 
-def _expected_shapes(
-    method: str, k: int, gate: GateConfig | None, module_paths: list[str]
-) -> dict[str, tuple[int, ...]]:
-    if method == "static":
-        return {"weights": (k,)}
-    if method == "cat-weights":
-        return {"logits": (len(module_paths), k)}
-    assert gate is not None
-    return {"gate.weight": (gate.num_gates, gate.k, gate.hidden_size), "gate.bias": (gate.num_gates, gate.k)}
-
-
 def save_fusion(
     fusion: Fusion, out: str | Path, *, overwrite: bool = True, inputs: OutputInputs = ()
 ) -> Path:
@@ -251,8 +239,8 @@ def save_fusion(
     from any current folder. Every LoRA must have the SHA-256 of its files (a fusion never loads
     LoRAs it cannot check), and the tensors must be finite.
     """
-    if fusion.method not in METHODS:
-        raise FusionFormatError(f"unknown fusion method {fusion.method!r}; one of {METHODS}")
+    if fusion.method not in WEIGHTINGS:
+        raise FusionFormatError(f"unknown fusion method {fusion.method!r}; one of {', '.join(METHODS)}")
     unhashed = [n for n in fusion.lora_names if not fusion.lora_hashes.get(n)]
     if unhashed:
         raise FusionFormatError(
@@ -316,31 +304,18 @@ def load_fusion(folder: str | Path) -> Fusion:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise FusionFormatError(f"{meta_path}: loras: the name(s) {repeated} appear more than once")
+    weighting = WEIGHTINGS[meta.method]
     gate = None
-    if meta.method == "lora-flow":
-        if meta.gate is None:
-            raise FusionFormatError(
-                f"{meta_path}: gate: missing or null, but a lora-flow fusion needs its gate settings"
-            )
-        if meta.gate.k != len(names):
-            raise FusionFormatError(
-                f"{meta_path}: gate.k is {meta.gate.k} but the fusion lists {len(names)} LoRAs"
-            )
-        if meta.gate.start is not None and not -meta.gate.k <= meta.gate.start < meta.gate.k:
-            raise FusionFormatError(
-                f"{meta_path}: gate.start is {meta.gate.start}; it must index one of the {meta.gate.k} LoRAs"
-            )
+    if weighting.gated and meta.gate is not None:
         settings = meta.gate.model_dump()
         settings["module_paths"] = tuple(settings["module_paths"])
         try:
             gate = GateConfig(**settings)
         except ValueError as exc:
             raise FusionFormatError(f"{meta_path}: gate: {exc}") from None
-    paths = meta.module_paths
-    if meta.method == "cat-weights" and (not paths or len(set(paths)) != len(paths)):
-        raise FusionFormatError(
-            f"{meta_path}: module_paths must list each adapted module once for a cat-weights fusion"
-        )
+    problem = weighting.check(len(names), gate, meta.module_paths)
+    if problem:
+        raise FusionFormatError(f"{meta_path}: {problem}")
     weights_path = folder / "weights.safetensors"
     if not weights_path.is_file():
         raise FusionFormatError(f"{weights_path}: missing; the fusion folder is incomplete")
@@ -348,7 +323,7 @@ def load_fusion(folder: str | Path) -> Fusion:
         tensors = read_safetensors(weights_path)
     except LorafuseError as exc:
         raise FusionFormatError(str(exc)) from None
-    expected = _expected_shapes(meta.method, len(names), gate, meta.module_paths)
+    expected = weighting.shapes(len(names), gate, meta.module_paths)
     for name, shape in expected.items():
         got = tuple(tensors[name].shape) if name in tensors else "missing"
         if got != shape:

@@ -9,12 +9,18 @@ so every module starts at the uniform average. Task-level: the same weights for 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from lorafuse.fusion.weighting import Shapes, Weighting
 from lorafuse.runtime import ForwardCall, LoRABank, Reads
+
+if TYPE_CHECKING:
+    from lorafuse.fusion.gate import GateConfig
+    from lorafuse.runtime import AttachedBank
 
 
 class CatWeights(nn.Module):
@@ -48,3 +54,31 @@ class CatWeights(nn.Module):
     def mean_weights(self) -> Tensor:
         """Mean over modules of the softmax weights ``(k,)`` (for reports)."""
         return torch.softmax(self.logits, dim=-1).mean(0)
+
+
+class CatWeighting(Weighting):
+    """The stored ``cat-weights`` kind: ``logits (modules, k)`` and the module order."""
+
+    name = "cat-weights"
+    paper = "Prabhakar et al. 2024, LoRA Soups, arXiv:2410.13025"
+    summary = "one softmax-normalised weight per LoRA per module"
+
+    def shapes(self, k: int, gate: GateConfig | None, module_paths: Sequence[str]) -> Shapes:
+        return {"logits": (len(module_paths), k)}
+
+    def check(self, k: int, gate: GateConfig | None, module_paths: Sequence[str]) -> str | None:
+        if not module_paths or len(set(module_paths)) != len(module_paths):
+            return "module_paths must list each adapted module once for a cat-weights fusion"
+        return None
+
+    def bank_problem(self, handle: AttachedBank, module_paths: Sequence[str]) -> str | None:
+        missing = set(handle.banks) - set(module_paths)
+        return f"no CAT weights for modules {sorted(missing)[:3]}" if missing else None
+
+    def build_rule(
+        self, tensors: Mapping[str, Tensor], gate: GateConfig | None, module_paths: Sequence[str]
+    ) -> CatWeights:
+        cat = CatWeights(module_paths, tensors["logits"].shape[1])
+        with torch.no_grad():
+            cat.logits.copy_(tensors["logits"])
+        return cat

@@ -10,6 +10,7 @@ cached positions keep theirs: the gates work with the KV cache unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from lorafuse._layers import find_decoder_layers
 from lorafuse.errors import LorafuseError
 from lorafuse.fusion.gate import FlowGates, GateConfig
+from lorafuse.fusion.weighting import Shapes, Weighting
 from lorafuse.runtime import AttachedBank, ForwardCall, LayerInputSource, Reads
 
 
@@ -122,3 +124,42 @@ def mean_weights(flow: LoRAFlow) -> Tensor:
     for layer, w in flow.record:
         by_layer.setdefault(layer, []).append(w.reshape(-1, w.shape[-1]))
     return torch.stack([torch.cat(by_layer[i]).mean(0) for i in sorted(by_layer)])
+
+
+class FlowWeighting(Weighting):
+    """The stored ``lora-flow`` kind: the gates ``gate.weight (G, k, hidden)``, ``gate.bias (G, k)``."""
+
+    name = "lora-flow"
+    paper = "Wang et al. 2024, LoRA-Flow, arXiv:2402.11455"
+    summary = "per-token weights from gates on each decoder layer's input"
+    gated = True
+
+    def shapes(self, k: int, gate: GateConfig | None, module_paths: Sequence[str]) -> Shapes:
+        assert gate is not None
+        return {
+            "gate.weight": (gate.num_gates, gate.k, gate.hidden_size),
+            "gate.bias": (gate.num_gates, gate.k),
+        }
+
+    def check(self, k: int, gate: GateConfig | None, module_paths: Sequence[str]) -> str | None:
+        if gate is None:
+            return "gate: missing or null, but a lora-flow fusion needs its gate settings"
+        if gate.k != k:
+            return f"gate.k is {gate.k} but the fusion lists {k} LoRAs"
+        if gate.start is not None and not -gate.k <= gate.start < gate.k:
+            return f"gate.start is {gate.start}; it must index one of the {gate.k} LoRAs"
+        return None
+
+    def build_rule(
+        self, tensors: Mapping[str, Tensor], gate: GateConfig | None, module_paths: Sequence[str]
+    ) -> LoRAFlow:
+        assert gate is not None
+        gates = FlowGates(gate)
+        with torch.no_grad():
+            gates.weight.copy_(tensors["gate.weight"])
+            gates.bias.copy_(tensors["gate.bias"])
+        return LoRAFlow(gates)
+
+    def install(self, rule: nn.Module | None, tensors: Mapping[str, Tensor], handle: AttachedBank) -> None:
+        assert isinstance(rule, LoRAFlow)
+        rule.install(handle)

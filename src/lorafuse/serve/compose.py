@@ -100,7 +100,7 @@ class Composition:
 
     @property
     def dynamic(self) -> bool:
-        return self.fusion is not None and self.fusion.method in ("lora-flow", "cat-weights")
+        return self.fusion is not None and self.fusion.dynamic
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ class Resolver:
             cached = self._compositions.get((entry.key, served))
         if cached is not None:
             return cached
-        static = fusion.method == "static"
+        static = not fusion.dynamic
         weights = fusion.tensors["weights"].tolist() if static else [1.0] * fusion.k
         parts = []
         for name, weight in zip(fusion.lora_names, weights, strict=True):
