@@ -40,9 +40,7 @@ from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.adapters.validate import linear_shape
 from lorafuse.errors import LorafuseError
-from lorafuse.route.remix import remix_loss
 from lorafuse.route.router import ROUTINGS, Router, RouterSource
-from lorafuse.route.softmax import softmax_loss
 from lorafuse.runtime import AttachedBank, attach, detach
 
 FORMAT = "lorafuse-mixture"
@@ -143,11 +141,8 @@ class Mixture:
         self, generator: torch.Generator | None = None
     ) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
         """The training loss of this router kind, for :func:`lorafuse.train.loop.train_loop`."""
-        if self.config.router == "remix":
-            return remix_loss(
-                self.source, self.config.samples, generator or torch.Generator().manual_seed(self.config.seed)
-            )
-        return softmax_loss(self.source, self.config.balance)
+        generator = generator or torch.Generator().manual_seed(self.config.seed)
+        return ROUTINGS[self.config.router].training_loss(self.source, self.config, generator)
 
     def experts(self) -> list[LoRA]:
         """The experts as separate LoRAs (scale unfolded from the stacked ``A``)."""

@@ -32,7 +32,7 @@ from lorafuse.route.functional import (
     sequence_losses,
     topk_indices,
 )
-from lorafuse.route.router import RouterSource, register
+from lorafuse.route.router import RouterSource, RoutingSettings, register
 
 
 class RemixRouting:
@@ -53,6 +53,11 @@ class RemixRouting:
         logp = plackett_luce_logprob(logits, indices) * source.token_mask(logits)  # (B, T)
         source.logp = logp if source.logp is None else source.logp + logp
         return equal_weights(indices, n)
+
+    def training_loss(
+        self, source: RouterSource, settings: RoutingSettings, generator: torch.Generator
+    ) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+        return remix_loss(source, settings.samples, generator)
 
 
 def remix_loss(

@@ -38,6 +38,19 @@ class RoutingKind(Protocol):
         """``(B, T, n)`` logits → ``(B, T, n)`` weights (zero outside the selected experts)."""
         ...
 
+    def training_loss(
+        self, source: RouterSource, settings: RoutingSettings, generator: torch.Generator
+    ) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+        """The ``loss_fn`` the shared training loop minimises for this kind."""
+        ...
+
+
+class RoutingSettings(Protocol):
+    """The mixture settings a routing kind's training loss reads."""
+
+    samples: int  # ReMix: selections sampled per example
+    balance: float  # softmax: weight of the load-balancing loss
+
 
 ROUTINGS: Registry[RoutingKind] = Registry("router")
 register = ROUTINGS.register

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from lorafuse._registry import NoParams
 from lorafuse.route.functional import load_balance_loss, softmax_topk_weights
-from lorafuse.route.router import RouterSource, register
+from lorafuse.route.router import RouterSource, RoutingSettings, register
 
 
 class SoftmaxRouting:
@@ -31,6 +32,11 @@ class SoftmaxRouting:
             mask = source.token_mask(logits)
             source.aux.append(load_balance_loss(logits.softmax(-1), indices, mask))
         return weights
+
+    def training_loss(
+        self, source: RouterSource, settings: RoutingSettings, generator: torch.Generator
+    ) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+        return softmax_loss(source, settings.balance)
 
 
 def softmax_loss(source: RouterSource, balance: float) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
