@@ -18,9 +18,10 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lorafuse import AdapterPool, attach, load_lora
+from lorafuse import attach, load_lora
 from lorafuse.fusion.artefact import Fusion
 from lorafuse.fusion.flow import flow_for
+from lorafuse.runtime import AdapterPool
 from lorafuse.serve.dynamic import fusion_rows
 from lorafuse.tiny import random_peft_adapter
 

@@ -122,3 +122,48 @@ def test_serve_holds_no_gate_maths() -> None:
         assert not {m for m in modules if m.startswith(("lorafuse.fusion.gate", "lorafuse.fusion.flow"))}, (
             path
         )
+
+
+# Where a saved fusion, a fusion method or a router is interpreted: by its registry entry only.
+NO_METHOD_SWITCHES = ["fusion/artefact.py", "fusion/api.py", "fusion/explain.py", "route/mixture.py", "serve"]
+METHOD_NAMES = {"lora-flow", "cat-weights", "cat", "static", "lorahub", "average", "remix", "softmax"}
+
+
+def _compares_method_name(node: ast.AST) -> bool:
+    """``x == "lora-flow"`` or ``x in ("lora-flow", ...)`` (a switch on a method string)."""
+    if not isinstance(node, ast.Compare):
+        return False
+    names = []
+    for side in (node.left, *node.comparators):
+        if isinstance(side, ast.Constant):
+            names.append(side.value)
+        elif isinstance(side, (ast.Tuple, ast.List, ast.Set)):
+            names += [e.value for e in side.elts if isinstance(e, ast.Constant)]
+    return any(isinstance(n, str) and n in METHOD_NAMES for n in names)
+
+
+@pytest.mark.parametrize("relative", NO_METHOD_SWITCHES)
+def test_no_code_switches_on_method_strings(relative: str) -> None:
+    """Fusion methods, stored fusion kinds and routers own their behaviour (registry entries)."""
+    target = SRC / relative
+    for path in [target] if target.is_file() else sorted(target.rglob("*.py")):
+        hits = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if _compares_method_name(n)]
+        assert not hits, f"{path.relative_to(SRC)} switches on a method name at lines {hits}"
+
+
+def test_public_surface_holds_no_internals() -> None:
+    """``lorafuse`` re-exports what users call; banks, sources and the serving pool stay inside."""
+    import lorafuse
+
+    assert all(hasattr(lorafuse, name) for name in lorafuse.__all__)
+    internals = {
+        "LoRABank",
+        "StaticWeights",
+        "WeightSource",
+        "AdapterPool",
+        "LayerInputSource",
+        "InstanceEncoder",
+    }
+    assert not internals & set(lorafuse.__all__)
+    assert callable(lorafuse.merge) and callable(lorafuse.fuse)
+    assert type(lorafuse.merge).__name__ == "function" and type(lorafuse.fuse).__name__ == "function"

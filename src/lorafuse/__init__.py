@@ -1,17 +1,17 @@
 """lorafuse: merge, fuse, route, compress and serve many LoRA adapters on one frozen base LLM.
 
-The public API (see README.md):
+The public API (the internals — banks, sources, the serving pool — live in their packages):
 
 - adapters: :class:`LoRA`, :class:`LoRAModule`, :class:`Delta`, :func:`load_lora`,
   :func:`save_lora`, :func:`check_compatible`;
 - merging: :func:`merge` (methods in :data:`MERGE_METHODS`), :func:`load_recipe`;
 - runtime: :func:`attach`, :func:`detach` and the :class:`AttachedBank` handle whose weights
   may be ``(k,)``, ``(batch, k)`` or ``(batch, seq, k)``;
-- learned composition: :func:`fuse` (LoRA-Flow, learned CAT, LoraHub, average), :class:`Fusion`,
-  :func:`save_fusion`, :func:`load_fusion`;
+- learned composition: :func:`fuse` (methods in :data:`FUSION_METHODS`: ``lora-flow``,
+  ``cat-weights``, ``lorahub``, ``average``), :class:`Fusion`, :func:`save_fusion`, :func:`load_fusion`;
 - compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
   :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``);
-- routing: :class:`Mixture` / :func:`train_mixture` (softmax and ReMix routers), :class:`ArrowSource`,
+- routing: :class:`Mixture` / :func:`train_mixture` (routers in :data:`ROUTINGS`), :class:`ArrowSource`,
   :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`.
 """
 
@@ -24,26 +24,29 @@ from lorafuse.errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
-from lorafuse.fusion import FuseSettings, Fusion, fuse, load_fusion, save_fusion
-from lorafuse.fusion.instance import (
-    EncoderConfig,
-    InstanceEncoder,
-    InstanceMixing,
-    mode_weights,
-    train_encoder,
-)
+from lorafuse.fusion import FUSION_METHODS, FuseSettings, Fusion, fuse, load_fusion, save_fusion
+from lorafuse.fusion.instance import EncoderConfig, InstanceMixing, mode_weights, train_encoder
 from lorafuse.merging import MERGE_METHODS, load_recipe, merge
-from lorafuse.route import ArrowSource, Mixture, MixtureConfig, RoutingStats, plot_health, train_mixture
-from lorafuse.runtime import AdapterPool, AttachedBank, LoRABank, StaticWeights, WeightSource, attach, detach
+from lorafuse.route import (
+    ROUTINGS,
+    ArrowSource,
+    Mixture,
+    MixtureConfig,
+    RoutingStats,
+    plot_health,
+    train_mixture,
+)
+from lorafuse.runtime import AttachedBank, attach, detach
 from lorafuse.train import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "COMPRESS_METHODS",
+    "FUSION_METHODS",
     "MERGE_METHODS",
+    "ROUTINGS",
     "AdapterFormatError",
-    "AdapterPool",
     "ArrowSource",
     "AttachedBank",
     "CompatibilityError",
@@ -51,20 +54,16 @@ __all__ = [
     "EncoderConfig",
     "FuseSettings",
     "Fusion",
-    "InstanceEncoder",
     "InstanceMixing",
     "LoRA",
-    "LoRABank",
     "LoRAModule",
     "LorafuseError",
     "Mixture",
     "MixtureConfig",
     "PickleRefusedError",
     "RoutingStats",
-    "StaticWeights",
     "TrainConfig",
     "UnsupportedAdapterError",
-    "WeightSource",
     "__version__",
     "attach",
     "check_compatible",
