@@ -48,7 +48,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, count, seed in (("train", args.train, args.seed), ("dev", args.dev, args.seed + 1)):
         path = args.out / f"{name}.jsonl"
-        lines = [json.dumps(r, ensure_ascii=False) for r in rows(args.task, count, seed, args.world_seed, seen)]
+        found = rows(args.task, count, seed, args.world_seed, seen)
+        lines = [json.dumps(r, ensure_ascii=False) for r in found]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"{path}: {count} rows")
 
