@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafuse-installed
 
-.PHONY: demo test test-real real-models lint format bench venv clean chromium
+.PHONY: demo test test-real real-models lint format bench venv clean chromium docs
 
 venv: $(STAMP)
 
@@ -27,7 +27,12 @@ chromium:
 	  SUDO=$$(command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) chromium
+# The documentation site (mkdocs.yml, docs/) into site/; any warning fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The suite builds the docs first, so a broken docs page fails it (and CI).
+test: $(STAMP) chromium docs
 	LORAFUSE_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q
 
 # The real-model tier: two small pretrained LLMs shipped as GGUF inside PyPI packages (no model
@@ -54,4 +59,4 @@ bench: $(STAMP)
 	$(PY) bench/bank_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info site

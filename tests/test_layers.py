@@ -29,6 +29,7 @@ BOTTOM = {
     "_checks",
     "_layers",
     "_registry",
+    "_extras",
 }  # shared by every layer, import nothing of lorafuse themselves
 PURE_MATHS = [
     "adapters/lora.py",

@@ -78,8 +78,9 @@ def explain(
 
 def heatmap_png(explanation: Explanation, path: Path) -> None:
     """One panel per LoRA: layers (rows) × tokens (columns), coloured by that LoRA's weight."""
-    import matplotlib
+    from lorafuse._extras import require
 
+    matplotlib = require("matplotlib", "study", "lorafuse explain's heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

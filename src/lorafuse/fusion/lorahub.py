@@ -41,7 +41,9 @@ def lorahub_search(
     """
     import warnings
 
-    import nevergrad as ng
+    from lorafuse._extras import require
+
+    ng = require("nevergrad", "study", "LoraHub fusion (--method lorahub)")
 
     warnings.filterwarnings("ignore", message=".*RHOEND.*")  # nevergrad's Cobyla chatter
 

@@ -50,8 +50,9 @@ def plot_health(
 
     ``curves`` maps a method name to its runs, each a list of per-layer effective-expert counts.
     """
-    import matplotlib
+    from lorafuse._extras import require
 
+    matplotlib = require("matplotlib", "study", "the routing health plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

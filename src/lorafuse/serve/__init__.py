@@ -5,6 +5,11 @@ An OpenAI-compatible server (:class:`Server`, ``lorafuse serve``) over a continu
 runtime's :class:`~lorafuse.runtime.pool.AdapterPool`.
 """
 
+from lorafuse._extras import require
+
+for _module in ("fastapi", "uvicorn", "prometheus_client"):
+    require(_module, "serve", "lorafuse serve")
+
 from lorafuse.serve.app import Limits, build_app
 from lorafuse.serve.compose import Composition, RequestError, Resolver, WeightLimits
 from lorafuse.serve.engine import Engine, Event, Request, SamplingParams

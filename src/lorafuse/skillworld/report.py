@@ -52,8 +52,9 @@ def bar_chart(result: dict[str, Any], path: Path | None, *, fig: Any = None) -> 
 
     Saved to ``path``, or drawn into ``fig`` (a matplotlib figure) when given.
     """
-    import matplotlib
+    from lorafuse._extras import require
 
+    matplotlib = require("matplotlib", "study", "the study's bar chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

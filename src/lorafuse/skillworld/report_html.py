@@ -43,8 +43,9 @@ img { max-width: 100%; display: block; margin: 1em 0; }
 
 def _png(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
     """A figure drawn by ``draw(fig)`` as a ``data:image/png;base64,...`` URI."""
-    import matplotlib
+    from lorafuse._extras import require
 
+    matplotlib = require("matplotlib", "study", "the study's HTML page")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
