@@ -19,7 +19,18 @@ ALLOWED = {
     "fusion": {"adapters", "runtime", "train"},
     "route": {"adapters", "runtime", "train"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "train", "fusion", "merging", "eval", "compress", "route"},
+    "skillworld": {"adapters", "runtime", "train", "eval"},
+    "studies": {
+        "adapters",
+        "runtime",
+        "train",
+        "fusion",
+        "merging",
+        "eval",
+        "compress",
+        "route",
+        "skillworld",
+    },
     "serve": {"adapters", "runtime", "compress", "fusion"},
 }
 BOTTOM = {

@@ -331,8 +331,8 @@ def demo(
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import PROFILES, default_world_dir
     from lorafuse.skillworld.data import ALL_COMPOSITES, VARIANTS
-    from lorafuse.skillworld.report import format_table, write_report
-    from lorafuse.skillworld.study import composition_study
+    from lorafuse.studies.composition import composition_study
+    from lorafuse.studies.report import format_table, write_report
 
     started = time.perf_counter()
     if full and variant == "faithful":
@@ -489,7 +489,7 @@ def world_merge_study(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir, read_manifest
-    from lorafuse.skillworld.merge_study import format_study, merge_study
+    from lorafuse.studies.merge import format_study, merge_study
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
     if json_out:
@@ -525,7 +525,7 @@ def world_flow_ablation(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.skillworld.study import flow_ablation, format_ablation
+    from lorafuse.studies.flow_ablation import flow_ablation, format_ablation
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
     if json_out:

@@ -316,8 +316,8 @@ def compress_study(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.skillworld.compress_study import compress_study as run
-    from lorafuse.skillworld.compress_study import format_compress_study
+    from lorafuse.studies.compress import compress_study as run
+    from lorafuse.studies.compress import format_compress_study
 
     root = build_world(out_dir or default_world_dir("default", seed), profile="default", seed=seed)
     if json_out:

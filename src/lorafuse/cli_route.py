@@ -37,7 +37,7 @@ def _world_tasks() -> list[str]:
 
 
 def _route_methods() -> list[str]:
-    from lorafuse.skillworld.route_study import METHODS
+    from lorafuse.studies.route import METHODS
 
     return list(METHODS)
 
@@ -193,7 +193,7 @@ def route_train(
 
 def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, Any]]:
     from lorafuse.skillworld.data import read_jsonl
-    from lorafuse.skillworld.route_study import ROUTE_TASKS
+    from lorafuse.studies.route import ROUTE_TASKS
 
     if data:
         return [r for path in data for r in read_examples(path, "--data")]
@@ -249,7 +249,7 @@ def route_train_encoder(
     from lorafuse.adapters import load_lora
     from lorafuse.cli import check_out
     from lorafuse.fusion.instance import EncoderConfig, train_encoder
-    from lorafuse.skillworld.route_study import ROUTE_TASKS
+    from lorafuse.studies.route import ROUTE_TASKS
     from lorafuse.train.loop import TrainConfig
 
     sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
@@ -440,7 +440,7 @@ def world_route_study(
     from lorafuse.route import plot_health
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.skillworld.route_study import (
+    from lorafuse.studies.route import (
         ROUTE_TASKS,
         RouteStudySettings,
         format_route_study,
