@@ -84,8 +84,8 @@ def demo(
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import PROFILES, default_world_dir
     from lorafuse.skillworld.data import ALL_COMPOSITES, VARIANTS
-    from lorafuse.studies.composition import composition_study
-    from lorafuse.studies.report import format_table, write_report
+    from lorafuse.studies.registry import get_study
+    from lorafuse.studies.report import write_report
 
     started = time.perf_counter()
     if full and variant == "faithful":
@@ -106,7 +106,8 @@ def demo(
     typer.echo(f"skill world: {root}")
     torch.set_num_threads(PROFILES[profile].threads)
     n_seeds = seeds or (3 if full else 1)
-    result = composition_study(
+    study = get_study("composition")
+    result = study.run(
         root,
         seeds=tuple(range(n_seeds)),
         limit=limit or (None if full else 100 if quick else 200),
@@ -119,7 +120,7 @@ def demo(
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     write_report(result, report, inputs={"--dir": root})
     typer.echo("")
-    typer.echo(format_table(result))
+    typer.echo(study.format(result))
     typer.echo(f"\nreport: {report}/study.md, study.json, study.png ({result['total_seconds']} s in all)")
 
 

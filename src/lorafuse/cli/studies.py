@@ -50,14 +50,16 @@ def world_merge_study(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir, read_manifest
-    from lorafuse.studies.merge import format_study, merge_study
+    from lorafuse.studies.registry import get_study
+
+    study = get_study("merge")
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
     if json_out:
         check_output_path(json_out, {"--dir": root}, what="--json")
-    result = merge_study(root, limit=limit, seed=seed)
+    result = study.run(root, limit=limit, seed=seed)
     matrix = (read_manifest(root) or {}).get("eval", {}).get("matrix")
-    typer.echo(format_study(result, matrix))
+    typer.echo(study.format(result, matrix))
     if json_out:
         write_text_atomic(
             json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
@@ -85,13 +87,15 @@ def world_flow_ablation(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.studies.flow_ablation import flow_ablation, format_ablation
+    from lorafuse.studies.registry import get_study
+
+    study = get_study("flow-ablation")
 
     root = build_world(out_dir or default_world_dir(profile, seed), profile=profile, seed=seed)
     if json_out:
         check_output_path(json_out, {"--dir": root}, what="--json")
-    result = flow_ablation(root, seeds=tuple(range(seeds)), limit=limit)
-    typer.echo(format_ablation(result))
+    result = study.run(root, seeds=tuple(range(seeds)), limit=limit)
+    typer.echo(study.format(result))
     if json_out:
         write_text_atomic(
             json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
@@ -122,13 +126,14 @@ def compress_study(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.studies.compress import compress_study as run
-    from lorafuse.studies.compress import format_compress_study
+    from lorafuse.studies.registry import get_study
+
+    study = get_study("compress")
 
     root = build_world(out_dir or default_world_dir("default", seed), profile="default", seed=seed)
     if json_out:
         check_output_path(json_out, {"--dir": root}, what="--json")
-    result = run(
+    result = study.run(
         root,
         skills=[s.strip() for s in skills.split(",") if s.strip()],
         budgets=[b.strip() for b in budgets.split(",") if b.strip()],
@@ -136,7 +141,7 @@ def compress_study(
         seed=seed,
         limit=limit,
     )
-    typer.echo(format_compress_study(result))
+    typer.echo(study.format(result))
     if json_out:
         write_text_atomic(
             json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
@@ -198,13 +203,10 @@ def world_route_study(
     from lorafuse.route import plot_health
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.studies.route import (
-        ROUTE_TASKS,
-        RouteStudySettings,
-        format_route_study,
-        health_curves,
-        route_study,
-    )
+    from lorafuse.studies.registry import get_study
+    from lorafuse.studies.route import ROUTE_TASKS, RouteStudySettings, health_curves
+
+    study = get_study("route")
 
     chosen = parse_names(methods, "--methods")
     if {"softmax", "remix"} & set(chosen):
@@ -248,8 +250,8 @@ def world_route_study(
         saved.update(result)
 
     saved: dict[str, Any] = {}
-    save(route_study(root, settings, on_run=save))
-    typer.echo(format_route_study(saved))
+    save(study.run(root, settings, on_run=save))
+    typer.echo(study.format(saved))
     if png:
         plot_health(health_curves(saved), png, n_experts=experts)
 
