@@ -2,7 +2,8 @@
 
 Variants (:data:`FLOW_VARIANTS`): the paper's gate per layer, one gate per module, one gate for
 all layers (step), the bias inside the softmax, and a 10× learning rate; exact match on the test
-split and the best dev loss of each run.
+split and the best dev loss of each run. Each run is one call of :func:`lorafuse.fuse` (the bank
+kept attached to score the test split, then detached).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorafuse._data import encode_examples
 from lorafuse.adapters import load_lora
-from lorafuse.fusion import FuseSettings, fit_on_bank
+from lorafuse.fusion import FuseSettings, fuse
 from lorafuse.fusion.api import FLOW_TRAIN
-from lorafuse.runtime import attach, detach
+from lorafuse.runtime import detach
 from lorafuse.skillworld.data import COMPOSITES, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
 from lorafuse.studies.composition import score
@@ -50,24 +50,30 @@ def flow_ablation(
     started = time.perf_counter()
     variants = variants or FLOW_VARIANTS
     tokenizer, model = load_world(root)
-    pad = tokenizer.pad_token_id
     scores: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     dev_losses: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     bar = tqdm(total=len(composites) * len(variants) * len(seeds), desc="flow ablation", disable=not progress)
     for composite in composites:
         lang_name, task_name = composite_loras(composite)
         data = root / "data" / composite
-        train_data = encode_examples(tokenizer, read_jsonl(data / "train.jsonl"))
-        dev_data = encode_examples(tokenizer, read_jsonl(data / "dev.jsonl"))
+        train_rows, dev_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
         test_rows = read_jsonl(data / "test.jsonl")[:limit]
         loras = {"lang": load_lora(root / "loras" / lang_name), "task": load_lora(root / "loras" / task_name)}
         for name, options in variants.items():
             options = dict(options)
             train = replace(FLOW_TRAIN, lr=options.pop("lr", FLOW_TRAIN.lr))
             for seed in seeds:
-                handle = attach(model, loras)
                 settings = FuseSettings(method="lora-flow", train=train, seed=seed, **options)
-                fusion = fit_on_bank(handle, train_data, dev_data, settings, pad_id=pad, progress=False)
+                fusion = fuse(
+                    model,
+                    tokenizer,
+                    loras,
+                    train_rows,
+                    dev_rows,
+                    settings,
+                    keep_attached=True,
+                    progress=False,
+                )
                 scores[name].setdefault(composite, []).append(score(model, tokenizer, test_rows))
                 dev_losses[name].setdefault(composite, []).append(
                     round(fusion.info["result"]["best_dev_loss"], 4)
