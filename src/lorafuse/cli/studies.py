@@ -279,6 +279,8 @@ class _StudyGroup(TyperGroup):
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         from lorafuse.studies.registry import STUDIES
 
+        if ctx.resilient_parsing and cmd_name not in STUDIES:  # completion: no error, no command
+            return None
         return super().get_command(ctx, STUDIES.canonical(cmd_name))
 
 
