@@ -44,7 +44,7 @@ from lorafuse._io import versions
 from lorafuse.serve import Limits, Server, ServeSettings
 from lorafuse.serve.engine import available_cores, default_threads
 from lorafuse.skillworld import build_world
-from lorafuse.skillworld.serving import reference, serving_folder
+from lorafuse.studies.serving import reference, serving_folder
 
 BASE = "world"
 COMPOSITIONS: list[dict[str, Any]] = [

@@ -1,4 +1,10 @@
-"""Architecture rules from DESIGN.md: imports point downward; tensor maths skips transformers."""
+"""Architecture rules from DESIGN.md: imports point downward; tensor maths skips transformers.
+
+Layers, bottom to top: the shared bottom modules (``errors``, ``_io``, ``_hf``, ...); ``adapters``;
+``runtime``, ``train``, ``merging``, ``compress``; ``fusion``, ``route``, ``eval``; ``skillworld``
+(the world builder); ``studies`` (the studies run on the world); ``serve``; ``cli`` at the top,
+which may import everything.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +25,21 @@ ALLOWED = {
     "fusion": {"adapters", "runtime", "train"},
     "route": {"adapters", "runtime", "train"},
     "eval": {"adapters", "runtime"},
-    "skillworld": {"adapters", "runtime", "train", "fusion", "merging", "eval", "compress", "route"},
+    "skillworld": {"adapters", "runtime", "train", "eval"},
+    "studies": {
+        "adapters",
+        "runtime",
+        "train",
+        "fusion",
+        "merging",
+        "eval",
+        "compress",
+        "route",
+        "skillworld",
+    },
     "serve": {"adapters", "runtime", "compress", "fusion"},
 }
+TOP = "cli"  # may import every layer; nothing imports it
 BOTTOM = {
     "errors",
     "_io",
@@ -30,6 +48,7 @@ BOTTOM = {
     "_layers",
     "_registry",
     "_extras",
+    "_hf",
 }  # shared by every layer, import nothing of lorafuse themselves
 PURE_MATHS = [
     "adapters/lora.py",
@@ -62,6 +81,12 @@ def test_imports_point_downward(layer: str) -> None:
     for path in (SRC / layer).rglob("*.py"):
         illegal = lorafuse_imports(path) - ALLOWED[layer] - BOTTOM - {layer}
         assert not illegal, f"{path.relative_to(SRC)} imports {sorted(illegal)}, above its layer"
+
+
+def test_nothing_imports_the_cli() -> None:
+    for path in SRC.rglob("*.py"):
+        if path.parent.name != TOP and path.name != "__main__.py":
+            assert TOP not in lorafuse_imports(path), f"{path.relative_to(SRC)} imports lorafuse.cli"
 
 
 def test_bottom_modules_import_no_layer() -> None:
@@ -126,7 +151,14 @@ def test_serve_holds_no_gate_maths() -> None:
 
 
 # Where a saved fusion, a fusion method or a router is interpreted: by its registry entry only.
-NO_METHOD_SWITCHES = ["fusion/artefact.py", "fusion/api.py", "fusion/explain.py", "route/mixture.py", "serve"]
+NO_METHOD_SWITCHES = [
+    "fusion/artefact.py",
+    "fusion/api.py",
+    "fusion/explain.py",
+    "route/mixture.py",
+    "serve",
+    "cli",
+]
 METHOD_NAMES = {"lora-flow", "cat-weights", "cat", "static", "lorahub", "average", "remix", "softmax"}
 
 
@@ -168,3 +200,107 @@ def test_public_surface_holds_no_internals() -> None:
     assert not internals & set(lorafuse.__all__)
     assert callable(lorafuse.merge) and callable(lorafuse.fuse)
     assert type(lorafuse.merge).__name__ == "function" and type(lorafuse.fuse).__name__ == "function"
+
+
+def _module_level_cli_imports(path: Path) -> set[str]:
+    """The ``lorafuse.cli`` modules ``path`` imports at module level (not inside functions);
+    ``"__init__"`` for a name of the package itself (not a submodule)."""
+    submodules = {p.stem for p in (SRC / TOP).glob("*.py")} - {"__init__"}
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorafuse.cli"):
+            parts = node.module.split(".")
+            if len(parts) > 2:
+                found.add(parts[2])
+            else:
+                found |= {a.name if a.name in submodules else "__init__" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("lorafuse.cli.")}
+    return found
+
+
+def test_cli_modules_have_no_import_cycle() -> None:
+    """The app is assembled in ``cli/__init__.py`` from one module per verb: no verb module imports
+    the package (``from lorafuse.cli import app``), and their module-level imports form no cycle."""
+    graph = {p.stem: _module_level_cli_imports(p) for p in (SRC / TOP).glob("*.py")}
+    for name, imported in graph.items():
+        assert name == "__init__" or "__init__" not in imported, f"cli/{name}.py imports lorafuse.cli itself"
+    done: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, f"import cycle in cli/: {' → '.join((*stack, name))}"
+        if name not in done:
+            for other in sorted(graph[name] - {"__init__"}):
+                visit(other, (*stack, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_every_cli_module_imports_in_a_fresh_interpreter() -> None:
+    """The ``lorafuse.cli.*`` modules and the entry points (``lorafuse.cli:app``, ``main``) import in
+    a new interpreter. One interpreter for all: importing any submodule runs the package's
+    ``__init__`` (which imports every verb module) first, so a cycle shows on the first import;
+    the static check above finds the cycle's modules."""
+    import os
+    import subprocess
+    import sys
+
+    names = sorted((p.stem for p in (SRC / TOP).glob("*.py") if p.stem != "__init__"), reverse=True)
+    code = "; ".join([*(f"import lorafuse.cli.{n}" for n in names), "from lorafuse.cli import app, main"])
+    env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+LOADERS = {
+    "AutoModelForCausalLM",
+    "AutoModel",
+    "AutoTokenizer",
+    "PreTrainedTokenizerFast",
+    "LlamaForCausalLM",
+}
+
+
+def _from_pretrained_calls(path: Path) -> list[str]:
+    """``X.from_pretrained(...)`` calls in ``path`` whose ``X`` loads a model or a tokenizer."""
+    return [
+        node.func.value.id
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "from_pretrained"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in LOADERS
+    ]
+
+
+def test_one_model_loader_and_one_tokenizer_loader() -> None:
+    """Base models and tokenizers are read from a folder in one place: ``_hf.load_model`` and
+    ``_hf.load_tokenizer``. Every verb reaches them through ``cli/loading.py`` (its one
+    ``load_model`` and one ``load_tokenizer``); the skill world, the studies, ``demo`` and
+    ``models`` call ``_hf`` directly.
+
+    Outside ``_hf.py`` no module of ``src/lorafuse`` calls ``AutoModelForCausalLM`` /
+    ``AutoTokenizer`` ``.from_pretrained``. Not counted: ``PeftModel.from_pretrained`` (loads an
+    adapter onto a model, as PEFT's reference in ``demo``), ``AutoConfig.from_pretrained`` (reads
+    a config only, as the layer-by-layer calibration of ``compress`` does), tests and benchmarks.
+    """
+    callers = {
+        str(path.relative_to(SRC)): calls
+        for path in SRC.rglob("*.py")
+        if (calls := _from_pretrained_calls(path))
+    }
+    assert callers == {"_hf.py": ["AutoModelForCausalLM", "AutoTokenizer"]}
+    cli = {p.stem: p for p in (SRC / TOP).glob("*.py")}
+    for name, path in cli.items():
+        tree = ast.parse(path.read_text())
+        modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert ("lorafuse._hf" in modules) == (name == "loading"), f"cli/{name}.py reaches _hf itself"
+        assert "transformers" not in modules, f"cli/{name}.py imports transformers"
+        defined = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        loaders = [d for d in defined if d in {"load_model", "load_tokenizer", "load_base"}]
+        assert loaders == (["load_model", "load_tokenizer", "load_base"] if name == "loading" else []), name

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorafuse.serve import Limits, Server, ServeSettings
 from lorafuse.serve.compose import Composition, error_type
 from lorafuse.serve.engine import Engine, QueueFull, Request, SamplingParams
-from lorafuse.skillworld.serving import reference, serving_folder
+from lorafuse.studies.serving import reference, serving_folder
 
 KEY = "test-key"
 BASE = "world"

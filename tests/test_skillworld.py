@@ -188,7 +188,7 @@ def test_accuracy_matrix_shape(tiny_world: Path) -> None:
 
 
 def test_merge_study_runs_every_method(tiny_world: Path) -> None:
-    from lorafuse.skillworld.merge_study import METHODS, format_study, merge_study
+    from lorafuse.studies.merge import METHODS, format_study, merge_study
 
     result = merge_study(tiny_world, limit=2, progress=False)
     assert set(result["results"]) == {*COMPOSITES, "pool"}

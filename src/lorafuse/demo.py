@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
+from lorafuse._hf import load_model
 from lorafuse._io import lorafuse_home, write_text_atomic
 from lorafuse.adapters import load_lora
 from lorafuse.runtime import attach, detach
@@ -62,7 +62,7 @@ def run_demo(out_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> di
     if not (base_dir / "config.json").is_file():
         save_model(tiny_llama(seed, hidden_size=64, num_layers=4, intermediate_size=128), base_dir)
     steps.update()
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = load_model(base_dir)
     for i, (name, rank) in enumerate(ADAPTERS.items()):
         if not (root / name / "adapter_config.json").is_file():
             random_peft_adapter(model, root / name, seed=seed + 1 + i, r=rank, lora_alpha=2 * rank)

@@ -137,8 +137,9 @@ def prepare(name: str, *, home: Path | None = None, force: bool = False) -> Path
     A complete folder is reused unless ``force``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from lorafuse._hf import load_model, load_tokenizer
     from lorafuse._io import atomic_output_dir, versions, write_json
 
     spec = _spec(name)
@@ -150,8 +151,8 @@ def prepare(name: str, *, home: Path | None = None, force: bool = False) -> Path
     try:
         path = gguf_file(name, scratch)
         folder, file = str(path.parent), path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder, gguf_file=file)
+        loaded = load_model(folder, gguf_file=file, train=True)
         config = copy.deepcopy(loaded.config)  # the GGUF's metadata, read once
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")

@@ -394,11 +394,11 @@ def build_world(
     manifest = read_manifest(out) or {}
     missing = [n for n in names if not _lora_complete(out, manifest, n)]
     if missing:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from lorafuse._hf import load_model, load_tokenizer
 
         torch.set_num_threads(spec.threads)
-        tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-        base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
+        tokenizer = load_tokenizer(out / "tokenizer")
+        base = load_model(out / "base", train=True)
         bar = tqdm(total=len(missing), desc=f"world LoRAs ({profile})", unit="lora", disable=not progress)
         for name in missing:
             recover_leftovers(out / "loras" / name)

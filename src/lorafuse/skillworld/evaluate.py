@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorafuse._hf import load_model, load_tokenizer
 from lorafuse.adapters import load_lora
 from lorafuse.eval import evaluate
 from lorafuse.runtime import attach, detach
@@ -35,9 +35,7 @@ from lorafuse.skillworld.data import (
 
 def load_world(root: Path) -> tuple[Any, Any]:
     """The world's tokenizer and base model, through the plain HuggingFace APIs."""
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    model = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
-    return tokenizer, model
+    return load_tokenizer(root / "tokenizer"), load_model(root / "base")
 
 
 def accuracy_matrix(

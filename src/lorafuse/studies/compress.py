@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafuse._data import encode_examples
+from lorafuse._hf import load_model
 from lorafuse._io import atomic_output_dir, versions
 from lorafuse.compress import (
     activation_error,
@@ -106,7 +107,7 @@ def compress_study(
         tests = read_jsonl(root / "data" / skill / "test.jsonl")[:limit]
         train = read_jsonl(root / "data" / skill / "train.jsonl")
         calib_rows = random.Random(seed).sample(train, min(CALIB_SAMPLES, len(train)))
-        _, ft = load_world_model(ft_dir)
+        ft = load_model(ft_dir)
         calib = [torch.tensor(ids) for ids, _ in encode_examples(tokenizer, calib_rows)]
         hessians = collect_hessians(ft, calib, progress=False)
         rows: dict[str, Any] = {
@@ -178,14 +179,6 @@ def compress_study(
         "versions": versions(),
         "threads": torch.get_num_threads(),
     }
-
-
-def load_world_model(path: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32
-    ).eval()
 
 
 @torch.no_grad()

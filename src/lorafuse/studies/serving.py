@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafuse._hf import load_model
 from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.compress import compress_checkpoint, load_compressed
@@ -48,11 +49,9 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
 
     Returns ``{"adapters": [...], "fusions": [...], "compressed": [...]}`` (the served names).
     """
-    from transformers import AutoModelForCausalLM
-
     world, out = Path(world), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
+    model = load_model(world / "base")
     names: dict[str, list[str]] = {"adapters": [], "fusions": [], "compressed": [], "not_served": []}
     for name in WORLD_LORAS:
         if (world / "loras" / name).is_dir():
@@ -102,7 +101,7 @@ def serving_folder(world: str | Path, out: str | Path, *, random_adapters: int =
         names["fusions"].append(name)
 
     finetuned = out.parent / f"{out.name}-finetuned"
-    tuned = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
+    tuned = load_model(world / "base")
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for module in tuned.modules():

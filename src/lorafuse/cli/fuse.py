@@ -1,4 +1,4 @@
-"""``lorafuse fuse``, ``generate`` and ``explain``: learned composition on the command line."""
+"""``lorafuse fuse``, ``train-lora`` and ``generate``: learned composition on the command line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafuse.cli import app, check_out
-from lorafuse.cli_options import (
+from lorafuse.cli.loading import load_base
+from lorafuse.cli.options import (
     CHAT_HELP,
     COUNT,
     DATA,
@@ -19,16 +19,20 @@ from lorafuse.cli_options import (
     ROWS_HELP,
     SEED,
     GradientCheckpointing,
-    check_device,
+    check_out,
     choice,
     read_examples,
-    torch_dtype,
+    registry_choice,
 )
 
-FUSE_METHODS = ("lora-flow", "cat", "lorahub", "average")
+
+def _fusion_methods() -> Any:
+    from lorafuse.fusion import FUSION_METHODS
+
+    return FUSION_METHODS
 
 
-def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+def pairs(items: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         name, sep, path = item.partition("=")
@@ -40,34 +44,6 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-def load_base(
-    base: Path, tokenizer: Path | None, dtype: str = "float32", device: str = "auto"
-) -> tuple[Any, Any]:
-    """The base model (``AutoModelForCausalLM``) and its tokenizer (from ``tokenizer``, the base
-    folder, or a ``tokenizer/`` folder beside it as in the skill world).
-
-    ``dtype`` (float32 | float16 | bfloat16) and ``device`` (auto | cpu | cuda[:N] | mps, present
-    on this machine) are checked first, so every verb loading a base refuses a bad one alike.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_type = torch_dtype(dtype)
-    device = check_device(device)
-    if not base.is_dir():
-        raise typer.BadParameter(f"--base {base}: no such folder")
-    candidates = [tokenizer] if tokenizer else [base, base.parent / "tokenizer"]
-    found = next((c for c in candidates if c and (c / "tokenizer_config.json").is_file()), None)
-    if found is None:
-        raise typer.BadParameter(f"no tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
-    if device == "auto":  # under torchrun / `accelerate launch`, each process its own device
-        from lorafuse.train.loop import process_state
-
-        device = str(process_state().device)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_type).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(found))
-
-
-@app.command()
 def fuse(
     base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).", callback=FOLDER)],
     lora: Annotated[list[str], typer.Option(help="NAME=DIR of a PEFT LoRA; repeat, task LoRA last.")],
@@ -86,12 +62,16 @@ def fuse(
     chat: Annotated[bool, typer.Option(help=CHAT_HELP)] = False,
     gradient_checkpointing: GradientCheckpointing = False,
     method: Annotated[
-        str, typer.Option(help="lora-flow | cat | lorahub | average.", callback=choice(FUSE_METHODS))
+        str,
+        typer.Option(
+            help="lora-flow | cat-weights (learned CAT; 'cat' also accepted) | lorahub | average.",
+            callback=registry_choice(_fusion_methods),
+        ),
     ] = "lora-flow",
     epochs: Annotated[float, typer.Option(help="Passes over the training examples.", callback=POSITIVE)] = 5,
     lr: Annotated[
         float | None,
-        typer.Option(help="Learning rate [default: 1e-3 lora-flow, 1e-2 cat].", callback=POSITIVE),
+        typer.Option(help="Learning rate [default: 1e-3 lora-flow, 1e-2 cat-weights].", callback=POSITIVE),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Examples per step (over all processes).", callback=COUNT)
@@ -128,9 +108,9 @@ def fuse(
     """
     from dataclasses import replace
 
-    from lorafuse.fusion import FuseSettings, save_fusion
+    from lorafuse.fusion import FUSION_METHODS, FuseSettings, save_fusion
     from lorafuse.fusion import fuse as run_fuse
-    from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN
+    from lorafuse.fusion.api import FLOW_TRAIN
 
     sources: dict[str, str | Path | None] = {
         "--base": base,
@@ -138,15 +118,15 @@ def fuse(
         "--dev": dev,
         "--tokenizer": tokenizer,
     }
-    sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
+    sources |= {f"--lora {name}": path for name, path in pairs(lora, "--lora").items()}
     check_out(out, sources, force=force)
-    loras = _pairs(lora, "--lora")
+    loras = pairs(lora, "--lora")
     if not loras:
         raise typer.BadParameter("give at least one --lora NAME=DIR")
     train_rows = read_examples(train, "--train", typer.BadParameter)
     dev_rows = read_examples(dev, "--dev", typer.BadParameter) if dev else None
     model, tok = load_base(base, tokenizer, dtype, device)
-    train_config = CAT_TRAIN if method == "cat" else FLOW_TRAIN
+    train_config = FUSION_METHODS[method].default_train or FLOW_TRAIN
     train_config = replace(
         train_config,
         epochs=epochs,
@@ -178,7 +158,7 @@ def fuse(
         result = fusion.info.get("result", {})
         if result.get("best_dev_loss") is not None:
             typer.echo(f"best dev loss {result['best_dev_loss']:.4f} at step {result['best_step']}")
-        if fusion.method == "static":
+        if not fusion.dynamic:
             typer.echo(
                 "weights: "
                 + ", ".join(
@@ -189,7 +169,6 @@ def fuse(
         typer.echo(f"wrote {out} ({fusion.method}, {fusion.k} LoRAs)")
 
 
-@app.command("train-lora")
 def train_lora(
     base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).", callback=FOLDER)],
     train: Annotated[
@@ -320,7 +299,7 @@ def train_lora(
     )
 
 
-def _attached(
+def attached(
     base: Path | None,
     fusion_dir: Path,
     lora: list[str] | None,
@@ -338,11 +317,10 @@ def _attached(
         tokenizer = Path(fusion.info["tokenizer"])
         tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").is_file() else None
     model, tok = load_base(base, tokenizer, dtype, device)
-    handle = fusion.attach(model, fusion.load_loras(_pairs(lora, "--lora")))
+    handle = fusion.attach(model, fusion.load_loras(pairs(lora, "--lora")))
     return fusion, model, tok, handle
 
 
-@app.command()
 def generate(
     fusion: Annotated[Path, typer.Option(help="A fusion folder (lorafuse fuse --out).", callback=FOLDER)],
     prompt: Annotated[list[str], typer.Option(help="Prompt text; repeat for a batch.")],
@@ -370,52 +348,13 @@ def generate(
     """
     from lorafuse.eval import generate as run_generate
 
-    loaded, model, tok, _ = _attached(base, fusion, lora, tokenizer, dtype, device)
+    loaded, model, tok, _ = attached(base, fusion, lora, tokenizer, dtype, device)
     chat = bool(loaded.info.get("chat")) and bool(getattr(tok, "chat_template", None))
     for text in run_generate(model, tok, prompt, max_new_tokens=max_new_tokens, chat=chat):
         typer.echo(text)
 
 
-@app.command()
-def explain(
-    fusion: Annotated[Path, typer.Option(help="A LoRA-Flow fusion folder.", callback=FOLDER)],
-    prompt: Annotated[str, typer.Option(help="The prompt to answer.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write (+ OUT_heatmap.png).")],
-    base: Annotated[
-        Path | None,
-        typer.Option(help="Base model folder [default: recorded in the fusion].", callback=FOLDER),
-    ] = None,
-    lora: Annotated[
-        list[str] | None, typer.Option(help="NAME=DIR: where a LoRA of the fusion now lives.")
-    ] = None,
-    max_new_tokens: Annotated[
-        int, typer.Option(help="Tokens to generate at most (capped at the model's context).", callback=COUNT)
-    ] = 64,
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder [default: recorded / the base's].", callback=FOLDER)
-    ] = None,
-) -> None:
-    """Show the gate: the answer with every token coloured by its fusion weights (layer selectable),
-    and a layers × tokens heatmap PNG."""
-    from lorafuse._data import tokenize
-    from lorafuse._io import check_output_path
-    from lorafuse.eval.generate import cap_new_tokens
-    from lorafuse.fusion import LoRAFlow
-    from lorafuse.fusion.explain import explain as run_explain
-    from lorafuse.fusion.explain import write_explanation
-
-    sources: dict[str, str | Path | None] = {"--fusion": fusion, "--base": base, "--tokenizer": tokenizer}
-    sources |= {f"--lora {name}": path for name, path in _pairs(lora, "--lora").items()}
-    check_output_path(out, sources, what="--out")
-    loaded, model, tok, handle = _attached(base, fusion, lora, tokenizer, "float32", "auto")
-    sources |= {f"LoRA {name}": path for name, path in loaded.lora_paths.items()}
-    sources |= {"the fusion's base": loaded.info.get("base_model")}
-    flow = handle.fusion_source
-    if not isinstance(flow, LoRAFlow):
-        raise typer.BadParameter(f"{fusion} is a {loaded.method} fusion; explain needs a lora-flow fusion")
-    prompt_tokens = 1 + len(tokenize(tok, prompt))  # <s> + the prompt, as explain feeds it
-    max_new_tokens = cap_new_tokens(model, prompt_tokens, max_new_tokens)
-    explanation = run_explain(model, tok, flow, loaded.lora_names, prompt, max_new_tokens=max_new_tokens)
-    page, png = write_explanation(explanation, out, inputs=sources)
-    typer.echo(f"answer: {explanation.answer}")
-    typer.echo(f"wrote {page} and {png}")
+def register(app: typer.Typer) -> None:
+    app.command()(fuse)
+    app.command("train-lora")(train_lora)
+    app.command()(generate)

@@ -28,6 +28,8 @@ from lorafuse._checks import MAX_MAGNITUDE, InvalidValueError, check_number
 if TYPE_CHECKING:
     import torch
 
+    from lorafuse._io import OutputInputs
+
 __all__ = [
     "COUNT",
     "COUNT_MAX",
@@ -45,6 +47,7 @@ __all__ = [
     "check_choice",
     "check_device",
     "check_dtype",
+    "check_out",
     "check_settings",
     "choice",
     "flag_of",
@@ -57,6 +60,9 @@ __all__ = [
     "read_examples",
     "read_text",
     "torch_dtype",
+    "world_composites",
+    "world_profiles",
+    "world_tasks",
 ]
 
 SEED_MAX = 2**32 - 1
@@ -130,6 +136,19 @@ def choice(choices: Choices) -> Callback:
         if value is None or ctx.resilient_parsing:
             return value
         return check_choice(value, flag_of(param), _choices(choices))
+
+    return check
+
+
+def registry_choice(registry: Callable[[], Any]) -> Callback:
+    """A typer callback taking one name of a method registry (imported lazily by ``registry()``):
+    the canonical name, old spellings (``dare_ties``, ``cat`` for ``cat-weights``) accepted."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        if value is None or ctx.resilient_parsing:
+            return value
+        entries = registry()
+        return check_choice(entries.aliases().get(value, value), flag_of(param), entries.names())
 
     return check
 
@@ -400,3 +419,39 @@ GradientCheckpointing = Annotated[
         help="Recompute the frozen base's activations in the backward pass (less memory, ~30% slower).",
     ),
 ]
+
+
+def check_out(out: Path, inputs: OutputInputs, *, force: bool, flag: str = "--out") -> None:
+    """Check an output before any work: never an input, nor inside or around one (``--force`` or
+    not; an ``OutputPathError``: one line, status 2), leftovers of an interrupted write repaired,
+    and an existing output only replaced with ``--force``."""
+    from lorafuse._io import check_output_path, recover_leftovers
+
+    check_output_path(out, inputs, what=flag)
+    recover_leftovers(out)
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder")
+
+
+# Choices that come from the skill world, imported only when a command checks them.
+def world_profiles() -> list[str]:
+    """The skill world's profiles (``default``, ``tiny``)."""
+    from lorafuse.skillworld import PROFILES
+
+    return sorted(PROFILES)
+
+
+def world_composites() -> list[str]:
+    """Every composite task of the skill world (both variants)."""
+    from lorafuse.skillworld.data import ALL_COMPOSITES
+
+    return list(ALL_COMPOSITES)
+
+
+def world_tasks() -> list[str]:
+    """Every task with data in a skill world (skills, pool tasks, composites)."""
+    from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS
+
+    return [*SKILLS, *POOL, *COMPOSITES]

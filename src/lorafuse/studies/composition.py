@@ -44,7 +44,7 @@ from lorafuse.merging import merge
 from lorafuse.runtime import attach, detach
 from lorafuse.skillworld.data import COMPOSITES, composite_loras, read_jsonl
 from lorafuse.skillworld.evaluate import load_world
-from lorafuse.skillworld.token_gates import token_gate_means
+from lorafuse.studies.token_gates import token_gate_means
 
 ROWS = [
     "base",
@@ -80,7 +80,7 @@ GRIDS: dict[str, list[tuple[float, int]]] = {
 }
 
 
-def _score(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
+def score(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
     return round(evaluate(model, tokenizer, rows)["exact_match"], 2)
 
 
@@ -97,7 +97,7 @@ def _best_merge(
             merged = merge(loras, method, list(weights), rank, seed=seed, progress=False, **settings)
             attach(model, [merged])
             name = f"{method} w={weights[0]:g},{weights[1]:g}"
-            scores[name] = _score(model, tokenizer, dev)
+            scores[name] = score(model, tokenizer, dev)
             detach(model)
             if best is None or scores[name] > best[0]:
                 best = (scores[name], name, merged)
@@ -338,80 +338,3 @@ def _gate_mean(
     mean = mean_weights(source)  # (layers, k)
     source.record = None
     return [[round(float(v), 4) for v in row] for row in mean]
-
-
-FLOW_VARIANTS: dict[str, dict[str, Any]] = {
-    "layer gates (paper), lr 1e-3": {},
-    "layer gates, lr 1e-2": {"lr": 1e-2},
-    "module gates, lr 1e-3": {"granularity": "module"},
-    "step gate, lr 1e-3": {"granularity": "step"},
-    "bias inside softmax, lr 1e-3": {"bias_in_softmax": True},
-}
-
-
-def flow_ablation(
-    root: Path,
-    *,
-    seeds: Sequence[int] = (0,),
-    limit: int | None = 100,
-    composites: Sequence[str] = COMPOSITES,
-    variants: dict[str, dict[str, Any]] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """LoRA-Flow's ablations (gate granularity, bias placement) and a 10× learning rate, per composite.
-
-    Exact match (%) on the first ``limit`` test examples, and the best dev loss of each run.
-    """
-    started = time.perf_counter()
-    variants = variants or FLOW_VARIANTS
-    tokenizer, model = load_world(root)
-    pad = tokenizer.pad_token_id
-    scores: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
-    dev_losses: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
-    bar = tqdm(total=len(composites) * len(variants) * len(seeds), desc="flow ablation", disable=not progress)
-    for composite in composites:
-        lang_name, task_name = composite_loras(composite)
-        data = root / "data" / composite
-        train_data = encode_examples(tokenizer, read_jsonl(data / "train.jsonl"))
-        dev_data = encode_examples(tokenizer, read_jsonl(data / "dev.jsonl"))
-        test_rows = read_jsonl(data / "test.jsonl")[:limit]
-        loras = {"lang": load_lora(root / "loras" / lang_name), "task": load_lora(root / "loras" / task_name)}
-        for name, options in variants.items():
-            options = dict(options)
-            train = replace(FLOW_TRAIN, lr=options.pop("lr", FLOW_TRAIN.lr))
-            for seed in seeds:
-                handle = attach(model, loras)
-                settings = FuseSettings(method="lora-flow", train=train, seed=seed, **options)
-                fusion = fit_on_bank(handle, train_data, dev_data, settings, pad_id=pad, progress=False)
-                scores[name].setdefault(composite, []).append(_score(model, tokenizer, test_rows))
-                dev_losses[name].setdefault(composite, []).append(
-                    round(fusion.info["result"]["best_dev_loss"], 4)
-                )
-                detach(model)
-                bar.update()
-    bar.close()
-    return {
-        "metric": "exact match (%) on the test split",
-        "limit": limit,
-        "seeds": list(seeds),
-        "composites": list(composites),
-        "variants": {k: dict(v) for k, v in variants.items()},
-        "scores": scores,
-        "best_dev_loss": dev_losses,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def format_ablation(result: dict[str, Any]) -> str:
-    """Markdown: variants × composites, ``exact match / best dev loss`` (means over seeds)."""
-    composites = result["composites"]
-    lines = [
-        "| LoRA-Flow variant | " + " | ".join(f"{c} (EM / dev loss)" for c in composites) + " | avg EM |",
-        "| --- | " + " | ".join("---:" for _ in composites) + " | ---: |",
-    ]
-    for name in result["variants"]:
-        ems = [statistics.mean(result["scores"][name][c]) for c in composites]
-        devs = [statistics.mean(result["best_dev_loss"][name][c]) for c in composites]
-        cells = [f"{e:.1f} / {d:.3f}" for e, d in zip(ems, devs, strict=True)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(ems):.1f} |")
-    return "\n".join(lines)

@@ -132,7 +132,7 @@ def serve(
 
     import torch
 
-    from lorafuse.cli_fuse import load_base
+    from lorafuse.cli.loading import load_base
     from lorafuse.serve import Limits, Server, ServeSettings, WeightLimits
 
     if base is None:

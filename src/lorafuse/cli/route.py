@@ -1,15 +1,15 @@
-"""``lorafuse route ...`` and ``lorafuse world route-study``: thin calls into route/ and fuse/instance."""
+"""``lorafuse route ...``: thin calls into route/ and fusion/instance."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from lorafuse._checks import InvalidValueError, check_number
-from lorafuse.cli_options import (
+from lorafuse.cli.loading import load_model, load_tokenizer
+from lorafuse.cli.options import (
     CHAT_HELP,
     COUNT,
     DATA,
@@ -20,27 +20,13 @@ from lorafuse.cli_options import (
     ROWS_HELP,
     SEED,
     GradientCheckpointing,
+    check_out,
     choice,
     names_of,
-    parse_ints,
-    parse_names,
     read_examples,
     read_text,
+    world_tasks,
 )
-
-
-def _world_tasks() -> list[str]:
-    """Every task with data in a skill world (skills, pool tasks, composites)."""
-    from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS
-
-    return [*SKILLS, *POOL, *COMPOSITES]
-
-
-def _route_methods() -> list[str]:
-    from lorafuse.skillworld.route_study import METHODS
-
-    return list(METHODS)
-
 
 DATA_HELP = f"Training rows (repeatable): {ROWS_HELP}"
 
@@ -68,9 +54,6 @@ def _world_paths(base: Path | None, tokenizer: Path | None) -> tuple[Path, Path,
 
 def _load(base: Path, tokenizer: Path) -> tuple[Any, Any]:
     """The tokenizer and the float32 base model; a folder that holds neither is one line."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not (base / "config.json").is_file():
         raise InvalidValueError(f"--base {base}: no config.json; expected a HuggingFace model folder")
     if not any((tokenizer / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
@@ -78,9 +61,7 @@ def _load(base: Path, tokenizer: Path) -> tuple[Any, Any]:
             f"--tokenizer {tokenizer}: no tokenizer (tokenizer_config.json) in it; pass --tokenizer DIR"
         )
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-    return tok, model
+    return load_tokenizer(tokenizer), load_model(base)
 
 
 def _named_loras(specs: list[str]) -> dict[str, Path]:
@@ -119,7 +100,7 @@ def route_train(
         str | None,
         typer.Option(
             help="Skill-world tasks to mix when no --data [default: skills + pool].",
-            callback=names_of(_world_tasks),
+            callback=names_of(world_tasks),
         ),
     ] = None,
     base: Annotated[
@@ -146,7 +127,6 @@ def route_train(
     import torch
 
     from lorafuse._data import encode_rows
-    from lorafuse.cli import check_out
     from lorafuse.route import MixtureConfig, train_mixture
     from lorafuse.train.loop import TrainConfig
 
@@ -193,7 +173,7 @@ def route_train(
 
 def _training_rows(data: list[Path] | None, tasks: str | None, world: Path | None) -> list[dict[str, Any]]:
     from lorafuse.skillworld.data import read_jsonl
-    from lorafuse.skillworld.route_study import ROUTE_TASKS
+    from lorafuse.studies.route import ROUTE_TASKS
 
     if data:
         return [r for path in data for r in read_examples(path, "--data")]
@@ -220,7 +200,7 @@ def route_train_encoder(
     dim: Annotated[int, typer.Option(help="Query/key width of the encoder.", callback=COUNT)] = 64,
     data: Annotated[list[Path] | None, typer.Option("--data", help=DATA_HELP, callback=DATA)] = None,
     tasks: Annotated[
-        str | None, typer.Option(help="Skill-world tasks when no --data.", callback=names_of(_world_tasks))
+        str | None, typer.Option(help="Skill-world tasks when no --data.", callback=names_of(world_tasks))
     ] = None,
     base: Annotated[
         Path | None, typer.Option(help="HF base folder [default: the skill world's].", callback=FOLDER)
@@ -247,9 +227,8 @@ def route_train_encoder(
     """
     from lorafuse._data import encode_rows
     from lorafuse.adapters import load_lora
-    from lorafuse.cli import check_out
     from lorafuse.fusion.instance import EncoderConfig, train_encoder
-    from lorafuse.skillworld.route_study import ROUTE_TASKS
+    from lorafuse.studies.route import ROUTE_TASKS
     from lorafuse.train.loop import TrainConfig
 
     sources: list[tuple[str, Path | None]] = [("--base", base), ("--tokenizer", tokenizer)]
@@ -391,112 +370,6 @@ def route_generate(
         typer.echo(f"{prompt} → {text}")
 
 
-def _seed_list(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
-    """``--seeds``: comma-separated whole numbers in [0, 2**32 - 1] (checked, kept as text)."""
-    if not ctx.resilient_parsing:
-        parse_ints(value, "--seeds")
-    return value
-
-
-def world_route_study(
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.", callback=_seed_list)] = "0,1,2",
-    methods: Annotated[
-        str,
-        typer.Option(help="Comma-separated: softmax,remix,encoder,arrow.", callback=names_of(_route_methods)),
-    ] = "softmax,remix,encoder,arrow",
-    steps: Annotated[int, typer.Option(help="Training steps per run.", callback=COUNT)] = 300,
-    experts: Annotated[int, typer.Option(help="New experts n (softmax, remix).", callback=COUNT)] = 8,
-    top_k: Annotated[
-        int, typer.Option("--top-k", help="LoRAs per token (every method).", callback=COUNT)
-    ] = 2,
-    samples: Annotated[int, typer.Option(help="ReMix M.", callback=COUNT)] = 4,
-    limit: Annotated[int, typer.Option(help="Test examples per task.", callback=COUNT)] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the world.", callback=SEED)] = 0,
-    world: Annotated[
-        Path | None,
-        typer.Option(
-            "--dir", help="An already built world folder [default: build/reuse default].", callback=FOLDER
-        ),
-    ] = None,
-    threads: Annotated[int, typer.Option(help="Torch threads.", callback=COUNT)] = 2,
-    merge_with: Annotated[
-        Path | None,
-        typer.Option(
-            help="A previous --json result whose runs of other methods or seeds are kept.", callback=FILE
-        ),
-    ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the results as JSON (updated after every run).")
-    ] = None,
-    png: Annotated[Path | None, typer.Option("--png", help="Plot effective experts per layer.")] = None,
-) -> None:
-    """Routing study on the default skill world: softmax and ReMix mixtures, instance encoder, Arrow.
-
-    Prints accuracy per task (mean ± std over seeds) and effective experts / top share per layer.
-    """
-    import torch
-
-    from lorafuse._io import versions
-    from lorafuse.route import plot_health
-    from lorafuse.skillworld import build_world
-    from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.skillworld.route_study import (
-        ROUTE_TASKS,
-        RouteStudySettings,
-        format_route_study,
-        health_curves,
-        route_study,
-    )
-
-    chosen = parse_names(methods, "--methods")
-    if {"softmax", "remix"} & set(chosen):
-        check_number(top_k, f"--top-k (experts per token, of --experts {experts})", high=experts)
-    if {"encoder", "arrow"} & set(chosen):
-        check_number(
-            top_k, f"--top-k (LoRAs per token, of the {len(ROUTE_TASKS)} world LoRAs)", high=len(ROUTE_TASKS)
-        )
-    previous = None
-    if merge_with:
-        try:
-            previous = json.loads(read_text(merge_with, "--merge-with"))
-        except (json.JSONDecodeError, RecursionError):
-            raise InvalidValueError(f"--merge-with {merge_with}: not JSON") from None
-        if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
-            raise InvalidValueError(f"--merge-with {merge_with}: not a route-study result (no 'runs' list)")
-    torch.set_num_threads(threads)
-    root = world or build_world(default_world_dir("default", seed), profile="default", seed=seed)
-    settings = RouteStudySettings(
-        experts=experts,
-        top_k=top_k,
-        samples=samples,
-        steps=steps,
-        limit=limit,
-        seeds=tuple(parse_ints(seeds, "--seeds")),
-        methods=tuple(chosen),
-    )
-
-    def save(result: dict[str, Any]) -> None:
-        if previous is not None:
-            redone = {(r["method"], r.get("seed")) for r in result["runs"]}
-            kept = [r for r in previous["runs"] if (r["method"], r.get("seed")) not in redone]
-            result = {**result, "runs": kept + result["runs"], "merged_from": str(merge_with)}
-        result |= {"versions": versions(), "threads": threads, "world": str(root)}
-        if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = json_out.with_name(f".{json_out.name}.tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(json_out)
-        saved.clear()
-        saved.update(result)
-
-    saved: dict[str, Any] = {}
-    save(route_study(root, settings, on_run=save))
-    typer.echo(format_route_study(saved))
-    if png:
-        plot_health(health_curves(saved), png, n_experts=experts)
-
-
-def register_route(app: typer.Typer, world_app: typer.Typer) -> None:
-    """Add ``route`` to the main CLI and ``route-study`` to ``world``."""
+def register(app: typer.Typer) -> None:
+    """Add ``route`` to the main CLI."""
     app.add_typer(route_app, name="route")
-    world_app.command("route-study")(world_route_study)

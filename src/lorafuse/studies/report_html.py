@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from lorafuse.skillworld.report import bar_chart, cell, row_means
+from lorafuse.studies.report import bar_chart, cell, row_means
 
 SCRIPT = """
 <script>
@@ -114,7 +114,7 @@ def _token_plot(result: dict[str, Any]) -> Callable[[Any], None]:
 
 
 def study_html(result: dict[str, Any]) -> str:
-    """The whole page for a :func:`~lorafuse.skillworld.study.composition_study` result."""
+    """The whole page for a :func:`~lorafuse.studies.composition.composition_study` result."""
     details = result["details"]
     parts = [
         f"<h1>Composition study</h1><p>{html.escape(result['metric'])}; seeds {result['seeds']}; "

@@ -1,7 +1,7 @@
-"""``lorafuse compress``, ``lorafuse decompress`` and ``lorafuse world compress-study``.
+"""``lorafuse compress`` and ``lorafuse decompress``.
 
-Registered on the main app by :func:`register` (one call at the bottom of ``cli.py``). Model
-plumbing lives here: loading the fine-tuned model and a tokenizer to read the calibration text.
+Calibration plumbing lives here: a tokenizer (``--tokenizer`` or the fine-tune's) reads the
+calibration text; models load through :mod:`lorafuse.cli.loading`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from typing import Annotated, Any
 import typer
 
 from lorafuse._checks import InvalidValueError
-from lorafuse.cli_options import (
+from lorafuse.cli.loading import find_tokenizer, load_model, load_tokenizer
+from lorafuse.cli.options import (
     COUNT,
     FILE,
     FOLDER,
     NON_NEGATIVE_COUNT,
     SEED,
+    check_out,
     check_settings,
     choice,
     flag_of,
-    names_of,
     parse_names,
     parse_settings,
     read_text,
@@ -35,12 +36,6 @@ def _methods() -> list[str]:
     from lorafuse.compress import COMPRESS_METHODS
 
     return sorted(COMPRESS_METHODS)
-
-
-def _world_tasks() -> list[str]:
-    from lorafuse.skillworld.data import COMPOSITES, POOL, SKILLS
-
-    return [*SKILLS, *POOL, *COMPOSITES]
 
 
 def check_budget(text: str, flag: str = "--budget") -> str:
@@ -60,7 +55,7 @@ def _budget(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
     return value
 
 
-def _budgets(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+def budgets_of(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
     if not ctx.resilient_parsing:
         for budget in parse_names(value, flag_of(param)):
             check_budget(budget, flag_of(param))
@@ -68,13 +63,11 @@ def _budgets(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
 
 
 def _tokenizer(candidates: list[Path]):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    for path in candidates:
-        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-            return AutoTokenizer.from_pretrained(str(path))
-    shown = ", ".join(map(str, candidates))
-    raise typer.BadParameter(f"--calib needs a tokenizer; none found in {shown}; pass --tokenizer DIR")
+    found = find_tokenizer(candidates)
+    if found is None:
+        shown = ", ".join(map(str, candidates))
+        raise typer.BadParameter(f"--calib needs a tokenizer; none found in {shown}; pass --tokenizer DIR")
+    return load_tokenizer(found)
 
 
 def calibration_sequences(tokenizer, path: Path, samples: int, max_tokens: int, seed: int) -> list[Any]:  # type: ignore[no-untyped-def]
@@ -185,7 +178,6 @@ def compress(
 
     Example: lorafuse compress --base B --finetuned F --method delta-come --budget 1/16 --calib c.txt --out D
     """
-    from lorafuse.cli import check_out
     from lorafuse.compress import compress_checkpoint, get_method, parse_schedule, save_compressed
 
     sources = {"--base": base, "--finetuned": finetuned, "--calib": calib, "--tokenizer": tokenizer}
@@ -258,17 +250,12 @@ def compress(
 
 def _distill(result, base, finetuned, calib, tokenizer_dir, samples, max_tokens, seed, steps):  # type: ignore[no-untyped-def]
     """BitDelta scale distillation: student = base + plain deltas + α·sign, teacher = the fine-tune."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from lorafuse.compress import apply_delta, distill_scales
 
     tokenizer = _tokenizer([p for p in (tokenizer_dir, finetuned) if p is not None])
     sequences = calibration_sequences(tokenizer, calib, samples, max_tokens, seed)
-    student = apply_delta(
-        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval(), result, linear=False
-    )
-    teacher = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32).eval()
+    student = apply_delta(load_model(base), result, linear=False)
+    teacher = load_model(finetuned)
     return distill_scales(student, teacher, result, sequences, steps=steps, seed=seed)
 
 
@@ -284,7 +271,6 @@ def decompress(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write BASE + the decompressed delta as a normal HF model folder (AutoModelForCausalLM loads it)."""
-    from lorafuse.cli import check_out
     from lorafuse.compress import decompress as run
 
     check_out(out, {"--base": base, "COMPRESSED": compressed}, force=force)
@@ -292,52 +278,6 @@ def decompress(
     typer.echo(f"wrote {out}")
 
 
-def compress_study(
-    out_dir: Annotated[
-        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the world and of the fine-tunes.", callback=SEED)] = 0,
-    skills: Annotated[
-        str, typer.Option(help="Comma-separated task skills to fine-tune.", callback=names_of(_world_tasks))
-    ] = "math,list",
-    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.", callback=_budgets)] = "1/16,1/32",
-    steps: Annotated[int, typer.Option(help="Full fine-tuning steps per skill.", callback=COUNT)] = 600,
-    limit: Annotated[
-        int | None, typer.Option(help="At most this many test examples per task.", callback=COUNT)
-    ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
-    ] = None,
-) -> None:
-    """Full fine-tunes of the world's base, compressed by every method at each budget; accuracy and errors.
-
-    Fine-tunes are cached in $LORAFUSE_HOME/compress-study/<world>-steps<N>/ (reused when complete).
-    """
-    from lorafuse._io import check_output_path, write_text_atomic
-    from lorafuse.skillworld import build_world
-    from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.skillworld.compress_study import compress_study as run
-    from lorafuse.skillworld.compress_study import format_compress_study
-
-    root = build_world(out_dir or default_world_dir("default", seed), profile="default", seed=seed)
-    if json_out:
-        check_output_path(json_out, {"--dir": root}, what="--json")
-    result = run(
-        root,
-        skills=[s.strip() for s in skills.split(",") if s.strip()],
-        budgets=[b.strip() for b in budgets.split(",") if b.strip()],
-        steps=steps,
-        seed=seed,
-        limit=limit,
-    )
-    typer.echo(format_compress_study(result))
-    if json_out:
-        write_text_atomic(
-            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
-        )
-
-
-def register(app: typer.Typer, world_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     app.command("compress")(compress)
     app.command("decompress")(decompress)
-    world_app.command("compress-study")(compress_study)

@@ -105,7 +105,7 @@ def write_report(result: dict[str, Any], out: Path, *, inputs: OutputInputs = ()
         )
         (tmp / "study.md").write_text(header + table + "\n")
         bar_chart(result, tmp / "study.png")
-        from lorafuse.skillworld.report_html import study_html
+        from lorafuse.studies.report_html import study_html
 
         (tmp / "study.html").write_text(study_html(result))
     return out
