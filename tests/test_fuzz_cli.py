@@ -124,7 +124,11 @@ CASES: list[tuple[str, str, str]] = [
     ("fuse-temperature-0", FUSE + " --temperature 0", "--temperature must be > 0"),
     ("fuse-temperature-nan", FUSE + " --temperature nan", "--temperature must be a finite"),
     ("fuse-granularity", FUSE + " --granularity token", "--granularity must be one of layer, module, step"),
-    ("fuse-method", FUSE + " --method bogus", "--method must be one of lora-flow, cat, lorahub, average"),
+    (
+        "fuse-method",
+        FUSE + " --method bogus",
+        "--method must be one of average, cat-weights, lora-flow, lorahub",
+    ),
     ("fuse-seed", FUSE + " --seed -1", "--seed must be ≥ 0"),
     (
         "fuse-train-missing",
