@@ -12,13 +12,24 @@ The public API (see README.md):
 - compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
   :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``);
 - routing: :class:`Mixture` / :func:`train_mixture` (softmax and ReMix routers), :class:`ArrowSource`,
-  :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`.
+  :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`;
+- artefacts: :func:`load` opens any saved folder (LoRA, fusion, mixture, instance encoder,
+  :class:`CompressedDelta`) by its header's kind; each class has ``save(dir, *, overwrite=False)``
+  and ``load(dir, ...)``; unreadable folders raise :class:`ArtefactError`.
 """
 
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
-from lorafuse.compress import COMPRESS_METHODS, compress_checkpoint, decompress, load_compressed
+from lorafuse.artefacts import load
+from lorafuse.compress import (
+    COMPRESS_METHODS,
+    CompressedDelta,
+    compress_checkpoint,
+    decompress,
+    load_compressed,
+)
 from lorafuse.errors import (
     AdapterFormatError,
+    ArtefactError,
     CompatibilityError,
     LorafuseError,
     PickleRefusedError,
@@ -45,8 +56,10 @@ __all__ = [
     "AdapterFormatError",
     "AdapterPool",
     "ArrowSource",
+    "ArtefactError",
     "AttachedBank",
     "CompatibilityError",
+    "CompressedDelta",
     "Delta",
     "EncoderConfig",
     "FuseSettings",
@@ -72,6 +85,7 @@ __all__ = [
     "decompress",
     "detach",
     "fuse",
+    "load",
     "load_compressed",
     "load_fusion",
     "load_lora",

@@ -8,7 +8,8 @@ Layout::
     <dir>/other.safetensors     plain fp32 deltas of non-linear tensors (only when requested)
 
 The bytes of ``delta.safetensors``' data section equal the sum of the modules' ``nbytes``. The
-folder is written atomically; reading it never runs pickle.
+folder is written atomically (:meth:`CompressedDelta.save`); reading it (:meth:`CompressedDelta.load`)
+checks the header through the artefact protocol (:mod:`lorafuse._artefact`) and never runs pickle.
 """
 
 from __future__ import annotations
@@ -24,27 +25,28 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, parse_model
-from lorafuse._io import (
-    OutputInputs,
-    atomic_output_dir,
-    combine_inputs,
-    read_json_file,
-    read_safetensors,
-    versions,
-    write_json,
-    write_safetensors,
-)
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, finite_or_none, parse_model
+from lorafuse._io import OutputInputs, combine_inputs, read_safetensors, write_safetensors
 from lorafuse.adapters.lora import LoRA, LoRAModule
 from lorafuse.compress.quantize import QuantizedMatrix
 from lorafuse.compress.types import KINDS, CompressedModule, DenseQuant, HalfFactors, QuantFactors
-from lorafuse.errors import CompressError, LorafuseError
+from lorafuse.errors import ArtefactError, CompressError, LorafuseError
 
 FORMAT = "lorafuse-compressed-delta"
 VERSION = 1
 META = "compressed.json"
 DELTA = "delta.safetensors"
 OTHER = "other.safetensors"
+
+
+class CompressedFormatError(CompressError, ArtefactError):
+    """A compressed-delta folder that cannot be read (its header, its description, its tensors)."""
+
+
+COMPRESSED_FORMAT = register_format(
+    Format(kind=FORMAT, version=VERSION, header=META, noun="compressed delta", error=CompressedFormatError)
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,21 @@ class CompressedDelta:
             modules, self.info.get("base"), name or f"{self.method}", {"source": self.info.get("path")}
         )
 
+    def save(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, inputs: OutputInputs = ()
+    ) -> Path:
+        """Write the folder atomically (:func:`save_compressed`); the folder it was loaded from,
+        the base and the fine-tuned model it records are never written over."""
+        own = self.info.get("path")
+        return save_compressed(
+            self, path, overwrite=overwrite, inputs=combine_inputs(inputs, [own] if own else [])
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CompressedDelta:
+        """Read a compressed-delta folder (:func:`load_compressed`)."""
+        return load_compressed(path)
+
 
 EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # a per-expert weight of a MoE checkpoint
 SHOWN = 3  # module names a refusal shows
@@ -236,26 +253,21 @@ def save_compressed(
         meta = m.meta if isinstance(m, _Packed) else m.meta()
         modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": meta}
     known = {"base": delta.info.get("base"), "finetuned": delta.info.get("finetuned")}
-    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
+    with artefact_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors(tensors, tmp / DELTA)
         if delta.other:
             write_safetensors(delta.other, tmp / OTHER)
-        write_json(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "method": delta.method,
-                "params": delta.params,
-                "budget": delta.budget,
-                "nbytes": delta.nbytes,
-                "fp16_nbytes": delta.fp16_nbytes,
-                "modules": modules,
-                "other": sorted(delta.other),
-                "info": delta.info,
-                "versions": versions(),
-            },
-            tmp / META,
-        )
+        fields = {
+            "method": delta.method,
+            "params": delta.params,
+            "budget": delta.budget,
+            "nbytes": delta.nbytes,
+            "fp16_nbytes": delta.fp16_nbytes,
+            "modules": modules,
+            "other": sorted(delta.other),
+            "info": finite_or_none({k: v for k, v in delta.info.items() if k != "path"}),
+        }
+        write_header(tmp, FORMAT, VERSION, fields)
     return Path(out)
 
 
@@ -366,18 +378,9 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
     damaged tensors, tensors that disagree with the description, NaN/inf scales or factors.
     """
     path = Path(path)
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise CompressError(f"{path}: no {META}; not a compressed delta folder")
-    raw = read_json_file(meta_path, CompressError, what="compressed-delta description")
-    if not isinstance(raw, dict):
-        raise CompressError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise CompressError(
-            f"{meta_path}: format {raw.get('format')!r} version {raw.get('version')!r}; this lorafuse "
-            f"reads {FORMAT!r} version {VERSION}"
-        )
-    meta = parse_model(_CompressedMeta, raw, str(meta_path), error=CompressError)
+    header = read_header(path, FORMAT)
+    meta_path = header.path
+    meta = parse_model(_CompressedMeta, header.fields, str(meta_path), error=CompressError)
     for name, record in meta.modules.items():
         parse_model(
             _KIND_RECORDS[record.kind], record.meta, f"{meta_path}: modules.{name}.meta", CompressError
