@@ -201,14 +201,14 @@ def _version(fmt: Format, raw: dict[str, Any], path: Path) -> int:
 def read_header(folder: str | os.PathLike[str], kind: str | None = None) -> Header:
     """Read and upgrade the header of ``folder`` (of format ``kind``, or whichever it holds).
 
-    Every problem is one error of the format's class (:class:`ArtefactError` when no kind is
-    given) naming the header file and the field: a missing or malformed header, a ``format``
+    Every problem is one error of the format's class (an :class:`ArtefactError`) naming the
+    header file and the field: a missing or malformed header, a ``format``
     that is not a string, not a known kind or not the expected one, a ``version`` that is not a
     whole number, newer than this lorafuse reads or older than the oldest it upgrades.
     """
     folder = Path(folder)
     fmt = get_format(kind) if kind is not None else detect_format(folder)
-    error = fmt.error if kind is not None else ArtefactError
+    error = fmt.error
     path = folder / fmt.header
     if kind is not None and not folder.is_dir():
         raise error(f"{folder}: not a {fmt.noun} folder (not a folder at all)")

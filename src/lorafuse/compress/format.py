@@ -335,7 +335,7 @@ def _check_quantized(q: QuantizedMatrix, where: str) -> None:
     rows, cols = q.shape
     groups = -(-cols // q.group_size)
     if tuple(q.scales.shape) != (rows, groups) or not q.scales.is_floating_point():
-        raise CompressError(
+        raise CompressedFormatError(
             f"{where}: scales are {tuple(q.scales.shape)} {q.scales.dtype}, "
             f"expected ({rows}, {groups}) floats"
         )
@@ -343,7 +343,7 @@ def _check_quantized(q: QuantizedMatrix, where: str) -> None:
         tuple(q.perm.shape) != (cols,)
         or not torch.equal(torch.sort(q.perm.long()).values, torch.arange(cols))
     ):
-        raise CompressError(f"{where}: perm is not a permutation of the {cols} columns")
+        raise CompressedFormatError(f"{where}: perm is not a permutation of the {cols} columns")
 
 
 def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) -> None:
@@ -351,13 +351,15 @@ def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) 
     if isinstance(module, HalfFactors) and (
         module.B.ndim != 2 or module.A.ndim != 2 or module.B.shape[1] != module.A.shape[0]
     ):
-        raise CompressError(
+        raise CompressedFormatError(
             f"{where}: B {tuple(module.B.shape)} and A {tuple(module.A.shape)} are not (out, k), (k, in)"
         )
     if isinstance(module, QuantFactors) and module.S.ndim != 1:
-        raise CompressError(f"{where}: S is {tuple(module.S.shape)}, expected a vector")
+        raise CompressedFormatError(f"{where}: S is {tuple(module.S.shape)}, expected a vector")
     if tuple(module.shape) != shape:
-        raise CompressError(f"{where}: the tensors give shape {tuple(module.shape)}, the record says {shape}")
+        raise CompressedFormatError(
+            f"{where}: the tensors give shape {tuple(module.shape)}, the record says {shape}"
+        )
     if isinstance(module, DenseQuant):
         _check_quantized(module.q, where)
     elif isinstance(module, QuantFactors):
@@ -365,9 +367,9 @@ def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) 
             _check_quantized(part, where)
         r = module.rank
         if sum(v.shape[0] for v in module.V) != r or sum(u.shape[1] for u in module.U) != r:
-            raise CompressError(f"{where}: the factor segments do not add up to the rank {r} of S")
+            raise CompressedFormatError(f"{where}: the factor segments do not add up to the rank {r} of S")
         if any(v.shape[1] != shape[1] for v in module.V) or any(u.shape[0] != shape[0] for u in module.U):
-            raise CompressError(f"{where}: factor segments disagree with the shape {shape}")
+            raise CompressedFormatError(f"{where}: factor segments disagree with the shape {shape}")
 
 
 def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
@@ -380,18 +382,21 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
     path = Path(path)
     header = read_header(path, FORMAT)
     meta_path = header.path
-    meta = parse_model(_CompressedMeta, header.fields, str(meta_path), error=CompressError)
+    meta = parse_model(_CompressedMeta, header.fields, str(meta_path), error=CompressedFormatError)
     for name, record in meta.modules.items():
         parse_model(
-            _KIND_RECORDS[record.kind], record.meta, f"{meta_path}: modules.{name}.meta", CompressError
+            _KIND_RECORDS[record.kind],
+            record.meta,
+            f"{meta_path}: modules.{name}.meta",
+            CompressedFormatError,
         )
     try:
         tensors = read_safetensors(path / DELTA, require_float=False, require_finite=True)
         other = read_safetensors(path / OTHER, require_finite=True) if meta.other else {}
     except LorafuseError as exc:
-        raise CompressError(str(exc)) from None
+        raise CompressedFormatError(str(exc)) from None
     if sorted(other) != sorted(meta.other):
-        raise CompressError(
+        raise CompressedFormatError(
             f"{path / OTHER}: holds {sorted(other)[:5]}, {META} lists {sorted(meta.other)[:5]}"
         )
     modules = PackedModules()  # held as read: a 7B delta costs its file size, not 4-8× unpacked
@@ -400,9 +405,9 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
         try:
             module = KINDS[record.kind].from_tensors(tensors, name, record.meta)
         except KeyError as exc:
-            raise CompressError(f"{where} is damaged: tensor {exc} is missing") from None
+            raise CompressedFormatError(f"{where} is damaged: tensor {exc} is missing") from None
         except (ValueError, RuntimeError, TypeError, IndexError) as exc:
-            raise CompressError(f"{where} is damaged: {exc}") from None
+            raise CompressedFormatError(f"{where} is damaged: {exc}") from None
         _check_module(module, record.shape, where)
         own = {k: t for k, t in tensors.items() if k.startswith(f"{name}.")}
         modules.add(name, module, own)
