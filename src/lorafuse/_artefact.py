@@ -100,7 +100,7 @@ FORMATS: dict[str, Format] = {}
 def register_format(fmt: Format) -> Format:
     """Add ``fmt`` to the registry (by kind) and return it; a module's ``FORMAT = register_format(...)``."""
     clash = [f.kind for f in FORMATS.values() if f.kind != fmt.kind and f.header == fmt.header]
-    if clash and fmt.marker is None:
+    if clash:
         raise ValueError(f"{fmt.kind}: header file {fmt.header} is already the header of {clash[0]}")
     FORMATS[fmt.kind] = fmt
     return fmt
