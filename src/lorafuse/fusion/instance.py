@@ -44,7 +44,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._artefact import (
+    Format,
+    artefact_dir,
+    read_header,
+    record_to_info,
+    register_format,
+    write_header,
+)
 from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
 from lorafuse._io import (
@@ -67,15 +74,6 @@ ACTIVATIONS = ("softmax", "tanh")
 _FIELDS = ("config", "hidden_size", "basis", "base_model", "versions", "info")
 
 
-def _upgrade_v1(fields: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Version 1 → 2: the caller's record, kept beside the header's fields, moves under ``info``."""
-    record = {k: v for k, v in fields.items() if k not in _FIELDS}
-    upgraded = {k: v for k, v in fields.items() if k in _FIELDS and k != "info"}
-    info = fields.get("info")
-    upgraded["info"] = {**record, **(info if isinstance(info, dict) else {})}
-    return upgraded
-
-
 ENCODER_FORMAT = register_format(
     Format(
         kind=FORMAT,
@@ -83,7 +81,7 @@ ENCODER_FORMAT = register_format(
         header=ENCODER_JSON,
         noun="instance encoder",
         error=ArtefactError,
-        upgrades={1: _upgrade_v1},
+        upgrades={1: record_to_info(_FIELDS)},  # 1 → 2: the record moves under info
     )
 )
 

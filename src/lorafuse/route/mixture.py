@@ -29,7 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._artefact import (
+    Format,
+    artefact_dir,
+    read_header,
+    record_to_info,
+    register_format,
+    write_header,
+)
 from lorafuse._checks import PositiveInt, StrictFiniteFloat, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._io import (
     OutputInputs,
@@ -54,15 +61,6 @@ MIXTURE_JSON = "mixture.json"
 _FIELDS = ("config", "num_layers", "hidden_size", "base_model", "versions", "info")
 
 
-def _upgrade_v1(fields: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Version 1 → 2: the caller's record, kept beside the header's fields, moves under ``info``."""
-    record = {k: v for k, v in fields.items() if k not in _FIELDS}
-    upgraded = {k: v for k, v in fields.items() if k in _FIELDS and k != "info"}
-    info = fields.get("info")
-    upgraded["info"] = {**record, **(info if isinstance(info, dict) else {})}
-    return upgraded
-
-
 MIXTURE_FORMAT = register_format(
     Format(
         kind=FORMAT,
@@ -70,7 +68,7 @@ MIXTURE_FORMAT = register_format(
         header=MIXTURE_JSON,
         noun="mixture",
         error=ArtefactError,
-        upgrades={1: _upgrade_v1},
+        upgrades={1: record_to_info(_FIELDS)},  # 1 → 2: the record moves under info
     )
 )
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
