@@ -132,20 +132,6 @@ def detect_format(folder: str | os.PathLike[str]) -> Format:
     return found[0]
 
 
-def record_to_info(own: tuple[str, ...]) -> Upgrade:
-    """An upgrade for a version that kept the caller's record beside the header's ``own`` fields:
-    every other entry moves under ``info`` (joining an ``info`` already there)."""
-
-    def upgrade(fields: dict[str, Any], folder: Path) -> dict[str, Any]:
-        record = {k: v for k, v in fields.items() if k not in own}
-        upgraded = {k: v for k, v in fields.items() if k in own and k != "info"}
-        info = fields.get("info")
-        upgraded["info"] = {**record, **(info if isinstance(info, dict) else {})}
-        return upgraded
-
-    return upgrade
-
-
 def header_text(kind: str, version: int, fields: Mapping[str, Any]) -> str:
     """The header as JSON text: ``format``, ``version``, the fields, then the library ``versions``."""
     reserved = sorted(set(RESERVED) & set(fields))

@@ -24,11 +24,9 @@ names a set of LoRAs and becomes a fixed weight row (1 on the set, 0 elsewhere):
 **Folder** (artefact format ``lorafuse-instance-encoder``, written atomically)::
 
     encoder.json          format, version, config, hidden_size, basis {name: LoRA folder},
-                          base_model, info (tokenizer, training record)
+                          base_model, versions, and beside them the caller's record (tokenizer,
+                          training settings: :attr:`InstanceMixing.info`)
     encoder.safetensors   query (d, H), keys (k, d)
-
-Version 1 kept the caller's record at the top level of ``encoder.json``; version 2 keeps it under
-``info`` (version 1 folders are read by moving it there).
 """
 
 from __future__ import annotations
@@ -44,15 +42,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._artefact import (
-    Format,
-    artefact_dir,
-    read_header,
-    record_to_info,
-    register_format,
-    write_header,
-)
-from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import InvalidValueError, PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
 from lorafuse._io import (
     OutputInputs,
@@ -68,10 +59,10 @@ from lorafuse.runtime import AttachedBank, ForwardCall, LayerInputSource, Reads,
 from lorafuse.train.loop import TrainConfig, train_loop
 
 FORMAT = "lorafuse-instance-encoder"
-VERSION = 2
+VERSION = 1
 ENCODER_JSON = "encoder.json"
 ACTIVATIONS = ("softmax", "tanh")
-_FIELDS = ("config", "hidden_size", "basis", "base_model", "versions", "info")
+_FIELDS = ("format", "version", "config", "hidden_size", "basis", "base_model", "versions")
 
 
 ENCODER_FORMAT = register_format(
@@ -81,7 +72,6 @@ ENCODER_FORMAT = register_format(
         header=ENCODER_JSON,
         noun="instance encoder",
         error=ArtefactError,
-        upgrades={1: record_to_info(_FIELDS)},  # 1 → 2: the record moves under info
     )
 )
 
@@ -233,6 +223,11 @@ class InstanceMixing:
             )
         base = base_model if base_model is not None else self.base_model
         info = finite_or_none({**self.info, **dict(extra or {})})
+        clash = sorted(set(info) & set(_FIELDS))
+        if clash:
+            raise InvalidValueError(
+                f"the encoder's record {clash} would replace the header's own fields; rename those keys"
+            )
         if isinstance(info.get("tokenizer"), str):
             info["tokenizer"] = record_path(info["tokenizer"])
         fields = {
@@ -240,7 +235,7 @@ class InstanceMixing:
             "hidden_size": int(self.encoder.query.shape[1]),
             "basis": {name: record_path(paths[name]) for name in self.names},
             "base_model": record_path(base) if base else base,
-            "info": info,
+            **info,
         }
         known = [*(paths[n] for n in self.names), base, info.get("tokenizer")]
         with artefact_dir(path, overwrite=replace, inputs=combine_inputs(known, inputs)) as tmp:
@@ -289,7 +284,7 @@ class InstanceMixing:
             encoder,
             basis_paths=folders,
             base_model=described.get("base_model"),
-            info=described["info"],
+            info={k: v for k, v in described.items() if k not in _FIELDS},
         )
 
     def remove(self) -> nn.Module:
@@ -318,15 +313,12 @@ class _EncoderMeta(BaseModel):
         dict[str, Annotated[str, StringConstraints(strict=True, min_length=1)]], Field(min_length=1)
     ]
     base_model: str | None = None
-    info: dict[str, Any] = {}
 
 
 def read_encoder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], InstanceEncoder]:
     """The description and the encoder of a saved folder (the basis LoRAs are loaded by the caller).
 
-    The description is upgraded to the current version; the record under ``info`` is also given
-    at the top level (below the header's own fields), as version 1 laid it out. Every problem is
-    one :class:`LorafuseError` naming the file and field: a missing or malformed
+    Every problem is one :class:`LorafuseError` naming the file and field: a missing or malformed
     ``encoder.json`` (wrong types, NaN, an empty basis, ``top_k`` beyond the basis, a newer
     version), a missing or damaged ``encoder.safetensors``, tensors whose shapes disagree with
     the description or hold NaN/inf. Relative basis and base paths are resolved from the folder,
@@ -352,10 +344,7 @@ def read_encoder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Instance
     encoder = InstanceEncoder(meta.hidden_size, k, EncoderConfig(**settings.model_dump()))
     encoder.load_state_dict(state)
     encoder.requires_grad_(False)
-    info = dict(meta.info)
-    if isinstance(info.get("tokenizer"), str):
-        info["tokenizer"] = resolve_recorded_path(info["tokenizer"], folder)
-    described = {**info, **raw, "format": FORMAT, "version": VERSION, "info": info}
+    described = {"format": FORMAT, "version": header.version, **raw}
     described["basis"] = {name: resolve_recorded_path(p, folder) for name, p in meta.basis.items()}
     for key in ("base_model", "tokenizer"):
         if isinstance(described.get(key), str):

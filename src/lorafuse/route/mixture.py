@@ -7,13 +7,10 @@ The base never changes. Saved as a folder (written atomically, artefact format
 ``lorafuse-mixture``)::
 
     mixture.json            format, version, config (router kind, n, k, rank, alpha, targets, ...),
-                            num_layers, hidden_size, base_model, info (tokenizer, training record)
+                            num_layers, hidden_size, base_model, versions, and beside them the
+                            caller's record (tokenizer, training settings: :attr:`Mixture.info`)
     router.safetensors      weight (L, n, H)
     experts/e<i>/           one PEFT LoRA per expert (loads in PeftModel unchanged)
-
-Version 1 kept the caller's record (tokenizer, training settings) at the top level of
-``mixture.json``, where it could shadow the header's own fields; version 2 keeps it under
-``info``. Version 1 folders are read by moving those entries under ``info``.
 """
 
 from __future__ import annotations
@@ -29,15 +26,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._artefact import (
-    Format,
-    artefact_dir,
-    read_header,
-    record_to_info,
-    register_format,
-    write_header,
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import (
+    InvalidValueError,
+    PositiveInt,
+    StrictFiniteFloat,
+    StrictPositiveFloat,
+    finite_or_none,
+    parse_model,
 )
-from lorafuse._checks import PositiveInt, StrictFiniteFloat, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._io import (
     OutputInputs,
     combine_inputs,
@@ -56,9 +53,9 @@ from lorafuse.route.softmax import softmax_loss
 from lorafuse.runtime import AttachedBank, attach, detach
 
 FORMAT = "lorafuse-mixture"
-VERSION = 2
+VERSION = 1
 MIXTURE_JSON = "mixture.json"
-_FIELDS = ("config", "num_layers", "hidden_size", "base_model", "versions", "info")
+_FIELDS = ("format", "version", "config", "num_layers", "hidden_size", "base_model", "versions")
 
 
 MIXTURE_FORMAT = register_format(
@@ -68,7 +65,6 @@ MIXTURE_FORMAT = register_format(
         header=MIXTURE_JSON,
         noun="mixture",
         error=ArtefactError,
-        upgrades={1: record_to_info(_FIELDS)},  # 1 → 2: the record moves under info
     )
 )
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -135,7 +131,7 @@ class Mixture:
         self.source = RouterSource(router, model)
         self.bank.set_source(self.source)
         self.scale = config.alpha / config.rank
-        self.info: dict[str, Any] = {}  # the record saved under ``info`` (tokenizer, training)
+        self.info: dict[str, Any] = {}  # the record saved beside the header (tokenizer, training)
 
     @classmethod
     def create(cls, model: nn.Module, config: MixtureConfig, base_model: str | None = None) -> Mixture:
@@ -189,8 +185,16 @@ class Mixture:
         return out
 
     def describe(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The header fields of ``mixture.json`` (``info`` = :attr:`info` updated with ``extra``)."""
+        """The header fields of ``mixture.json``, then the record (:attr:`info` updated with ``extra``).
+
+        A record key naming one of the header's own fields is refused (it would shadow it).
+        """
         info = finite_or_none({**self.info, **(extra or {})})
+        clash = sorted(set(info) & set(_FIELDS))
+        if clash:
+            raise InvalidValueError(
+                f"the mixture's record {clash} would replace the header's own fields; rename those keys"
+            )
         if isinstance(info.get("tokenizer"), str):
             info["tokenizer"] = record_path(info["tokenizer"])
         return {
@@ -198,7 +202,7 @@ class Mixture:
             "num_layers": self.router.num_layers,
             "hidden_size": int(self.router.weight.shape[-1]),
             "base_model": record_path(self.base_model) if self.base_model else self.base_model,
-            "info": info,
+            **info,
         }
 
     def save(
@@ -211,7 +215,7 @@ class Mixture:
     ) -> Path:
         """Write the mixture folder atomically (see the module docstring).
 
-        ``extra`` adds to the record saved under ``info`` (:attr:`info`). An existing non-empty
+        ``extra`` adds to the record saved beside the header (:attr:`info`). An existing non-empty
         folder is replaced only with ``overwrite``; left unset it is false, except in the call form
         that passes ``extra`` (this method's form before the artefact protocol), where it stays
         true. ``path`` must not be, contain or lie inside the base model, the tokenizer recorded
@@ -219,7 +223,7 @@ class Mixture:
         """
         replace = (extra is not None) if overwrite is None else overwrite
         fields = self.describe(extra)
-        known = [self.base_model, fields["info"].get("tokenizer")]
+        known = [self.base_model, fields.get("tokenizer")]
         with artefact_dir(path, overwrite=replace, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
@@ -250,7 +254,7 @@ class Mixture:
                 )
             experts.append(expert)
         mixture = cls(model, experts, router, config, meta.get("base_model"))
-        mixture.info = dict(meta["info"])
+        mixture.info = {k: v for k, v in meta.items() if k not in _FIELDS}
         mixture.freeze()
         return mixture
 
@@ -286,17 +290,14 @@ class _MixtureMeta(BaseModel):
     num_layers: PositiveInt
     hidden_size: PositiveInt
     base_model: str | None = None
-    info: dict[str, Any] = {}
 
 
 def read_mixture_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``mixture.json`` of a mixture folder (recorded paths resolved from it).
 
-    Upgraded to the current version; the record under ``info`` is also given at the top level
-    (below the header's own fields), as version 1 laid it out. Raises one
-    :class:`LorafuseError` naming the file and field for a missing file, bad JSON, another
-    format, a newer version, wrong types, NaN/inf, ``top_k`` beyond the experts, an unknown
-    router kind.
+    Raises one :class:`LorafuseError` naming the file and field for a missing file, bad JSON,
+    another format, a newer version, wrong types, NaN/inf, ``top_k`` beyond the experts, an
+    unknown router kind.
     """
     return _read_meta(Path(path))[0]
 
@@ -312,10 +313,7 @@ def _read_meta(folder: Path) -> tuple[dict[str, Any], _MixtureMeta]:
         raise ArtefactError(
             f"{meta_path}: config.top_k is {settings.top_k} but there are {settings.experts} experts"
         )
-    info = dict(meta.info)
-    if isinstance(info.get("tokenizer"), str):
-        info["tokenizer"] = resolve_recorded_path(info["tokenizer"], folder)
-    described = {**info, **raw, "format": FORMAT, "version": VERSION, "info": info}
+    described = {"format": FORMAT, "version": header.version, **raw}
     for key in ("base_model", "tokenizer"):
         if isinstance(described.get(key), str):
             described[key] = resolve_recorded_path(described[key], folder)
