@@ -217,7 +217,7 @@ class InstanceMixing:
         paths = {**self.basis_paths, **{n: str(p) for n, p in (basis_paths or {}).items()}}
         missing = [n for n in self.names if n not in paths]
         if missing:
-            raise ArtefactError(
+            raise InvalidValueError(
                 f"cannot save the instance encoder to {path}: no folder is known for the basis "
                 f"LoRA(s) {missing}; pass basis_paths={{name: folder}}"
             )
