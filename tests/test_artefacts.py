@@ -543,3 +543,22 @@ def test_errors_are_lorafuse_errors() -> None:
         CompressedFormatError, ArtefactError
     )
     assert issubclass(FusionFormatError, ArtefactError)
+
+
+def test_encoder_basis_folders(
+    llama_dir: Path, llama_adapters: dict[str, Path], saved: dict[str, Path], tmp_path: Path
+) -> None:
+    """An encoder records its basis by folder: one it cannot name is refused; loading may replace one."""
+    plain = LoRA.load(llama_adapters["plain"])
+    plain.metadata.pop("source")
+    mixing = InstanceMixing(load(llama_dir), {"a": plain}, InstanceEncoder(32, 1, EncoderConfig(dim=8)))
+    with pytest.raises(LorafuseError, match="basis_paths"):
+        mixing.save(tmp_path / "enc")
+    assert not (tmp_path / "enc").exists()
+    mixing.remove()
+    swapped = InstanceMixing.load(saved["encoder"], load(llama_dir), basis={"b": llama_adapters["plain"]})
+    assert swapped.basis_paths["b"] == str(llama_adapters["plain"])
+    assert swapped.bank.banks["model.layers.0.self_attn.q_proj"].B.shape[1] == 8  # rank 4 + rank 4
+    swapped.remove()
+    with pytest.raises(ArtefactError, match="name no LoRA"):
+        InstanceMixing.load(saved["encoder"], load(llama_dir), basis={"zzz": llama_adapters["plain"]})
