@@ -49,7 +49,12 @@ BOTTOM = {
     "_registry",
     "_extras",
     "_hf",
-}  # shared by every layer, import nothing of lorafuse themselves
+    "_artefact",
+}  # shared by every layer, import nothing of lorafuse but each other
+# The artefact protocol sits on the file plumbing only (no other bottom module, no layer).
+ARTEFACT_BOTTOM = {"errors", "_io"}
+# Top-level modules above every layer: they may import any layer, and no layer imports them.
+TOP_MODULES = {"artefacts": {"adapters", "compress", "fusion", "route"}}
 PURE_MATHS = [
     "adapters/lora.py",
     "runtime/functional.py",
@@ -92,6 +97,16 @@ def test_nothing_imports_the_cli() -> None:
 def test_bottom_modules_import_no_layer() -> None:
     for name in BOTTOM:
         assert lorafuse_imports(SRC / f"{name}.py") <= BOTTOM
+    assert lorafuse_imports(SRC / "_artefact.py") <= ARTEFACT_BOTTOM
+
+
+@pytest.mark.parametrize("name", sorted(TOP_MODULES))
+def test_top_modules_import_only_downward(name: str) -> None:
+    """``artefacts`` opens every artefact class: it imports layers, and no layer imports it."""
+    assert lorafuse_imports(SRC / f"{name}.py") - BOTTOM <= TOP_MODULES[name]
+    for layer in ALLOWED:
+        for path in (SRC / layer).rglob("*.py"):
+            assert name not in lorafuse_imports(path), f"{path.relative_to(SRC)} imports {name}, above it"
 
 
 @pytest.mark.parametrize("relative", PURE_MATHS)

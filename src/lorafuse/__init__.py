@@ -12,13 +12,24 @@ The public API (the internals — banks, sources, the serving pool — live in t
 - compression of fine-tuning deltas: :func:`compress_checkpoint`, :func:`decompress`,
   :func:`load_compressed` (methods in :data:`COMPRESS_METHODS`; more in ``lorafuse.compress``);
 - routing: :class:`Mixture` / :func:`train_mixture` (routers in :data:`ROUTINGS`), :class:`ArrowSource`,
-  :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`.
+  :class:`InstanceMixing` / :func:`train_encoder`, :func:`mode_weights`, :class:`RoutingStats`;
+- artefacts: :func:`load` opens any saved folder (LoRA, fusion, mixture, instance encoder,
+  :class:`CompressedDelta`) by its header's kind; each class has ``save(dir, *, overwrite=False)``
+  and ``load(dir, ...)``; unreadable folders raise :class:`ArtefactError`.
 """
 
 from lorafuse.adapters import Delta, LoRA, LoRAModule, check_compatible, load_lora, save_lora
-from lorafuse.compress import COMPRESS_METHODS, compress_checkpoint, decompress, load_compressed
+from lorafuse.artefacts import load
+from lorafuse.compress import (
+    COMPRESS_METHODS,
+    CompressedDelta,
+    compress_checkpoint,
+    decompress,
+    load_compressed,
+)
 from lorafuse.errors import (
     AdapterFormatError,
+    ArtefactError,
     CompatibilityError,
     LorafuseError,
     PickleRefusedError,
@@ -48,8 +59,10 @@ __all__ = [
     "ROUTINGS",
     "AdapterFormatError",
     "ArrowSource",
+    "ArtefactError",
     "AttachedBank",
     "CompatibilityError",
+    "CompressedDelta",
     "Delta",
     "EncoderConfig",
     "FuseSettings",
@@ -71,6 +84,7 @@ __all__ = [
     "decompress",
     "detach",
     "fuse",
+    "load",
     "load_compressed",
     "load_fusion",
     "load_lora",

@@ -132,6 +132,26 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     are not objects with a known ``dtype``, a ``shape`` of non-negative integers and
     ``data_offsets`` of two ordered non-negative integers spanning exactly the shape's bytes.
     """
+    return _checked_header(path)[0]
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``{}`` when absent), after checking the whole header.
+
+    Metadata values must be strings (as the format defines them); anything else is an
+    :class:`AdapterFormatError` naming the file and the key.
+    """
+    metadata = _checked_header(path)[1]
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise AdapterFormatError(
+                f"{path}: __metadata__.{key} is a {type(value).__name__}; metadata values are strings"
+            )
+    return metadata
+
+
+def _checked_header(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The checked tensor entries and the metadata of a safetensors file."""
     if not path.is_file():
         raise AdapterFormatError(f"{path}: missing safetensors file")
     size = path.stat().st_size
@@ -153,7 +173,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     data_len = size - 8 - header_len
     for name, entry in header.items():
         _check_entry(path, name, entry, data_len)
-    return header
+    return header, metadata or {}
 
 
 def read_safetensors(

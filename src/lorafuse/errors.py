@@ -11,7 +11,12 @@ class LorafuseError(Exception):
     """Base class of every error lorafuse raises on purpose."""
 
 
-class AdapterFormatError(LorafuseError, ValueError):
+class ArtefactError(LorafuseError, ValueError):
+    """An artefact folder (adapter, fusion, mixture, encoder, compressed delta) that cannot be read:
+    a missing or malformed header, an unknown kind, a version newer than this lorafuse reads."""
+
+
+class AdapterFormatError(ArtefactError):
     """An adapter folder or file cannot be read: missing, empty, truncated, inconsistent."""
 
 

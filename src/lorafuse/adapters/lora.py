@@ -4,20 +4,26 @@ A LoRA module adds ``ΔW = s · B A`` to a frozen linear map ``W0`` (Hu et al., 
 arXiv 2106.09685): ``h = W0 x + s · B (A x)``, with ``A`` of shape ``(r, in)``, ``B`` of shape
 ``(out, r)`` and ``s = α / r`` (or ``α / √r`` with rsLoRA). Module paths are the names of the
 adapted modules inside the base model as PEFT sees it (``model.layers.0.self_attn.q_proj`` for a
-``LlamaForCausalLM``). This file is pure tensor maths: no transformers, no file formats.
+``LlamaForCausalLM``). This file is pure tensor maths: no transformers; the PEFT folder format
+lives in :mod:`lorafuse.adapters.peft_format`, which :meth:`LoRA.save` / :meth:`LoRA.load` call.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lorafuse._checks import InvalidValueError
+
+if TYPE_CHECKING:
+    from lorafuse._io import OutputInputs
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,35 @@ class LoRA:
         }
         return LoRA(modules, self.base_model, self.name, dict(self.metadata))
 
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        dtype: torch.dtype | None = None,
+        extra: dict[str, Any] | None = None,
+        inputs: OutputInputs = (),
+    ) -> Path:
+        """Write a PEFT folder atomically (:func:`~lorafuse.adapters.peft_format.save_lora`).
+
+        An existing non-empty folder is replaced only with ``overwrite``; the folder this LoRA was
+        loaded from (``metadata["source"]``) counts among ``inputs``, so it is never written over.
+        """
+        from lorafuse.adapters.peft_format import save_lora
+
+        own = self.metadata.get("source")
+        sources = [*([("the LoRA's source", own)] if isinstance(own, str) else []), *_as_list(inputs)]
+        return save_lora(self, path, overwrite=overwrite, dtype=dtype, extra=extra, inputs=sources)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, allow_pickle: bool = False, name: str | None = None
+    ) -> LoRA:
+        """Read a PEFT folder (:func:`~lorafuse.adapters.peft_format.load_lora`)."""
+        from lorafuse.adapters.peft_format import load_lora
+
+        return load_lora(path, allow_pickle=allow_pickle, name=name)
+
 
 @dataclass
 class Delta:
@@ -167,6 +202,13 @@ class Delta:
             path = key.removesuffix(".weight")
             weights[path] = finetuned[key].float() - base[key].float()  # (out, in)
         return cls(weights)
+
+
+def _as_list(inputs: OutputInputs) -> list[Any]:
+    """``inputs`` (paths, ``(label, path)`` pairs or a ``{label: path}`` mapping) as one list."""
+    if isinstance(inputs, str | os.PathLike):
+        return [inputs]
+    return list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
 
 
 def module_kind(path: str) -> str:

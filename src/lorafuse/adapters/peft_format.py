@@ -10,6 +10,11 @@ module path, first match wins.
 ``save_lora`` writes a folder ``PeftModel.from_pretrained`` loads unchanged: one default rank and
 alpha, the modules that differ in ``rank_pattern``/``alpha_pattern`` under their full path, and
 ``use_rslora: false`` (the scale is carried by alpha).
+
+Artefact format ``lorafuse-lora``: version 2 keeps lorafuse's header (kind, version, library
+versions) in ``adapter_model.safetensors``' ``__metadata__["lorafuse"]``, which PEFT ignores;
+version 1 is any PEFT folder without it (what PEFT and earlier lorafuse write). A free-form record
+(merge recipe, training settings) may sit beside the adapter in ``lorafuse.json``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
+from lorafuse._artefact import Format, artefact_dir, header_metadata, read_header, register_format
 from lorafuse._checks import InvalidValueError, PositiveInt, StrictBool, StrictPositiveFloat, parse_model
 from lorafuse._io import (
     OutputInputs,
-    atomic_output_dir,
     read_json_file,
     read_pickle_weights,
     read_safetensors,
@@ -42,6 +47,17 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
 KEY_PREFIX = "base_model.model."
+LORA_FORMAT = register_format(
+    Format(
+        kind="lorafuse-lora",
+        version=2,
+        header=WEIGHTS_NAME,
+        noun="PEFT LoRA adapter",
+        error=AdapterFormatError,
+        upgrades={1: lambda fields, folder: dict(fields)},  # version 1: a PEFT folder, no header
+        marker=CONFIG_NAME,
+    )
+)
 # Source config fields carried over when saving; the rest (layers_to_transform, exclude_modules,
 # ...) could make PEFT skip modules the tensors hold.
 _PRESERVED = ("task_type", "fan_in_fan_out", "revision")
@@ -215,6 +231,7 @@ def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name:
     """
     folder = Path(path)
     raw, config = read_config_file(folder)
+    read_header(folder, LORA_FORMAT.kind)  # a version newer than this lorafuse reads is refused
     weights_path, state = _read_weights(folder, allow_pickle)
     if not state:
         raise AdapterFormatError(f"{weights_path}: holds no tensors")
@@ -337,7 +354,9 @@ def save_lora(
     ``dtype`` converts the factors (default: keep theirs). ``extra`` (default
     ``lora.metadata["lorafuse"]``: merge recipes, versions) is written beside the adapter as
     ``lorafuse.json``, never into PEFT's config. ``path`` must not be, contain or lie inside any
-    of ``inputs`` (the folders ``lora`` was made from), whatever ``overwrite`` says.
+    of ``inputs`` (the folders ``lora`` was made from), whatever ``overwrite`` says; an existing
+    non-empty folder is replaced only with ``overwrite``. The header goes into the weights
+    file's metadata (see the module docstring).
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InvalidValueError(
@@ -348,8 +367,9 @@ def save_lora(
     for module_path, module in lora.modules.items():
         tensors[f"{KEY_PREFIX}{module_path}.lora_A.weight"] = module.A.to(dtype or module.A.dtype)
         tensors[f"{KEY_PREFIX}{module_path}.lora_B.weight"] = module.B.to(dtype or module.B.dtype)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    header = header_metadata(LORA_FORMAT.kind, LORA_FORMAT.version, {})
+    with artefact_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", **header})
         write_json(peft_config_for(lora), tmp / CONFIG_NAME)
         side = extra if extra is not None else lora.metadata.get("lorafuse")
         if side is not None:

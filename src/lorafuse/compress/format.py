@@ -8,7 +8,8 @@ Layout::
     <dir>/other.safetensors     plain fp32 deltas of non-linear tensors (only when requested)
 
 The bytes of ``delta.safetensors``' data section equal the sum of the modules' ``nbytes``. The
-folder is written atomically; reading it never runs pickle.
+folder is written atomically (:meth:`CompressedDelta.save`); reading it (:meth:`CompressedDelta.load`)
+checks the header through the artefact protocol (:mod:`lorafuse._artefact`) and never runs pickle.
 """
 
 from __future__ import annotations
@@ -24,27 +25,28 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, parse_model
-from lorafuse._io import (
-    OutputInputs,
-    atomic_output_dir,
-    combine_inputs,
-    read_json_file,
-    read_safetensors,
-    versions,
-    write_json,
-    write_safetensors,
-)
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import NonNegativeInt, PositiveInt, StrictFiniteFloat, finite_or_none, parse_model
+from lorafuse._io import OutputInputs, combine_inputs, read_safetensors, write_safetensors
 from lorafuse.adapters.lora import LoRA, LoRAModule
 from lorafuse.compress.quantize import QuantizedMatrix
 from lorafuse.compress.types import KINDS, CompressedModule, DenseQuant, HalfFactors, QuantFactors
-from lorafuse.errors import CompressError, LorafuseError
+from lorafuse.errors import ArtefactError, CompressError, LorafuseError
 
 FORMAT = "lorafuse-compressed-delta"
 VERSION = 1
 META = "compressed.json"
 DELTA = "delta.safetensors"
 OTHER = "other.safetensors"
+
+
+class CompressedFormatError(CompressError, ArtefactError):
+    """A compressed-delta folder that cannot be read (its header, its description, its tensors)."""
+
+
+COMPRESSED_FORMAT = register_format(
+    Format(kind=FORMAT, version=VERSION, header=META, noun="compressed delta", error=CompressedFormatError)
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,21 @@ class CompressedDelta:
             modules, self.info.get("base"), name or f"{self.method}", {"source": self.info.get("path")}
         )
 
+    def save(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, inputs: OutputInputs = ()
+    ) -> Path:
+        """Write the folder atomically (:func:`save_compressed`); the folder it was loaded from,
+        the base and the fine-tuned model it records are never written over."""
+        own = self.info.get("path")
+        return save_compressed(
+            self, path, overwrite=overwrite, inputs=combine_inputs(inputs, [own] if own else [])
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CompressedDelta:
+        """Read a compressed-delta folder (:func:`load_compressed`)."""
+        return load_compressed(path)
+
 
 EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # a per-expert weight of a MoE checkpoint
 SHOWN = 3  # module names a refusal shows
@@ -236,26 +253,21 @@ def save_compressed(
         meta = m.meta if isinstance(m, _Packed) else m.meta()
         modules[path] = {"kind": m.kind, "shape": list(m.shape), "nbytes": m.nbytes, "meta": meta}
     known = {"base": delta.info.get("base"), "finetuned": delta.info.get("finetuned")}
-    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
+    with artefact_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors(tensors, tmp / DELTA)
         if delta.other:
             write_safetensors(delta.other, tmp / OTHER)
-        write_json(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "method": delta.method,
-                "params": delta.params,
-                "budget": delta.budget,
-                "nbytes": delta.nbytes,
-                "fp16_nbytes": delta.fp16_nbytes,
-                "modules": modules,
-                "other": sorted(delta.other),
-                "info": delta.info,
-                "versions": versions(),
-            },
-            tmp / META,
-        )
+        fields = {
+            "method": delta.method,
+            "params": delta.params,
+            "budget": delta.budget,
+            "nbytes": delta.nbytes,
+            "fp16_nbytes": delta.fp16_nbytes,
+            "modules": modules,
+            "other": sorted(delta.other),
+            "info": finite_or_none({k: v for k, v in delta.info.items() if k != "path"}),
+        }
+        write_header(tmp, FORMAT, VERSION, fields)
     return Path(out)
 
 
@@ -323,7 +335,7 @@ def _check_quantized(q: QuantizedMatrix, where: str) -> None:
     rows, cols = q.shape
     groups = -(-cols // q.group_size)
     if tuple(q.scales.shape) != (rows, groups) or not q.scales.is_floating_point():
-        raise CompressError(
+        raise CompressedFormatError(
             f"{where}: scales are {tuple(q.scales.shape)} {q.scales.dtype}, "
             f"expected ({rows}, {groups}) floats"
         )
@@ -331,7 +343,7 @@ def _check_quantized(q: QuantizedMatrix, where: str) -> None:
         tuple(q.perm.shape) != (cols,)
         or not torch.equal(torch.sort(q.perm.long()).values, torch.arange(cols))
     ):
-        raise CompressError(f"{where}: perm is not a permutation of the {cols} columns")
+        raise CompressedFormatError(f"{where}: perm is not a permutation of the {cols} columns")
 
 
 def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) -> None:
@@ -339,13 +351,15 @@ def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) 
     if isinstance(module, HalfFactors) and (
         module.B.ndim != 2 or module.A.ndim != 2 or module.B.shape[1] != module.A.shape[0]
     ):
-        raise CompressError(
+        raise CompressedFormatError(
             f"{where}: B {tuple(module.B.shape)} and A {tuple(module.A.shape)} are not (out, k), (k, in)"
         )
     if isinstance(module, QuantFactors) and module.S.ndim != 1:
-        raise CompressError(f"{where}: S is {tuple(module.S.shape)}, expected a vector")
+        raise CompressedFormatError(f"{where}: S is {tuple(module.S.shape)}, expected a vector")
     if tuple(module.shape) != shape:
-        raise CompressError(f"{where}: the tensors give shape {tuple(module.shape)}, the record says {shape}")
+        raise CompressedFormatError(
+            f"{where}: the tensors give shape {tuple(module.shape)}, the record says {shape}"
+        )
     if isinstance(module, DenseQuant):
         _check_quantized(module.q, where)
     elif isinstance(module, QuantFactors):
@@ -353,9 +367,9 @@ def _check_module(module: CompressedModule, shape: tuple[int, int], where: str) 
             _check_quantized(part, where)
         r = module.rank
         if sum(v.shape[0] for v in module.V) != r or sum(u.shape[1] for u in module.U) != r:
-            raise CompressError(f"{where}: the factor segments do not add up to the rank {r} of S")
+            raise CompressedFormatError(f"{where}: the factor segments do not add up to the rank {r} of S")
         if any(v.shape[1] != shape[1] for v in module.V) or any(u.shape[0] != shape[0] for u in module.U):
-            raise CompressError(f"{where}: factor segments disagree with the shape {shape}")
+            raise CompressedFormatError(f"{where}: factor segments disagree with the shape {shape}")
 
 
 def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
@@ -366,29 +380,23 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
     damaged tensors, tensors that disagree with the description, NaN/inf scales or factors.
     """
     path = Path(path)
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise CompressError(f"{path}: no {META}; not a compressed delta folder")
-    raw = read_json_file(meta_path, CompressError, what="compressed-delta description")
-    if not isinstance(raw, dict):
-        raise CompressError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise CompressError(
-            f"{meta_path}: format {raw.get('format')!r} version {raw.get('version')!r}; this lorafuse "
-            f"reads {FORMAT!r} version {VERSION}"
-        )
-    meta = parse_model(_CompressedMeta, raw, str(meta_path), error=CompressError)
+    header = read_header(path, FORMAT)
+    meta_path = header.path
+    meta = parse_model(_CompressedMeta, header.fields, str(meta_path), error=CompressedFormatError)
     for name, record in meta.modules.items():
         parse_model(
-            _KIND_RECORDS[record.kind], record.meta, f"{meta_path}: modules.{name}.meta", CompressError
+            _KIND_RECORDS[record.kind],
+            record.meta,
+            f"{meta_path}: modules.{name}.meta",
+            CompressedFormatError,
         )
     try:
         tensors = read_safetensors(path / DELTA, require_float=False, require_finite=True)
         other = read_safetensors(path / OTHER, require_finite=True) if meta.other else {}
     except LorafuseError as exc:
-        raise CompressError(str(exc)) from None
+        raise CompressedFormatError(str(exc)) from None
     if sorted(other) != sorted(meta.other):
-        raise CompressError(
+        raise CompressedFormatError(
             f"{path / OTHER}: holds {sorted(other)[:5]}, {META} lists {sorted(meta.other)[:5]}"
         )
     modules = PackedModules()  # held as read: a 7B delta costs its file size, not 4-8× unpacked
@@ -397,9 +405,9 @@ def load_compressed(path: str | os.PathLike[str]) -> CompressedDelta:
         try:
             module = KINDS[record.kind].from_tensors(tensors, name, record.meta)
         except KeyError as exc:
-            raise CompressError(f"{where} is damaged: tensor {exc} is missing") from None
+            raise CompressedFormatError(f"{where} is damaged: tensor {exc} is missing") from None
         except (ValueError, RuntimeError, TypeError, IndexError) as exc:
-            raise CompressError(f"{where} is damaged: {exc}") from None
+            raise CompressedFormatError(f"{where} is damaged: {exc}") from None
         _check_module(module, record.shape, where)
         own = {k: t for k, t in tensors.items() if k.startswith(f"{name}.")}
         modules.add(name, module, own)

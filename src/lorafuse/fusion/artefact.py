@@ -9,13 +9,15 @@ Folder layout (format ``lorafuse-fusion``, version 1)::
 
 Methods: ``lora-flow`` (per-token, per-layer gates), ``cat-weights`` (LoRA Soups: one softmax-
 normalised weight per LoRA per module), ``static`` (one weight per LoRA: average, LoraHub, a
-hand-written composition). Saved atomically; loading checks every LoRA's hash before use.
+hand-written composition). Saved atomically (:meth:`Fusion.save`); loading (:meth:`Fusion.load`)
+checks the header through the artefact protocol (:mod:`lorafuse._artefact`) and every LoRA's hash
+before use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
 from lorafuse._checks import (
     MAX_MAGNITUDE,
     PositiveInt,
@@ -36,18 +39,15 @@ from lorafuse._checks import (
 )
 from lorafuse._io import (
     OutputInputs,
-    atomic_output_dir,
     combine_inputs,
-    read_json_file,
     read_safetensors,
     record_path,
     resolve_recorded_path,
-    versions,
     write_safetensors,
 )
 from lorafuse._registry import Registry
 from lorafuse.adapters import LoRA, load_lora
-from lorafuse.errors import LorafuseError
+from lorafuse.errors import ArtefactError, LorafuseError
 from lorafuse.fusion.cat_weights import CatWeighting
 from lorafuse.fusion.flow import FlowWeighting
 from lorafuse.fusion.gate import GateConfig
@@ -65,8 +65,13 @@ METHODS = tuple(WEIGHTINGS.names())
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class FusionFormatError(LorafuseError, ValueError):
+class FusionFormatError(ArtefactError):
     """A fusion folder that cannot be read, or LoRAs that do not match the ones it was made with."""
+
+
+FUSION_FORMAT = register_format(
+    Format(kind=FORMAT, version=VERSION, header="fusion.json", noun="fusion", error=FusionFormatError)
+)
 
 
 def adapter_hashes(folder: Path) -> dict[str, str]:
@@ -94,6 +99,17 @@ class Fusion:
     @property
     def k(self) -> int:
         return len(self.lora_names)
+
+    def save(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, inputs: OutputInputs = ()
+    ) -> Path:
+        """Write the fusion folder atomically (:func:`save_fusion`); non-empty needs ``overwrite``."""
+        return save_fusion(self, path, overwrite=overwrite, inputs=inputs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Fusion:
+        """Read a fusion folder (:func:`load_fusion`)."""
+        return load_fusion(path)
 
     @property
     def num_params(self) -> int:
@@ -229,7 +245,7 @@ def _check_tensors(fusion: Fusion, where: str) -> None:
 
 
 def save_fusion(
-    fusion: Fusion, out: str | Path, *, overwrite: bool = True, inputs: OutputInputs = ()
+    fusion: Fusion, out: str | os.PathLike[str], *, overwrite: bool = True, inputs: OutputInputs = ()
 ) -> Path:
     """Write ``fusion`` to the folder ``out`` atomically.
 
@@ -252,9 +268,7 @@ def save_fusion(
     for key in ("base_model", "tokenizer"):
         if isinstance(info.get(key), str):
             info[key] = record_path(info[key])
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
+    fields = {
         "method": fusion.method,
         "loras": [
             {
@@ -268,16 +282,15 @@ def save_fusion(
         "module_paths": fusion.module_paths,
         "num_params": fusion.num_params,
         "info": finite_or_none(info),
-        "versions": versions(),
     }
     known = [*fusion.lora_paths.values(), fusion.info.get("base_model"), fusion.info.get("tokenizer")]
-    with atomic_output_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
+    with artefact_dir(out, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
         write_safetensors({k: v.float() for k, v in fusion.tensors.items()}, tmp / "weights.safetensors")
-        (tmp / "fusion.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+        write_header(tmp, FORMAT, VERSION, fields)
     return Path(out)
 
 
-def load_fusion(folder: str | Path) -> Fusion:
+def load_fusion(folder: str | os.PathLike[str]) -> Fusion:
     """Read a fusion folder written by :func:`save_fusion`.
 
     Every problem is one :class:`FusionFormatError` naming the file and field: a missing or
@@ -288,18 +301,9 @@ def load_fusion(folder: str | Path) -> Fusion:
     (else the current folder).
     """
     folder = Path(folder)
-    meta_path = folder / "fusion.json"
-    if not meta_path.is_file():
-        raise FusionFormatError(f"{folder}: not a fusion folder (no fusion.json)")
-    raw = read_json_file(meta_path, FusionFormatError, what="fusion description")
-    if not isinstance(raw, dict):
-        raise FusionFormatError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise FusionFormatError(
-            f"{meta_path}: format {raw.get('format')!r} version {raw.get('version')!r}, "
-            f"expected {FORMAT!r} version {VERSION}"
-        )
-    meta = parse_model(_FusionMeta, raw, str(meta_path), error=FusionFormatError)
+    header = read_header(folder, FORMAT)
+    meta_path = header.path
+    meta = parse_model(_FusionMeta, header.fields, str(meta_path), error=FusionFormatError)
     names = [x.name for x in meta.loras]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -20,6 +20,13 @@ with the shared loop.
 **Mode switch.** Phi-4-multimodal switches its LoRA set per request by modality; here a mode
 names a set of LoRAs and becomes a fixed weight row (1 on the set, 0 elsewhere):
 :func:`mode_weights`.
+
+**Folder** (artefact format ``lorafuse-instance-encoder``, written atomically)::
+
+    encoder.json          format, version, config, hidden_size, basis {name: LoRA folder},
+                          base_model, versions, and beside them the caller's record (tokenizer,
+                          training settings: :attr:`InstanceMixing.info`)
+    encoder.safetensors   query (d, H), keys (k, d)
 """
 
 from __future__ import annotations
@@ -35,28 +42,38 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._checks import PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import InvalidValueError, PositiveInt, StrictPositiveFloat, finite_or_none, parse_model
 from lorafuse._data import Encoded
 from lorafuse._io import (
     OutputInputs,
-    atomic_output_dir,
     combine_inputs,
-    read_json_file,
     read_safetensors,
     record_path,
     resolve_recorded_path,
-    versions,
-    write_json,
     write_safetensors,
 )
-from lorafuse.adapters import LoRA
-from lorafuse.errors import LorafuseError
+from lorafuse.adapters import LoRA, load_lora
+from lorafuse.errors import ArtefactError, LorafuseError
 from lorafuse.runtime import AttachedBank, ForwardCall, LayerInputSource, Reads, attach, detach
 from lorafuse.train.loop import TrainConfig, train_loop
 
 FORMAT = "lorafuse-instance-encoder"
 VERSION = 1
+ENCODER_JSON = "encoder.json"
 ACTIVATIONS = ("softmax", "tanh")
+_FIELDS = ("format", "version", "config", "hidden_size", "basis", "base_model", "versions")
+
+
+ENCODER_FORMAT = register_format(
+    Format(
+        kind=FORMAT,
+        version=VERSION,
+        header=ENCODER_JSON,
+        noun="instance encoder",
+        error=ArtefactError,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -146,13 +163,32 @@ class InstanceSource:
 
 
 class InstanceMixing:
-    """A basis of LoRAs attached to a model, weighted per sequence by an :class:`InstanceEncoder`."""
+    """A basis of LoRAs attached to a model, weighted per sequence by an :class:`InstanceEncoder`.
 
-    def __init__(self, model: nn.Module, basis: Mapping[str, LoRA], encoder: InstanceEncoder) -> None:
+    ``basis_paths`` (default: each LoRA's ``metadata["source"]``, the folder it was loaded from),
+    ``base_model`` and ``info`` (a free-form record) are what :meth:`save` writes beside the
+    encoder; the basis LoRAs themselves stay in their folders.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        basis: Mapping[str, LoRA],
+        encoder: InstanceEncoder,
+        *,
+        basis_paths: Mapping[str, str | os.PathLike[str]] | None = None,
+        base_model: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
         self.model, self.encoder = model, encoder
         self.bank: AttachedBank = attach(model, dict(basis))
         self.source = InstanceSource(encoder, model)
         self.bank.set_source(self.source.source)
+        sources = {n: lora.metadata.get("source") for n, lora in basis.items()}
+        self.basis_paths: dict[str, str] = {n: str(p) for n, p in sources.items() if isinstance(p, str)}
+        self.basis_paths |= {n: str(p) for n, p in (basis_paths or {}).items()}
+        self.base_model = base_model
+        self.info: dict[str, Any] = dict(info or {})
 
     @property
     def names(self) -> list[str]:
@@ -161,35 +197,95 @@ class InstanceMixing:
     def save(
         self,
         path: str | os.PathLike[str],
-        basis_paths: Mapping[str, str],
+        basis_paths: Mapping[str, str | os.PathLike[str]] | None = None,
         base_model: str | None = None,
         extra: Mapping[str, Any] | None = None,
         *,
-        overwrite: bool = True,
+        overwrite: bool | None = None,
         inputs: OutputInputs = (),
     ) -> Path:
-        """Write ``encoder.json`` (config, basis names and folders, base) and ``encoder.safetensors``.
+        """Write ``encoder.json`` (config, basis names and folders, base, record) and ``encoder.safetensors``.
 
-        ``path`` must not be, contain or lie inside a basis LoRA, the base model, the tokenizer
-        recorded in ``extra``, nor any of ``inputs`` (training data).
+        ``basis_paths``, ``base_model`` and ``extra`` update :attr:`basis_paths`, :attr:`base_model`
+        and :attr:`info` for this write. An existing non-empty folder is replaced only with
+        ``overwrite``; left unset it is false, except in the call form that passes
+        ``basis_paths`` (this method's form before the artefact protocol), where it stays true.
+        ``path`` must not be, contain or lie inside a basis LoRA, the base model, the recorded
+        tokenizer, nor any of ``inputs`` (training data).
         """
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
+        replace = (basis_paths is not None) if overwrite is None else overwrite
+        paths = {**self.basis_paths, **{n: str(p) for n, p in (basis_paths or {}).items()}}
+        missing = [n for n in self.names if n not in paths]
+        if missing:
+            raise InvalidValueError(
+                f"cannot save the instance encoder to {path}: no folder is known for the basis "
+                f"LoRA(s) {missing}; pass basis_paths={{name: folder}}"
+            )
+        base = base_model if base_model is not None else self.base_model
+        info = finite_or_none({**self.info, **dict(extra or {})})
+        clash = sorted(set(info) & set(_FIELDS))
+        if clash:
+            raise InvalidValueError(
+                f"the encoder's record {clash} would replace the header's own fields; rename those keys"
+            )
+        if isinstance(info.get("tokenizer"), str):
+            info["tokenizer"] = record_path(info["tokenizer"])
+        fields = {
             "config": asdict(self.encoder.config),
             "hidden_size": int(self.encoder.query.shape[1]),
-            "basis": {name: record_path(str(basis_paths[name])) for name in self.names},
-            "base_model": record_path(base_model) if base_model else base_model,
-            "versions": versions(),
-            **finite_or_none(dict(extra or {})),
+            "basis": {name: record_path(paths[name]) for name in self.names},
+            "base_model": record_path(base) if base else base,
+            **info,
         }
-        if isinstance(meta.get("tokenizer"), str):
-            meta["tokenizer"] = record_path(meta["tokenizer"])
-        known = [*basis_paths.values(), base_model, (extra or {}).get("tokenizer")]
-        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
+        known = [*(paths[n] for n in self.names), base, info.get("tokenizer")]
+        with artefact_dir(path, overwrite=replace, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors(dict(self.encoder.state_dict()), tmp / "encoder.safetensors")
-            write_json(meta, tmp / "encoder.json")
+            write_header(tmp, FORMAT, VERSION, fields)
         return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        basis: Mapping[str, LoRA | str | os.PathLike[str]] | None = None,
+    ) -> InstanceMixing:
+        """Attach a saved encoder and its basis LoRAs to ``model`` (frozen, ready for ``generate``).
+
+        The basis LoRAs load from their recorded folders; ``basis`` replaces some of them (a
+        :class:`LoRA` or a folder per name). Errors name the file and field (:func:`read_encoder`).
+        """
+        described, encoder = read_encoder(path)
+        recorded: dict[str, str] = described["basis"]
+        overrides = dict(basis or {})
+        unknown = sorted(set(overrides) - set(recorded))
+        if unknown:
+            raise ArtefactError(
+                f"{path}: basis overrides {unknown} name no LoRA of the encoder ({list(recorded)})"
+            )
+        loras: dict[str, LoRA] = {}
+        folders: dict[str, str] = {}
+        for name, folder in recorded.items():
+            given = overrides.get(name, folder)
+            if isinstance(given, LoRA):
+                loras[name] = given
+                folders[name] = str(given.metadata.get("source") or folder)
+                continue
+            if not Path(given).is_dir():
+                raise ArtefactError(
+                    f"{Path(path) / ENCODER_JSON}: basis LoRA {name!r} is not at {given}; pass "
+                    f"basis={{{name!r}: folder}}"
+                )
+            loras[name], folders[name] = load_lora(given), str(given)
+        return cls(
+            model,
+            loras,
+            encoder,
+            basis_paths=folders,
+            base_model=described.get("base_model"),
+            info={k: v for k, v in described.items() if k not in _FIELDS},
+        )
 
     def remove(self) -> nn.Module:
         self.source.remove()
@@ -223,35 +319,32 @@ def read_encoder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Instance
     """The description and the encoder of a saved folder (the basis LoRAs are loaded by the caller).
 
     Every problem is one :class:`LorafuseError` naming the file and field: a missing or malformed
-    ``encoder.json`` (wrong types, NaN, an empty basis, ``top_k`` beyond the basis), a missing or
-    damaged ``encoder.safetensors``, tensors whose shapes disagree with the description or hold
-    NaN/inf. Relative basis and base paths are resolved from the folder, else the current folder.
+    ``encoder.json`` (wrong types, NaN, an empty basis, ``top_k`` beyond the basis, a newer
+    version), a missing or damaged ``encoder.safetensors``, tensors whose shapes disagree with
+    the description or hold NaN/inf. Relative basis and base paths are resolved from the folder,
+    else the current folder.
     """
     folder = Path(path)
-    meta_path = folder / "encoder.json"
-    raw = read_json_file(meta_path, LorafuseError, what="encoder description")
-    if not isinstance(raw, dict):
-        raise LorafuseError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise LorafuseError(f"{folder}: not a lorafuse instance encoder of version {VERSION}")
-    meta = parse_model(_EncoderMeta, raw, str(meta_path), error=LorafuseError)
+    header = read_header(folder, FORMAT)
+    meta_path, raw = header.path, header.fields
+    meta = parse_model(_EncoderMeta, raw, str(meta_path), error=ArtefactError)
     k, settings = len(meta.basis), meta.config
     if settings.top_k is not None and settings.top_k > k:
-        raise LorafuseError(f"{meta_path}: config.top_k is {settings.top_k} but the basis holds {k} LoRAs")
+        raise ArtefactError(f"{meta_path}: config.top_k is {settings.top_k} but the basis holds {k} LoRAs")
     weights_path = folder / "encoder.safetensors"
     state = read_safetensors(weights_path, require_finite=True)
     expected = {"query": (settings.dim, meta.hidden_size), "keys": (k, settings.dim)}
     for name, shape in expected.items():
         got = tuple(state[name].shape) if name in state else "missing"
         if got != shape:
-            raise LorafuseError(f"{weights_path}: {name} is {got}, expected {shape} from encoder.json")
+            raise ArtefactError(f"{weights_path}: {name} is {got}, expected {shape} from encoder.json")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise LorafuseError(f"{weights_path}: unexpected tensor(s) {extra}")
+        raise ArtefactError(f"{weights_path}: unexpected tensor(s) {extra}")
     encoder = InstanceEncoder(meta.hidden_size, k, EncoderConfig(**settings.model_dump()))
     encoder.load_state_dict(state)
     encoder.requires_grad_(False)
-    described = dict(raw)
+    described = {"format": FORMAT, "version": header.version, **raw}
     described["basis"] = {name: resolve_recorded_path(p, folder) for name, p in meta.basis.items()}
     for key in ("base_model", "tokenizer"):
         if isinstance(described.get(key), str):

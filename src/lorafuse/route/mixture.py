@@ -3,9 +3,12 @@
 The n experts (rank r each, on the target modules of every decoder layer) are attached as one
 :class:`~lorafuse.runtime.LoRABank` per module whose stacked factors are trainable; a
 :class:`~lorafuse.route.router.Router` (kind ``softmax`` or ``remix``) weights them per token.
-The base never changes. Saved as a folder (written atomically)::
+The base never changes. Saved as a folder (written atomically, artefact format
+``lorafuse-mixture``)::
 
-    mixture.json            format, version, router kind, n, k, rank, alpha, targets, base, training
+    mixture.json            format, version, config (router kind, n, k, rank, alpha, targets, ...),
+                            num_layers, hidden_size, base_model, versions, and beside them the
+                            caller's record (tokenizer, training settings: :attr:`Mixture.info`)
     router.safetensors      weight (L, n, H)
     experts/e<i>/           one PEFT LoRA per expert (loads in PeftModel unchanged)
 """
@@ -23,29 +26,45 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 from torch import Tensor, nn
 
-from lorafuse._checks import PositiveInt, StrictFiniteFloat, StrictPositiveFloat, finite_or_none, parse_model
+from lorafuse._artefact import Format, artefact_dir, read_header, register_format, write_header
+from lorafuse._checks import (
+    InvalidValueError,
+    PositiveInt,
+    StrictFiniteFloat,
+    StrictPositiveFloat,
+    finite_or_none,
+    parse_model,
+)
 from lorafuse._io import (
     OutputInputs,
-    atomic_output_dir,
     combine_inputs,
-    read_json_file,
     read_safetensors,
     record_path,
     resolve_recorded_path,
-    versions,
-    write_json,
     write_safetensors,
 )
 from lorafuse._layers import find_decoder_layers
 from lorafuse.adapters import LoRA, LoRAModule, load_lora, save_lora
 from lorafuse.adapters.validate import linear_shape
-from lorafuse.errors import LorafuseError
+from lorafuse.errors import ArtefactError, LorafuseError
 from lorafuse.route.router import ROUTINGS, Router, RouterSource
 from lorafuse.runtime import AttachedBank, attach, detach
 
 FORMAT = "lorafuse-mixture"
 VERSION = 1
 MIXTURE_JSON = "mixture.json"
+_FIELDS = ("format", "version", "config", "num_layers", "hidden_size", "base_model", "versions")
+
+
+MIXTURE_FORMAT = register_format(
+    Format(
+        kind=FORMAT,
+        version=VERSION,
+        header=MIXTURE_JSON,
+        noun="mixture",
+        error=ArtefactError,
+    )
+)
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -110,6 +129,7 @@ class Mixture:
         self.source = RouterSource(router, model)
         self.bank.set_source(self.source)
         self.scale = config.alpha / config.rank
+        self.info: dict[str, Any] = {}  # the record saved beside the header (tokenizer, training)
 
     @classmethod
     def create(cls, model: nn.Module, config: MixtureConfig, base_model: str | None = None) -> Mixture:
@@ -159,15 +179,25 @@ class Mixture:
             out.append(LoRA(modules, base_model=self.base_model, name=f"e{i}"))
         return out
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The header fields of ``mixture.json``, then the record (:attr:`info` updated with ``extra``).
+
+        A record key naming one of the header's own fields is refused (it would shadow it).
+        """
+        info = finite_or_none({**self.info, **(extra or {})})
+        clash = sorted(set(info) & set(_FIELDS))
+        if clash:
+            raise InvalidValueError(
+                f"the mixture's record {clash} would replace the header's own fields; rename those keys"
+            )
+        if isinstance(info.get("tokenizer"), str):
+            info["tokenizer"] = record_path(info["tokenizer"])
         return {
-            "format": FORMAT,
-            "version": VERSION,
             "config": {**asdict(self.config), "targets": list(self.config.targets)},
             "num_layers": self.router.num_layers,
             "hidden_size": int(self.router.weight.shape[-1]),
             "base_model": record_path(self.base_model) if self.base_model else self.base_model,
-            "versions": versions(),
+            **info,
         }
 
     def save(
@@ -175,23 +205,25 @@ class Mixture:
         path: str | os.PathLike[str],
         extra: dict[str, Any] | None = None,
         *,
-        overwrite: bool = True,
+        overwrite: bool | None = None,
         inputs: OutputInputs = (),
     ) -> Path:
         """Write the mixture folder atomically (see the module docstring).
 
-        ``path`` must not be, contain or lie inside the base model, the tokenizer recorded in
-        ``extra``, nor any of ``inputs`` (training data).
+        ``extra`` adds to the record saved beside the header (:attr:`info`). An existing non-empty
+        folder is replaced only with ``overwrite``; left unset it is false, except in the call form
+        that passes ``extra`` (this method's form before the artefact protocol), where it stays
+        true. ``path`` must not be, contain or lie inside the base model, the tokenizer recorded
+        in the record, nor any of ``inputs`` (training data).
         """
-        known = [self.base_model, (extra or {}).get("tokenizer")]
-        with atomic_output_dir(path, overwrite=overwrite, inputs=combine_inputs(known, inputs)) as tmp:
+        replace = (extra is not None) if overwrite is None else overwrite
+        fields = self.describe(extra)
+        known = [self.base_model, fields.get("tokenizer")]
+        with artefact_dir(path, overwrite=replace, inputs=combine_inputs(known, inputs)) as tmp:
             write_safetensors({"weight": self.router.weight}, tmp / "router.safetensors")
             for i, expert in enumerate(self.experts()):
                 save_lora(expert, tmp / "experts" / f"e{i}")
-            meta = finite_or_none({**self.describe(), **(extra or {})})
-            if isinstance(meta.get("tokenizer"), str):
-                meta["tokenizer"] = record_path(meta["tokenizer"])
-            write_json(meta, tmp / MIXTURE_JSON)
+            write_header(tmp, FORMAT, VERSION, fields)
         return Path(path)
 
     @classmethod
@@ -211,12 +243,13 @@ class Mixture:
             expert = load_lora(folder / "experts" / f"e{i}")
             wrong = sorted(p for p, m in expert.modules.items() if m.rank != config.rank)
             if wrong:
-                raise LorafuseError(
+                raise ArtefactError(
                     f"{folder / 'experts' / f'e{i}'}: {wrong[0]} has rank {expert[wrong[0]].rank} but "
                     f"{MIXTURE_JSON} says config.rank={config.rank}"
                 )
             experts.append(expert)
         mixture = cls(model, experts, router, config, meta.get("base_model"))
+        mixture.info = {k: v for k, v in meta.items() if k not in _FIELDS}
         mixture.freeze()
         return mixture
 
@@ -258,31 +291,24 @@ def read_mixture_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``mixture.json`` of a mixture folder (recorded paths resolved from it).
 
     Raises one :class:`LorafuseError` naming the file and field for a missing file, bad JSON,
-    another format or version, wrong types, NaN/inf, ``top_k`` beyond the experts, an unknown
-    router kind.
+    another format, a newer version, wrong types, NaN/inf, ``top_k`` beyond the experts, an
+    unknown router kind.
     """
     return _read_meta(Path(path))[0]
 
 
 def _read_meta(folder: Path) -> tuple[dict[str, Any], _MixtureMeta]:
-    meta_path = folder / MIXTURE_JSON
-    raw = read_json_file(meta_path, LorafuseError, what="mixture description")
-    if not isinstance(raw, dict):
-        raise LorafuseError(f"{meta_path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise LorafuseError(
-            f"{folder}: not a lorafuse mixture of version {VERSION} "
-            f"(format {raw.get('format')!r}, version {raw.get('version')!r})"
-        )
-    meta = parse_model(_MixtureMeta, raw, str(meta_path), error=LorafuseError)
+    header = read_header(folder, FORMAT)
+    meta_path, raw = header.path, header.fields
+    meta = parse_model(_MixtureMeta, raw, str(meta_path), error=ArtefactError)
     settings = meta.config
     if settings.router not in ROUTINGS:
-        raise LorafuseError(f"{meta_path}: config.router is {settings.router!r}; one of {sorted(ROUTINGS)}")
+        raise ArtefactError(f"{meta_path}: config.router is {settings.router!r}; one of {sorted(ROUTINGS)}")
     if settings.top_k > settings.experts:
-        raise LorafuseError(
+        raise ArtefactError(
             f"{meta_path}: config.top_k is {settings.top_k} but there are {settings.experts} experts"
         )
-    described = dict(raw)
+    described = {"format": FORMAT, "version": header.version, **raw}
     for key in ("base_model", "tokenizer"):
         if isinstance(described.get(key), str):
             described[key] = resolve_recorded_path(described[key], folder)
@@ -300,5 +326,5 @@ def read_mixture(folder: Path) -> tuple[dict[str, Any], MixtureConfig, Tensor]:
     expected = (meta["num_layers"], config.experts, meta["hidden_size"])
     got = tuple(tensors["weight"].shape) if "weight" in tensors else "missing"
     if got != expected:
-        raise LorafuseError(f"{weights_path}: weight is {got}, expected {expected} from {MIXTURE_JSON}")
+        raise ArtefactError(f"{weights_path}: weight is {got}, expected {expected} from {MIXTURE_JSON}")
     return meta, config, tensors["weight"]
