@@ -610,5 +610,9 @@ from lorafuse.cli_models import register as _register_models  # noqa: E402
 
 _register_models(app)
 
+from lorafuse.cli_library import register_library  # noqa: E402  (issue 17: the adapter library)
+
+register_library(app)
+
 if __name__ == "__main__":
     main()
