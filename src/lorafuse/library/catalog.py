@@ -666,14 +666,26 @@ def get(con: sqlite3.Connection, name: str) -> dict[str, Any]:
     ]
     if out["kind"] == "fusion" and out.get("info"):
         for entry in out["info"].get("loras", []):
-            sha = (entry.get("sha256") or {}).get("adapter_model.safetensors")
-            match = con.execute(
-                "SELECT a.name FROM files f JOIN adapters a ON a.id = f.adapter_id "
-                "WHERE f.name = 'adapter_model.safetensors' AND f.sha256 = ? LIMIT 1",
-                (sha,),
-            ).fetchone()
-            entry["in_catalogue"] = match[0] if match else None
+            entry["in_catalogue"] = _match_hashes(con, entry.get("sha256") or {})
     return out
+
+
+def _match_hashes(con: sqlite3.Connection, hashes: dict[str, str]) -> str | None:
+    """The catalogue name of the adapter whose files have all these SHA-256s (usable ones first)."""
+    weights = hashes.get("adapter_model.safetensors")
+    if not isinstance(weights, str):
+        return None
+    for row in con.execute(
+        "SELECT a.id, a.name FROM files f JOIN adapters a ON a.id = f.adapter_id "
+        "WHERE f.name = 'adapter_model.safetensors' AND f.sha256 = ? ORDER BY a.status = 'ok' DESC, a.name",
+        (weights,),
+    ):
+        held = {
+            r[0]: r[1] for r in con.execute("SELECT name, sha256 FROM files WHERE adapter_id = ?", (row[0],))
+        }
+        if all(held.get(name) == sha for name, sha in hashes.items()):
+            return str(row[1])
+    return None
 
 
 def stats(con: sqlite3.Connection) -> dict[str, Any]:
