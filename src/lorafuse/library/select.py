@@ -222,13 +222,17 @@ def loss_scores(
     group: int = 16,
     loader: Callable[..., LoRA] | None = None,
     progress: bool = False,
-) -> tuple[dict[str, float], list[dict[str, str]], float]:
+    with_base: bool = True,
+) -> tuple[dict[str, float], list[dict[str, str]], float | None]:
     """Mean token loss of every adapter on ``examples``, through one serving pool.
 
     Adapters are loaded ``group`` at a time into the pool; the (adapter, example) pairs of a group
-    run as batches of ``batch_size`` rows, each row with its own adapter; then the group is
-    evicted, so memory holds at most ``group`` adapters. Returns the losses, the adapters that
-    could not be loaded (with the reason) and the base model's loss on the same examples.
+    run as batches of ``batch_size`` rows, each row with its own adapter, in adapter order (so a
+    batch holds as few adapters as the number of examples allows: with 4 examples and 16 rows,
+    4 adapters share each forward; with more examples than rows, one adapter fills a batch and
+    no rank is computed for a row that does not use it); then the group is evicted, so memory
+    holds at most ``group`` adapters. Returns the losses, the adapters that could not be loaded
+    (with the reason) and the base model's loss on the same examples (``with_base``, else None).
     """
     load = loader or load_lora
     device = next(model.parameters()).device
@@ -254,7 +258,8 @@ def loss_scores(
                 counts[key] = counts.get(key, 0) + int(c)
 
     try:
-        run([(None, e) for e in order])  # the base model, for reference
+        if with_base:
+            run([(None, e) for e in order])  # the base model, for reference
         bar = tqdm(total=len(rows), desc="loss", unit="adapter", disable=not progress, leave=False)
         for start in range(0, len(rows), group):
             names = []
@@ -264,14 +269,14 @@ def loss_scores(
                     names.append(row["name"])
                 except LorafuseError as exc:  # changed or removed since it was indexed
                     skipped.append({"name": row["name"], "reason": str(exc)})
-            run([(name, e) for e in order for name in names])
+            run([(name, e) for name in names for e in order])
             for name in names:
                 pool.remove(name)
             bar.update(len(rows[start : start + group]))
         bar.close()
     finally:
         pool.detach()
-    base = sums.pop("", 0.0) / max(counts.pop("", 0), 1)
+    base = sums.pop("") / max(counts.pop(""), 1) if with_base else None
     losses = {name: sums[name] / max(counts[name], 1) for name in sums}
     return losses, skipped, base
 

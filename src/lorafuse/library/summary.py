@@ -12,8 +12,8 @@ For one module ``ΔW = s · B A`` (``A`` is ``(r, in)``, ``B`` is ``(out, r)``):
   arbitrary; it is fixed here so that the largest entry of ``v₁`` is positive (similarity uses
   ``|cos|`` anyway).
 
-Cost per module: two Gram products (``r² · (in + out)`` multiply-adds) and r×r eigensolves,
-in float64. Pure tensor maths: no transformers, no files.
+Cost per module: two Gram products (``r² · (in + out)`` multiply-adds, float32 unless the factors
+are float64) and r×r eigensolves in float64. Pure tensor maths: no transformers, no files.
 """
 
 from __future__ import annotations
@@ -36,10 +36,13 @@ class ModuleSummary:
 
 def summarize_factors(A: Tensor, B: Tensor, scale: float) -> ModuleSummary:
     """Norm, top singular value and top right singular vector of ``scale · B @ A`` (factored)."""
-    a = A.detach().to(torch.float64)  # (r, in)
-    b = B.detach().to(torch.float64)  # (out, r)
-    gram_a = a @ a.T  # (r, r)
-    gram_b = b.T @ b  # (r, r)
+    # The two Gram products (the only work proportional to in/out) in float32, or float64 for
+    # float64 factors; everything r×r in float64.
+    wide = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
+    a = A.detach().to(wide)  # (r, in)
+    b = B.detach().to(wide)  # (out, r)
+    gram_a = (a @ a.T).double()  # (r, r)
+    gram_b = (b.T @ b).double()  # (r, r)
     norm_sq = float((gram_a * gram_b).sum())  # trace((BᵀB)(AAᵀ)), both symmetric
     evals, evecs = torch.linalg.eigh(gram_b)
     r_b = evals.clamp_min(0).sqrt().unsqueeze(1) * evecs.T  # (r, r): R_Bᵀ R_B = BᵀB
@@ -49,7 +52,7 @@ def summarize_factors(A: Tensor, B: Tensor, scale: float) -> ModuleSummary:
     top = max(float(lam[-1]), 0.0)
     direction = torch.zeros(a.shape[1], dtype=torch.float64)
     if top > 0:
-        v = a.T @ (r_b.T @ u[:, -1])  # (in,) = Cᵀ u
+        v = (a.T @ (r_b.T @ u[:, -1]).to(wide)).double()  # (in,) = Cᵀ u
         length = float(v.norm())
         if length > 0:
             direction = v / length
