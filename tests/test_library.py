@@ -409,3 +409,23 @@ def test_cli_errors_are_one_line_and_status_2(
     code, _, err = run_cli(["library", "ls", "--db", db], capsys)
     assert code == 2 and "schema version 99" in err
     assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_a_new_base_rechecks_unchanged_adapters_once(
+    root: Path, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "loras"
+    shutil.copytree(root / "good" / "plain", folder / "plain")
+    shutil.copytree(root / "broken" / "other_base", folder / "other_base")
+    db = tmp_path / "lib.sqlite"
+    calls = _counting(monkeypatch)
+    index(db, [folder], progress=False)  # no base: both usable
+    with connect(db) as con:
+        assert [r["name"] for r in query(con)] == ["other_base", "plain"]
+    checked = index(db, [folder], base=load(base_dir), progress=False)
+    assert (checked.updated, len(calls)) == (2, 4)
+    with connect(db) as con:
+        assert [r["name"] for r in query(con)] == ["plain"]
+        assert [r["problem"] for r in query(con, status="broken")] == ["incompatible"]
+    again = index(db, [folder], base=load(base_dir), progress=False)
+    assert (again.unchanged, len(calls)) == (2, 4)

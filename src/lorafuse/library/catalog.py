@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     total_norm REAL,                 -- sqrt(Σ_modules ‖ΔW‖²_F)
     norms TEXT,                      -- JSON {kind: {modules, mean, max, total}}
     info TEXT,                       -- JSON: a fusion's LoRAs, a compressed delta's budget, ...
+    checked_base TEXT,               -- fingerprint of the base's layer shapes it was checked against
     indexed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS files (
@@ -476,7 +477,9 @@ def _unique_name(con: sqlite3.Connection, name: str, path: str) -> str:
     return f"{name}@{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
-def _write(con: sqlite3.Connection, found: Found, record: Record, name: str) -> None:
+def _write(
+    con: sqlite3.Connection, found: Found, record: Record, name: str, checked_base: str | None
+) -> None:
     path = str(found.path)
     columns = dict(record.columns)
     for key in _JSON_COLUMNS:
@@ -491,6 +494,7 @@ def _write(con: sqlite3.Connection, found: Found, record: Record, name: str) -> 
         "reason": record.reason,
         "sha256": _combined_sha(record.files),
         "bytes": sum(size for size, _, _ in record.files.values()),
+        "checked_base": checked_base if record.kind == "peft" else None,
         "indexed_at": time.time(),
     }
     with _transaction(con):
@@ -511,16 +515,30 @@ def _write(con: sqlite3.Connection, found: Found, record: Record, name: str) -> 
         )
 
 
-def _known(con: sqlite3.Connection) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
-    known: dict[str, tuple[str, dict[str, tuple[int, int]]]] = {}
+def _known(con: sqlite3.Connection) -> dict[str, tuple[str, dict[str, tuple[int, int]], str | None]]:
+    """Path → (name, file stats, base fingerprint) of every catalogued adapter."""
+    known: dict[str, tuple[str, dict[str, tuple[int, int]], str | None]] = {}
     for row in con.execute(
-        "SELECT a.path, a.name, f.name, f.size, f.mtime_ns "
+        "SELECT a.path, a.name, f.name, f.size, f.mtime_ns, a.checked_base "
         "FROM adapters a LEFT JOIN files f ON f.adapter_id = a.id"
     ):
-        entry = known.setdefault(row[0], (row[1], {}))
+        entry = known.setdefault(row[0], (row[1], {}, row[5]))
         if row[2] is not None:
             entry[1][row[2]] = (row[3], row[4])
     return known
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's adaptable layer shapes: adapters checked against it need no new check
+    for another model of the same architecture."""
+    from lorafuse.adapters.validate import linear_shape
+
+    shapes = []
+    for path, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None:
+            shapes.append((path, shape.out_features, shape.in_features))
+    return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()
 
 
 def index(
@@ -534,7 +552,9 @@ def index(
     """Index every adapter under ``roots`` into the catalogue ``db`` (incremental, resumable).
 
     ``base``: a model (weights may be on the ``meta`` device: only layer shapes are read); PEFT
-    adapters that do not fit it are recorded as broken (``incompatible``). ``loader`` replaces
+    adapters that do not fit it are recorded as broken (``incompatible``). Unchanged adapters are
+    checked again when ``base`` has other layer shapes than the model they were last checked
+    against; without ``base``, earlier checks are kept. ``loader`` replaces
     :func:`~lorafuse.adapters.load_lora` (tests count its calls).
     """
     started = time.perf_counter()
@@ -545,12 +565,16 @@ def index(
     report = IndexReport()
     with closing(connect(db)) as con:
         known = _known(con)
+        fingerprint = base_fingerprint(base) if base is not None else None
         found = list(discover(folders))
         report.found = len(found)
         todo = []
         for item in found:
             old = known.get(str(item.path))
-            if old is not None and old[1] == item.stats:
+            recheck = (
+                item.kind == "peft" and fingerprint is not None and old is not None and old[2] != fingerprint
+            )
+            if old is not None and old[1] == item.stats and not recheck:
                 report.unchanged += 1
             else:
                 todo.append(item)
@@ -559,7 +583,7 @@ def index(
             record = summarize_folder(item, base=base, loader=loader)
             old = known.get(str(item.path))
             name = old[0] if old is not None else _unique_name(con, item.name, str(item.path))
-            _write(con, item, record, name)
+            _write(con, item, record, name, fingerprint)
             report.bytes_read += sum(size for size, _, _ in record.files.values())
             if old is None:
                 report.added += 1

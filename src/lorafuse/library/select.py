@@ -45,7 +45,6 @@ from lorafuse.adapters.lora import LoRA
 from lorafuse.adapters.validate import linear_shape
 from lorafuse.errors import LorafuseError
 from lorafuse.library.catalog import LibraryError, query
-from lorafuse.library.summary import direction_from_bytes
 from lorafuse.runtime.pool import AdapterPool
 
 BY = ("loss", "similarity", "random", "norm")
@@ -174,30 +173,56 @@ def hidden_means(
 
 
 def similarity_scores(
-    con: sqlite3.Connection, rows: list[dict[str, Any]], means: Tensor, *, progress: bool = False
+    con: sqlite3.Connection,
+    rows: list[dict[str, Any]],
+    means: Tensor,
+    *,
+    progress: bool = False,
+    chunk: int = 4096,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Mean ``|cos(h̄_{e,l}, v_m)|`` over an adapter's residual-width modules ``m`` and examples ``e``."""
+    """Mean ``|cos(h̄_{e,l}, v_m)|`` over an adapter's residual-width modules ``m`` and examples ``e``.
+
+    Directions stream from the catalogue ``chunk`` modules at a time, whatever adapter they
+    belong to; per layer, one matmul scores every module of the chunk against every example.
+    """
     layers, _, hidden = means.shape
-    unit = means / means.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, E, hidden)
+    unit = means.float() / means.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, E, hidden)
+    position = {row["id"]: i for i, row in enumerate(rows)}
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    counts = torch.zeros(len(rows), dtype=torch.long)
+    cursor = con.execute(
+        "SELECT adapter_id, layer, direction FROM modules WHERE in_features = ? AND layer IS NOT NULL "
+        "AND layer < ? AND direction IS NOT NULL",
+        (hidden, layers),
+    )
+    bar = tqdm(desc="similarity", unit="module", disable=not progress, leave=False)
+    while batch := cursor.fetchmany(chunk):
+        kept = [b for b in batch if b[0] in position and len(b[2]) == 2 * hidden]
+        bar.update(len(batch))
+        if not kept:
+            continue
+        owner = torch.tensor([position[b[0]] for b in kept])  # (M,)
+        layer = torch.tensor([b[1] for b in kept])  # (M,)
+        directions = torch.frombuffer(bytearray(b"".join(b[2] for b in kept)), dtype=torch.float16)
+        directions = directions.view(len(kept), hidden).float()  # (M, hidden)
+        score = torch.empty(len(kept), dtype=torch.float64)  # (M,) mean |cos| over the examples
+        for value in layer.unique().tolist():
+            chosen = layer == value
+            score[chosen] = (directions[chosen] @ unit[value].T).abs().mean(1).double()  # (m_l, E) → (m_l,)
+        sums.index_add_(0, owner, score)
+        counts.index_add_(0, owner, torch.ones_like(owner))
+    bar.close()
     scores, skipped = {}, []
-    for row in tqdm(rows, desc="similarity", unit="adapter", disable=not progress, leave=False):
-        found = con.execute(
-            "SELECT layer, direction FROM modules WHERE adapter_id = ? AND in_features = ? "
-            "AND layer IS NOT NULL AND layer < ? AND direction IS NOT NULL",
-            (row["id"], hidden, layers),
-        ).fetchall()
-        if not found:
+    for i, row in enumerate(rows):
+        if counts[i] == 0:
             skipped.append(
                 {
                     "name": row["name"],
                     "reason": f"no module of a decoder layer takes the {hidden}-wide residual stream",
                 }
             )
-            continue
-        index = torch.tensor([f[0] for f in found])  # (M,)
-        directions = torch.stack([direction_from_bytes(f[1]) for f in found])  # (M, hidden)
-        cos = torch.einsum("meh,mh->me", unit[index], directions)  # (M, E)
-        scores[row["name"]] = float(cos.abs().mean())
+        else:
+            scores[row["name"]] = float(sums[i] / counts[i])
     return scores, skipped
 
 
