@@ -21,7 +21,7 @@ ALLOWED = {
     "eval": {"adapters", "runtime"},
     "skillworld": {"adapters", "runtime", "train", "fusion", "merging", "eval", "compress", "route"},
     "serve": {"adapters", "runtime", "compress", "fusion"},
-    "library": {"adapters", "runtime", "eval"},
+    "library": {"adapters", "runtime"},
 }
 BOTTOM = {
     "errors",

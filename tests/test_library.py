@@ -379,6 +379,8 @@ def test_cli_index_ls_show_stats_and_select(
     assert read_selection(selection) == {n: Path(p) for n, p in saved["loras"].items()}
     code, out, err = run_cli([*args[:-1], "norm", "--json"], capsys)
     assert code == 0 and json.loads(out)["by"] == "norm"
+    code, out, err = run_cli([*args[:-1], "similarity", "--json", "--target", "q_proj"], capsys)
+    assert code == 0 and len(json.loads(out)["scores"]) == 3, err
 
 
 def test_cli_errors_are_one_line_and_status_2(

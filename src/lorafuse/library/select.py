@@ -256,13 +256,17 @@ def loss_scores(
     batch holds as few adapters as the number of examples allows: with 4 examples and 16 rows,
     4 adapters share each forward; with more examples than rows, one adapter fills a batch and
     no rank is computed for a row that does not use it); then the group is evicted, so memory
-    holds at most ``group`` adapters. Returns the losses, the adapters that could not be loaded
-    (with the reason) and the base model's loss on the same examples (``with_base``, else None).
+    holds at most ``group`` adapters. Adapters are grouped by their target modules and each group
+    gets a fresh pool: a pool wraps every layer any of its adapters adapts, so a q,v adapter
+    never pays for the MLP layers of another group's all-linear adapters. Returns the losses, the
+    adapters that could not be loaded (with the reason) and the base model's loss on the same
+    examples (``with_base``, else None).
     """
     load = loader or load_lora
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda e: -len(examples[e][0]))  # similar lengths batch together
     pool = AdapterPool(model, initial_rows=256)
+    rows = sorted(rows, key=lambda r: (r.get("targets") or [], r.get("max_rank") or 0, r["name"]))
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
@@ -286,9 +290,16 @@ def loss_scores(
         if with_base:
             run([(None, e) for e in order])  # the base model, for reference
         bar = tqdm(total=len(rows), desc="loss", unit="adapter", disable=not progress, leave=False)
-        for start in range(0, len(rows), group):
+        start = 0
+        while start < len(rows):
+            targets = rows[start].get("targets")
+            stop = start + 1
+            while stop < len(rows) and stop - start < group and rows[stop].get("targets") == targets:
+                stop += 1
+            pool.detach()
+            pool = AdapterPool(model, initial_rows=256)
             names = []
-            for row in rows[start : start + group]:
+            for row in rows[start:stop]:
                 try:
                     pool.add(row["name"], load(row["path"]))
                     names.append(row["name"])
@@ -297,7 +308,8 @@ def loss_scores(
             run([(name, e) for name in names for e in order])
             for name in names:
                 pool.remove(name)
-            bar.update(len(rows[start : start + group]))
+            bar.update(stop - start)
+            start = stop
         bar.close()
     finally:
         pool.detach()
