@@ -431,3 +431,16 @@ def test_a_new_base_rechecks_unchanged_adapters_once(
         assert [r["problem"] for r in query(con, status="broken")] == ["incompatible"]
     again = index(db, [folder], base=load(base_dir), progress=False)
     assert (again.unchanged, len(calls)) == (2, 4)
+
+
+def test_read_selection_resolves_relative_folders_and_refuses_other_files(tmp_path: Path) -> None:
+    from lorafuse.library import LibraryError
+
+    (tmp_path / "loras" / "a").mkdir(parents=True)
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"loras": {"a": "loras/a"}, "by": "norm", "scores": {"a": 1.0}}))
+    assert read_selection(selection) == {"a": (tmp_path / "loras" / "a").resolve()}
+    for bad in ('{"loras": {}}', '{"loras": {"a": 3}}', "[1, 2]", "{oops"):
+        selection.write_text(bad)
+        with pytest.raises(LibraryError, match=str(selection)):
+            read_selection(selection)
