@@ -38,6 +38,7 @@ ALLOWED = {
         "skillworld",
     },
     "serve": {"adapters", "runtime", "compress", "fusion"},
+    "library": {"adapters", "runtime"},
 }
 TOP = "cli"  # may import every layer; nothing imports it
 BOTTOM = {

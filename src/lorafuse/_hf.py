@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["load_model", "load_model_shapes", "load_tokenizer"]
 
 
 def load_model(
@@ -35,6 +35,19 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model if train else model.eval()
+
+
+def load_model_shapes(path: str | Path) -> Any:
+    """The model of ``path``'s ``config.json`` with its weights on the meta device: its layers and
+    their shapes, no weights read (``OSError``/``ValueError`` when the config cannot be read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.config._name_or_path = str(path)
+    return model
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:

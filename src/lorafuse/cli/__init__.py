@@ -18,7 +18,20 @@ from typing import Annotated
 import typer
 
 from lorafuse import __version__
-from lorafuse.cli import compress, demo, explain, fuse, inspect, merge, models, route, serve, studies, world
+from lorafuse.cli import (
+    compress,
+    demo,
+    explain,
+    fuse,
+    inspect,
+    library,
+    merge,
+    models,
+    route,
+    serve,
+    studies,
+    world,
+)
 from lorafuse.errors import LorafuseError
 
 __all__ = ["app", "main"]
@@ -63,6 +76,7 @@ app.add_typer(world.world_app, name="world")
 studies.register(world.world_app)
 route.register(app)
 models.register(app)
+library.register(app)
 
 
 class _StderrNotices(logging.Handler):

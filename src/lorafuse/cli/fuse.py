@@ -33,8 +33,19 @@ def _fusion_methods() -> Any:
 
 
 def pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``NAME=DIR`` items (in order) as ``{name: dir}``; ``@FILE`` adds every LoRA of a selection
+    written by ``lorafuse library select --out FILE``, best first."""
     out: dict[str, str] = {}
     for item in items or []:
+        if item.startswith("@"):
+            from lorafuse.library import read_selection
+
+            chosen = {name: str(path) for name, path in read_selection(item[1:]).items()}
+            for name in chosen:
+                if name in out:
+                    raise typer.BadParameter(f"{what}: the name {name!r} is given twice")
+            out |= chosen
+            continue
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise typer.BadParameter(f"{what} takes NAME=DIR, got {item!r}")
@@ -46,7 +57,9 @@ def pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def fuse(
     base: Annotated[Path, typer.Option(help="Base model folder (AutoModelForCausalLM).", callback=FOLDER)],
-    lora: Annotated[list[str], typer.Option(help="NAME=DIR of a PEFT LoRA; repeat, task LoRA last.")],
+    lora: Annotated[
+        list[str], typer.Option(help="NAME=DIR of a PEFT LoRA, or @selection.json; repeat, task LoRA last.")
+    ],
     train: Annotated[
         Path,
         typer.Option(

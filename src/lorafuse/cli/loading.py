@@ -37,6 +37,19 @@ def load_model(base: Path, dtype: str = "float32", device: str = "cpu") -> Any:
     return hf_load_model(base, dtype=torch_type, device=device)
 
 
+def load_model_shapes(base: Path) -> Any:
+    """``--base``'s architecture with its weights on the meta device (layer shapes only)."""
+    from lorafuse._checks import InvalidValueError
+    from lorafuse._hf import load_model_shapes as skeleton
+
+    if not base.is_dir():
+        raise InvalidValueError(f"--base {base}: no such model folder")
+    try:
+        return skeleton(base)
+    except (OSError, ValueError) as exc:
+        raise InvalidValueError(f"--base {base}: cannot read the model's config.json ({exc})") from None
+
+
 def load_tokenizer(folder: Path) -> Any:
     """The tokenizer saved in ``folder``."""
     from lorafuse._hf import load_tokenizer as hf_load_tokenizer

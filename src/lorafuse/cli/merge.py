@@ -27,10 +27,23 @@ def _merge_methods() -> Any:
     return MERGE_METHODS
 
 
+def _expand_selections(inputs: list[Path]) -> list[Path]:
+    """The folders, with each ``@selection.json`` replaced by its LoRAs' folders (best first)."""
+    from lorafuse.library import read_selection
+
+    out: list[Path] = []
+    for item in inputs:
+        out += list(read_selection(str(item)[1:]).values()) if str(item).startswith("@") else [item]
+    return out
+
+
 def merge(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="PEFT adapter folders to merge, or one recipe .yaml.", show_default=False),
+        typer.Argument(
+            help="PEFT adapter folders to merge (or @selection.json), or one recipe .yaml.",
+            show_default=False,
+        ),
     ],
     method: Annotated[
         str | None,
@@ -118,7 +131,7 @@ def merge(
     else:
         if method is None:
             raise typer.BadParameter("--method is required unless a recipe .yaml is given")
-        adapters, method_name = inputs, method
+        adapters, method_name = _expand_selections(inputs), method
         weight_list = parse_floats(weights, "--weights")
         if weight_list is not None and len(weight_list) != len(adapters):
             raise InvalidValueError(

@@ -1,0 +1,72 @@
+"""Per-module summaries of a LoRA for the catalogue, computed from r×r matrices only.
+
+For one module ``ΔW = s · B A`` (``A`` is ``(r, in)``, ``B`` is ``(out, r)``):
+
+- ``‖ΔW‖_F = |s| · sqrt(trace((BᵀB)(AAᵀ)))``, two r×r Gram matrices, never ``ΔW`` itself;
+- the **direction** is ``ΔW``'s top right singular vector ``v₁ ∈ R^in`` (Arrow's prototype,
+  arXiv 2405.11157): the input direction the module amplifies most. With ``BᵀB = R_Bᵀ R_B``
+  (``R_B = Λ^{1/2} Uᵀ`` from the eigendecomposition of the Gram matrix, so a rank-deficient ``B``
+  is fine), ``ΔWᵀΔW = s² (R_B A)ᵀ (R_B A)``: the right singular vectors of ``ΔW`` are those of the
+  r×in matrix ``C = R_B A``. Its top left singular vector ``u`` is the top eigenvector of the r×r
+  matrix ``C Cᵀ = R_B (AAᵀ) R_Bᵀ``, and ``v₁ = Cᵀ u / σ``. The sign of a singular vector is
+  arbitrary; it is fixed here so that the largest entry of ``v₁`` is positive (similarity uses
+  ``|cos|`` anyway).
+
+Cost per module: two Gram products (``r² · (in + out)`` multiply-adds, float32 unless the factors
+are float64) and r×r eigensolves in float64. Pure tensor maths: no transformers, no files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """``‖s·BA‖_F``, the top singular value ``σ₁`` of ``s·BA`` and its right singular vector."""
+
+    norm: float
+    sigma1: float
+    direction: Tensor  # (in,) float32, unit norm (zeros for a zero ΔW)
+
+
+def summarize_factors(A: Tensor, B: Tensor, scale: float) -> ModuleSummary:
+    """Norm, top singular value and top right singular vector of ``scale · B @ A`` (factored)."""
+    # The two Gram products (the only work proportional to in/out) in float32, or float64 for
+    # float64 factors; everything r×r in float64.
+    wide = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
+    a = A.detach().to(wide)  # (r, in)
+    b = B.detach().to(wide)  # (out, r)
+    gram_a = (a @ a.T).double()  # (r, r)
+    gram_b = (b.T @ b).double()  # (r, r)
+    norm_sq = float((gram_a * gram_b).sum())  # trace((BᵀB)(AAᵀ)), both symmetric
+    evals, evecs = torch.linalg.eigh(gram_b)
+    r_b = evals.clamp_min(0).sqrt().unsqueeze(1) * evecs.T  # (r, r): R_Bᵀ R_B = BᵀB
+    core = r_b @ gram_a @ r_b.T  # (r, r) = C Cᵀ with C = R_B A
+    core = (core + core.T) / 2
+    lam, u = torch.linalg.eigh(core)
+    top = max(float(lam[-1]), 0.0)
+    direction = torch.zeros(a.shape[1], dtype=torch.float64)
+    if top > 0:
+        v = (a.T @ (r_b.T @ u[:, -1]).to(wide)).double()  # (in,) = Cᵀ u
+        length = float(v.norm())
+        if length > 0:
+            direction = v / length
+            if direction[direction.abs().argmax()] < 0:
+                direction = -direction
+    s = abs(float(scale))
+    return ModuleSummary(s * math.sqrt(max(norm_sq, 0.0)), s * math.sqrt(top), direction.float())
+
+
+def direction_bytes(direction: Tensor) -> bytes:
+    """The float16 bytes a direction is stored as."""
+    return direction.to(torch.float16).contiguous().numpy().tobytes()
+
+
+def direction_from_bytes(blob: bytes) -> Tensor:
+    """A stored direction back as a float32 vector."""
+    return torch.frombuffer(bytearray(blob), dtype=torch.float16).float()
