@@ -55,7 +55,10 @@ BOTTOM = {
 # The artefact protocol sits on the file plumbing only (no other bottom module, no layer).
 ARTEFACT_BOTTOM = {"errors", "_io"}
 # Top-level modules above every layer: they may import any layer, and no layer imports them.
-TOP_MODULES = {"artefacts": {"adapters", "compress", "fusion", "route"}}
+TOP_MODULES = {
+    "artefacts": {"adapters", "compress", "fusion", "route"},
+    "export": {"adapters", "compress", "merging", "serve"},
+}
 PURE_MATHS = [
     "adapters/lora.py",
     "runtime/functional.py",

@@ -22,6 +22,7 @@ from lorafuse.cli import (
     compress,
     demo,
     explain,
+    export,
     fuse,
     inspect,
     library,
@@ -77,6 +78,7 @@ studies.register(world.world_app)
 route.register(app)
 models.register(app)
 library.register(app)
+export.register(app)
 
 
 class _StderrNotices(logging.Handler):
