@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lorafuse._data import collate, encode_examples
 from lorafuse.adapters import LoRA, load_lora
 from lorafuse.eval import evaluate, response_loss
-from lorafuse.fusion import FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
+from lorafuse.fusion import FUSION_METHODS, FuseSettings, LoRAFlow, fit_on_bank, random_like, train_fresh_lora
 from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
 from lorafuse.fusion.flow import mean_weights
 from lorafuse.merging import merge
@@ -75,7 +75,7 @@ MERGE_WEIGHTS = [(1.0, 1.0), (0.5, 0.5)]
 # the dev loss of the best-dev checkpoint, then used for every seed.
 GRIDS: dict[str, list[tuple[float, int]]] = {
     "lora-flow": [(1e-3, 4), (1e-4, 16)],
-    "cat": [(1e-2, 4), (1e-3, 16)],
+    "cat-weights": [(1e-2, 4), (1e-3, 16)],
     "fresh": [(4e-3, 4), (4e-4, 16)],
 }
 
@@ -204,7 +204,7 @@ def _study_composite(
         test_score("LoraHub", model)
         info.setdefault("lorahub_weights", []).append([round(float(w), 4) for w in fusion.tensors["weights"]])
         tick(f"{composite}: LoraHub seed {seed}")
-        trained("learned CAT", fit("cat", seed), GRIDS["cat"])
+        trained("learned CAT", fit("cat-weights", seed), GRIDS["cat-weights"])
         test_score("learned CAT", model)
         tick(f"{composite}: learned CAT seed {seed}")
         fusion = trained("LoRA-Flow", fit("lora-flow", seed), GRIDS["lora-flow"])
@@ -300,7 +300,7 @@ def composition_study(
         "details": details,
         "train": {
             "lora-flow": asdict(FLOW_TRAIN),
-            "cat": asdict(CAT_TRAIN),
+            "cat-weights": asdict(CAT_TRAIN),
             "epochs": epochs,
             "fresh LoRA": "as lora-flow with no weight decay, eps 1e-8, the task LoRA's rank",
             "grids": {k: [list(v) for v in g] for k, g in GRIDS.items()},
@@ -315,7 +315,7 @@ def _settings(
 ) -> FuseSettings:
     """Each method's default recipe (lorafuse.fusion.api) with ``epochs`` passes over the 200
     examples, at ``lr`` / ``batch_size`` when given (the per-task choice of :data:`GRIDS`)."""
-    train = replace(CAT_TRAIN if method == "cat" else FLOW_TRAIN, epochs=epochs)
+    train = replace(FUSION_METHODS[method].default_train or FLOW_TRAIN, epochs=epochs)
     if lr is not None:
         train = replace(train, lr=lr)
     if batch_size is not None:

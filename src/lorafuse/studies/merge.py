@@ -25,9 +25,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "cat": {},
     "svd": {"rank": 16},
     "ties": {"rank": 16, "density": 0.5},
-    "dare_linear": {"rank": 16, "density": 0.5},
-    "dare_ties": {"rank": 16, "density": 0.5},
-    "magnitude_prune": {"rank": 16, "density": 0.5},
+    "dare-linear": {"rank": 16, "density": 0.5},
+    "dare-ties": {"rank": 16, "density": 0.5},
+    "magnitude-prune": {"rank": 16, "density": 0.5},
     "lego": {"rank": 16},
 }
 
