@@ -107,7 +107,7 @@ def test_the_table_has_every_cell_and_the_controls(cli_result: tuple[dict[str, A
                 assert all(table[(rule, k, method)].values()), (rule, k, method)
     assert all(table[(FRESH, "—", FRESH)].values())
     text = format_recycle_study(result)
-    assert text.count("\n| ") == 2 + (len(BY) + 1) * 3 * len(METHODS)  # header rule + rows + fresh
+    assert text.count("\n| ") == 2 + (len(BY) + 1) * 3 * len(METHODS) + 1  # header, rule, cells, fresh
     assert FRESH in text and RANDOM_WEIGHTS in text
     assert text in stdout
     assert (out / "r.md").read_text().strip() == text

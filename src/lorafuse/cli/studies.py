@@ -391,7 +391,8 @@ class _OneLineUsage(TyperCommand):
     2, like a bad value, instead of the usage screen."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        known = {opt for param in self.params for opt in (*param.opts, *param.secondary_opts)}
+        params = [*self.params, self.get_help_option(ctx)]
+        known = {opt for param in params if param is not None for opt in (*param.opts, *param.secondary_opts)}
         for arg in args:
             if arg == "--":
                 break

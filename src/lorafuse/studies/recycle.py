@@ -46,7 +46,7 @@ dev set and test set, for every seed (``--seeds``):
 **Output**: every run (composite, seed, rule, k, method, scores, LoRAs chosen) in JSON; a
 Markdown table of mean ± std over seeds per rule × k × method plus the controls' rows
 (:func:`format_recycle_study`); a plot of score against k per rule (:func:`plot_recycle`).
-``quick`` shrinks everything (one composite, 16 training / 4 dev / 4 test examples, a few steps)
+``quick`` shrinks everything (one composite, 8 training / 2 dev / 2 test examples, a few steps)
 so that a test runs in seconds on the tiny world; its numbers mean nothing.
 """
 
@@ -132,11 +132,11 @@ def quick_settings(seeds: Sequence[int] = (0,)) -> RecycleSettings:
     return RecycleSettings(
         seeds=tuple(seeds),
         composites=(FAITHFUL_COMPOSITES[0],),
-        limit=4,
-        train_limit=16,
-        dev_limit=4,
+        limit=2,
+        train_limit=8,
+        dev_limit=2,
         steps=2,
-        lorahub_budget=4,
+        lorahub_budget=3,
         quick=True,
     )
 
@@ -262,7 +262,7 @@ def build_pool(root: Path, *, quick: bool = False, progress: bool = True) -> dic
     """
     started = time.perf_counter()
     out = pool_dir(root, quick)
-    recipe = _pool_recipe(root, quick)
+    recipe = json.loads(json.dumps(_pool_recipe(root, quick)))  # as pool.json holds it (lists, not tuples)
     record = out / "pool.json"
     old = json.loads(record.read_text()) if record.is_file() else {}
     seconds: dict[str, float] = dict(old.get("train_seconds", {})) if old.get("recipe") == recipe else {}
