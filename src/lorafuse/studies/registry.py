@@ -103,7 +103,7 @@ STUDIES.register(
 STUDIES.register(
     Study(
         name="recycle",
-        summary="A pool of 60+ LoRAs: every selection rule x k x fusion method against a fresh LoRA "
+        summary="A pool of 64 LoRAs: every selection rule x k x fusion method against a fresh LoRA "
         "and random weights.",
         paper="Recycling LoRAs for adaptive merging, arXiv:2602.12323",
         claim="which LoRAs are chosen matters little, random LoRAs do about as well, a fresh LoRA on "
