@@ -36,6 +36,7 @@ ALLOWED = {
         "compress",
         "route",
         "skillworld",
+        "library",
     },
     "serve": {"adapters", "runtime", "compress", "fusion"},
     "library": {"adapters", "runtime"},

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from lorafuse.studies.registry import STUDIES, get_study
 
-NAMES = ["composition", "compress", "flow-ablation", "merge", "route"]
+NAMES = ["composition", "compress", "flow-ablation", "merge", "recycle", "route"]
 
 
 def test_the_registry_lists_the_studies() -> None:
@@ -59,7 +59,8 @@ def test_unknown_study_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]
     code, out, err = run_cli(["world", "study", "bogus", "--limit", "3"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: unknown study 'bogus'; choose one of composition, compress, flow-ablation, merge, route"
+        "error: unknown study 'bogus'; choose one of composition, compress, flow-ablation, merge, recycle, "
+        "route"
     ]
     assert out == ""
 
@@ -68,7 +69,7 @@ def test_the_old_study_commands_still_run_hidden(capsys: pytest.CaptureFixture[s
     code, out, _ = run_cli(["world", "--help"], capsys)
     assert code == 0
     assert "study" in out and "studies" in out
-    for old in ("merge-study", "flow-ablation", "compress-study", "route-study"):
+    for old in ("merge-study", "flow-ablation", "compress-study", "route-study", "recycle-study"):
         assert old not in out
         code, help_text, err = run_cli(["world", old, "--help"], capsys)
         assert code == 0, err

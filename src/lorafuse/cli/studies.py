@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from lorafuse._checks import InvalidValueError, check_number
 from lorafuse.cli.compress import budgets_of
@@ -16,12 +16,14 @@ from lorafuse.cli.options import (
     COUNT,
     FILE,
     FOLDER,
+    POSITIVE,
     SEED,
     choice,
     names_of,
     parse_ints,
     parse_names,
     read_text,
+    world_composites,
     world_profiles,
     world_tasks,
 )
@@ -156,7 +158,7 @@ def _route_methods() -> list[str]:
 
 def _seed_list(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
     """``--seeds``: comma-separated whole numbers in [0, 2**32 - 1] (checked, kept as text)."""
-    if not ctx.resilient_parsing:
+    if value is not None and not ctx.resilient_parsing:
         parse_ints(value, "--seeds")
     return value
 
@@ -256,6 +258,116 @@ def world_route_study(
         plot_health(health_curves(saved), png, n_experts=experts)
 
 
+def _ks_of(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    """``--ks``: comma-separated whole numbers >= 1 or ``all`` (checked, kept as text)."""
+    if not ctx.resilient_parsing:
+        _parse_ks(value)
+    return value
+
+
+def _parse_ks(value: str) -> tuple[int | str, ...]:
+    out: list[int | str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if part == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise InvalidValueError(f"--ks {value!r}: each k is a whole number >= 1 or 'all', not {part!r}")
+        out.append(k)
+    if not out or len(set(out)) != len(out):
+        raise InvalidValueError(f"--ks {value!r}: give one or more distinct values")
+    return tuple(out)
+
+
+def world_recycle_study(
+    profile: Annotated[
+        str, typer.Option(help="Which world: default | tiny.", callback=choice(world_profiles))
+    ] = "default",
+    out_dir: Annotated[
+        Path | None, typer.Option("--dir", help="World folder [default: as world build].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world.", callback=SEED)] = 0,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated training seeds [default: 0,1,2; 0 with --quick].", callback=_seed_list
+        ),
+    ] = None,
+    composites: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated composite tasks [default: the faithful family's four; one with --quick].",
+            callback=names_of(world_composites),
+        ),
+    ] = None,
+    ks: Annotated[
+        str, typer.Option("--ks", help="Comma-separated k values (or all).", callback=_ks_of)
+    ] = "2,8,all",
+    limit: Annotated[
+        int | None, typer.Option(help="Test examples per composite [default: all].", callback=COUNT)
+    ] = None,
+    epochs: Annotated[
+        float, typer.Option(help="Training epochs of every trained run.", callback=POSITIVE)
+    ] = 5.0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Shrink everything (a smoke run; its numbers mean nothing).")
+    ] = False,
+    threads: Annotated[int, typer.Option(help="Torch threads.", callback=COUNT)] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every run as JSON here.")] = None,
+    md_out: Annotated[Path | None, typer.Option("--md", help="Write the Markdown table here.")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Plot exact match against k per rule.")] = None,
+) -> None:
+    """The recycling study: a pool of LoRAs, every selection rule x k x fusion method, and the controls.
+
+    Builds (or reuses) the pool in <world>/recycle/ and its catalogue, then for each composite task
+    chooses k LoRAs by loss, similarity, random and norm, fuses them with LoraHub, learned CAT and
+    LoRA-Flow, and compares with a fresh LoRA and with the same methods on random weights.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from lorafuse._io import check_output_path, write_text_atomic
+    from lorafuse.skillworld import build_world
+    from lorafuse.skillworld.build import default_world_dir
+    from lorafuse.studies.recycle import WORLD_LORAS, RecycleSettings, plot_recycle, quick_settings
+    from lorafuse.studies.registry import get_study
+
+    study = get_study("recycle")
+    chosen_ks = _parse_ks(ks)
+    seed_list = tuple(parse_ints(seeds, "--seeds")) if seeds else ((0,) if quick else (0, 1, 2))
+    settings = quick_settings(seed_list) if quick else RecycleSettings(seeds=seed_list, epochs=epochs)
+    settings = replace(settings, ks=chosen_ks)
+    if composites:
+        settings = replace(
+            settings, composites=tuple(parse_names(composites, "--composites", world_composites()))
+        )
+    if limit:
+        settings = replace(settings, limit=limit)
+    torch.set_num_threads(threads)
+    root = build_world(
+        out_dir or default_world_dir(profile, seed), profile=profile, seed=seed, loras=list(WORLD_LORAS)
+    )
+    for flag, path in (("--json", json_out), ("--md", md_out), ("--png", png)):
+        if path:
+            check_output_path(path, {"--dir": root}, what=flag)
+    result = study.run(root, settings, log=typer.echo)
+    table = study.format(result)
+    typer.echo(table)
+    if json_out:
+        write_text_atomic(
+            json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
+        )
+    if md_out:
+        write_text_atomic(md_out, table + "\n", inputs={"--dir": root}, what="--md")
+    if png:
+        plot_recycle(result, png)
+
+
 # name in lorafuse.studies.registry → its command; the old `world <x>-study` names stay as aliases.
 COMMANDS = {
     "composition": demo,
@@ -263,13 +375,36 @@ COMMANDS = {
     "merge": world_merge_study,
     "compress": compress_study,
     "route": world_route_study,
+    "recycle": world_recycle_study,
 }
 OLD_NAMES = {
     "merge-study": "merge",
     "flow-ablation": "flow-ablation",
     "compress-study": "compress",
     "route-study": "route",
+    "recycle-study": "recycle",
 }
+
+
+class _OneLineUsage(TyperCommand):
+    """A command whose unknown option is a lorafuse error: one ``error: ...`` line and exit status
+    2, like a bad value, instead of the usage screen."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        params = [*self.params, self.get_help_option(ctx)]
+        known = {opt for param in params if param is not None for opt in (*param.opts, *param.secondary_opts)}
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and name not in known:
+                raise InvalidValueError(
+                    f"{ctx.command_path}: no such option {name} (see {ctx.command_path} --help)"
+                )
+        return super().parse_args(ctx, args)
+
+
+ONE_LINE_USAGE = {"recycle"}
 
 
 class _StudyGroup(TyperGroup):
@@ -316,8 +451,10 @@ def register(world_app: typer.Typer) -> None:
 
     assert set(COMMANDS) == set(STUDIES), "every registered study needs a command, and only those"
     for name in STUDIES:
-        study_app.command(name, help=None)(COMMANDS[name])
+        cls = _OneLineUsage if name in ONE_LINE_USAGE else None
+        study_app.command(name, help=None, cls=cls)(COMMANDS[name])
     world_app.add_typer(study_app, name="study")
     world_app.command("studies")(world_studies)
     for old, name in OLD_NAMES.items():
-        world_app.command(old, hidden=True)(COMMANDS[name])
+        cls = _OneLineUsage if name in ONE_LINE_USAGE else None
+        world_app.command(old, hidden=True, cls=cls)(COMMANDS[name])

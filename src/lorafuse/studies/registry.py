@@ -100,6 +100,18 @@ STUDIES.register(
         formatter="route:format_route_study",
     )
 )
+STUDIES.register(
+    Study(
+        name="recycle",
+        summary="A pool of 64 LoRAs: every selection rule x k x fusion method against a fresh LoRA "
+        "and random weights.",
+        paper="Recycling LoRAs for adaptive merging, arXiv:2602.12323",
+        claim="which LoRAs are chosen matters little, random LoRAs do about as well, a fresh LoRA on "
+        "the same examples is a strong baseline, and transfer needs highly relevant LoRAs",
+        runner="recycle:recycle_study",
+        formatter="recycle:format_recycle_study",
+    )
+)
 
 
 def get_study(name: str) -> Study:
