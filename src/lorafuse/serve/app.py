@@ -46,8 +46,8 @@ from lorafuse._data import encode_prompt as data_encode_prompt
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
-from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.logprobs import chat_logprobs, completion_logprobs
+from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.schemas import (
     MAX_SEED,
     ChatRequest,

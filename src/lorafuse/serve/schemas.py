@@ -2,8 +2,9 @@
 
 Fields the server does not implement are refused when set to a non-default value (penalties,
 ``best_of``, ``suffix``), never silently ignored. ``logprobs`` (completions: 0–20 top tokens;
-chat: ``logprobs`` + ``top_logprobs``), ``echo``, ``n`` and token-id prompts are served. Unknown fields are ignored, as the
-OpenAI API does. ``compose`` is lorafuse's extension: ``{adapter: weight}`` or a fusion's name.
+chat: ``logprobs`` + ``top_logprobs``), ``echo``, ``n`` and token-id prompts are served.
+Unknown fields are ignored, as the OpenAI API does. ``compose`` is lorafuse's extension:
+``{adapter: weight}`` or a fusion's name.
 Numbers are strict: integers are integers (``4.5`` and ``true`` are refused), floats are finite,
 ``seed`` fits 64 bits unsigned (``0 … 2**64-1``, what torch's generator takes).
 """
