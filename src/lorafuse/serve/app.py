@@ -380,15 +380,24 @@ def build_app(
             )
         return check_prompt(list(prompt), limits)
 
-    def token_text(token: int) -> str:
-        """One token's text as logprobs report it (special tokens included)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
+
+    def token_text(token: int, spaced: bool = False) -> str:
+        """One token's text as logprobs report it (special tokens included); a word-level
+        vocabulary's words are joined by spaces, so ``spaced`` puts one before the word."""
         if token not in texts:
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            if backend is not None and type(backend.model).__name__ == "WordLevel":
+            if word_level:
                 texts[token] = tokenizer.convert_ids_to_tokens(token)
             else:
                 texts[token] = tokenizer.decode([token], skip_special_tokens=False)
-        return texts[token]
+        return " " + texts[token] if spaced and word_level else texts[token]
+
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def text_of(ids: list[int]) -> str:
+        """The text of token ids, special tokens left out (as a completion's text is)."""
+        return decode(tokenizer, [t for t in ids if t not in specials])
 
     def kept_tokens(event: Event) -> list:
         """The generated tokens' logprobs, without those past a stop string (cut from the text)."""
@@ -540,13 +549,18 @@ def build_app(
         choices = []
         for i, event in enumerate(events):
             prompt = prompts[i // body.n]
-            prompt_text = prompt if isinstance(prompt, str) else decode(tokenizer, prompt)
-            text = prompt_text + event.text if body.echo else event.text
+            prompt_text = prompt if isinstance(prompt, str) else text_of(prompt)
+            joint = " " if word_level and prompt_text and event.text else ""  # words are space-separated
+            text = prompt_text + joint + event.text if body.echo else event.text
             logprobs = None
             if body.logprobs is not None:
-                entries = [*(event.prompt_logprobs or []), *kept_tokens(event)]
+                echoed_entries = event.prompt_logprobs or []
+                entries = [*echoed_entries, *kept_tokens(event)]
+                starts = {0, len(echoed_entries)}  # the prompt's first token, the completion's first
                 start_at = 0 if body.echo else len(prompt_text)
-                logprobs = completion_logprobs(entries, token_text, body.logprobs, start_at)
+                logprobs = completion_logprobs(
+                    entries, lambda t, j, s=starts: token_text(t, j not in s), body.logprobs, start_at
+                )
             choices.append(choice(i, event, logprobs, text=text))
         return JSONResponse(envelope(kind, rid, created, body.model, choices, events))
 
@@ -585,7 +599,8 @@ def build_app(
         choices = []
         for i, event in enumerate(events):
             message = {"role": "assistant", "content": event.text}
-            logprobs = chat_logprobs(kept_tokens(event), token_text, top) if top is not None else None
+            spaced = lambda t, j: token_text(t, j > 0)  # noqa: E731
+            logprobs = chat_logprobs(kept_tokens(event), spaced, top) if top is not None else None
             choices.append(choice(i, event, logprobs, message=message))
         return JSONResponse(envelope("chat.completion", rid, created, body.model, choices, events))
 
@@ -607,7 +622,7 @@ def build_app(
             await run_in_threadpool(resolver.resolve, body.model, None)
         if body.tokens:
             encode(body.tokens, "tokens")  # ids past the vocabulary are a 400
-        return {"prompt": decode(tokenizer, body.tokens)}
+        return {"prompt": text_of(body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, object]:

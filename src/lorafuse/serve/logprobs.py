@@ -51,19 +51,21 @@ def records(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
 
 
 def completion_logprobs(
-    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], k: int, start: int = 0
+    entries: Sequence[TokenLogprob], token_text: Callable[[int, int], str], k: int, start: int = 0
 ) -> dict:
     """The legacy completions ``logprobs`` object. An entry whose ``logprob`` is ``None`` (the
     first prompt token's, which nothing predicts) has ``null`` log-probabilities. Each
     ``top_logprobs`` entry holds the ``k`` most likely tokens and, as OpenAI and vLLM do, the chosen
-    token when it is not among them; ``text_offset`` counts characters from ``start``."""
+    token when it is not among them; ``text_offset`` counts characters from ``start``.
+    ``token_text(token, i)`` is a token's text at entry ``i`` (a word-level vocabulary puts a space
+    before every word but a segment's first)."""
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     offset = start
-    for entry in entries:
-        text = token_text(entry.token)
+    for i, entry in enumerate(entries):
+        text = token_text(entry.token, i)
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
@@ -71,23 +73,22 @@ def completion_logprobs(
         if entry.logprob is None:
             tops.append(None)
             continue
-        best = {token_text(t): v for t, v in entry.top[:k]}
+        best = {token_text(t, i): v for t, v in entry.top[:k]}
         best.setdefault(text, entry.logprob)
         tops.append(best)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str], k: int) -> dict:
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int, int], str], k: int) -> dict:
     """Chat's ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}`` with
     exactly the ``k`` most likely tokens in each ``top_logprobs``."""
 
-    def one(token: int, value: float) -> dict:
-        text = token_text(token)
+    def one(token: int, value: float, i: int) -> dict:
+        text = token_text(token, i)
         return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
-    return {
-        "content": [
-            {**one(e.token, float(e.logprob or 0.0)), "top_logprobs": [one(t, v) for t, v in e.top[:k]]}
-            for e in entries
-        ]
-    }
+    content = []
+    for i, e in enumerate(entries):
+        tops = [one(t, v, i) for t, v in e.top[:k]]
+        content.append({**one(e.token, float(e.logprob or 0.0), i), "top_logprobs": tops})
+    return {"content": content}
