@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from lorafuse._checks import check_number
 from lorafuse._data import decode, encode_chat
 from lorafuse._data import encode_prompt as data_encode_prompt
+from lorafuse._data import tokenize as data_tokenize
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
@@ -612,7 +613,7 @@ def build_app(
         if body.add_special_tokens:
             ids = data_encode_prompt(tokenizer, body.prompt)
         else:
-            ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+            ids = data_tokenize(tokenizer, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_length}
 
     @app.post("/detokenize")
