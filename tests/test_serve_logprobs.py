@@ -301,3 +301,20 @@ def test_bad_values_are_400_naming_the_field(
     assert error["param"] == param, error
     field = (param or words.split(":")[0].split(" ")[0]).strip("`")
     assert field.split(".")[0] in error["message"]
+
+
+def test_prompt_logprob_prefills_are_bounded() -> None:
+    from lorafuse.serve.engine import PROMPT_LOGPROB_TOKENS, Request, SamplingParams, prefill_groups
+
+    def request(length: int, echo: bool) -> Request:
+        params = SamplingParams(prompt_logprobs=0 if echo else None)
+        return Request([1] * length, None, params, lambda ev: None)  # type: ignore[arg-type]
+
+    plain = [request(10, False) for _ in range(5)]
+    echoed = [request(n, True) for n in (3000, 100, 5000, 9000, 200)]
+    groups = prefill_groups(plain + echoed)
+    assert groups[0] == plain  # one prefill for every row that needs only its last logits
+    assert sorted(id(r) for g in groups[1:] for r in g) == sorted(id(r) for r in echoed)
+    for group in groups[1:]:
+        width = max(len(r.prompt_ids) for r in group)
+        assert len(group) == 1 or width * len(group) <= PROMPT_LOGPROB_TOKENS

@@ -320,20 +320,19 @@ class Engine:
                 self._fail(request, exc)
         self.pool.evict(self.max_loaded)
         self.metrics.adapters(len(self.pool), self.pool.stats.loads, self.pool.stats.evictions)
-        if not ready:
-            return
-        try:
-            self._prefill(ready)
-        except Exception as exc:
-            if len(ready) == 1:
-                self._fail(ready[0], exc)
-                return
-            log.warning("prefill of %d requests failed; retrying them one by one", len(ready))
-            for request in ready:  # only the request that fails fails; the running batch goes on
-                try:
-                    self._prefill([request])
-                except Exception as exc_one:
-                    self._fail(request, exc_one)
+        for group in prefill_groups(ready):
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail(group[0], exc)
+                    continue
+                log.warning("prefill of %d requests failed; retrying them one by one", len(group))
+                for request in group:  # only the request that fails fails; the running batch goes on
+                    try:
+                        self._prefill([request])
+                    except Exception as exc_one:
+                        self._fail(request, exc_one)
 
     def _prepare(self, request: Request) -> None:
         """Load the request's adapters into the pool and pin them while it runs."""
@@ -576,6 +575,29 @@ class Engine:
         for request in rows:
             self._fail(request, exc)
         self._select([])
+
+
+PROMPT_LOGPROB_TOKENS = 8192  # padded prompt positions per prefill whose logits are all kept
+
+
+def prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Requests to prefill together: all that need only the last position's logits in one group;
+    those that need their prompt's log-probabilities (every position's logits, ``(rows, width,
+    vocab)``) in groups of at most :data:`PROMPT_LOGPROB_TOKENS` padded positions (one at least)."""
+    plain = [r for r in requests if r.params.prompt_logprobs is None]
+    groups = [plain] if plain else []
+    group: list[Request] = []
+    for r in sorted(
+        (r for r in requests if r.params.prompt_logprobs is not None), key=lambda r: len(r.prompt_ids)
+    ):
+        width = max(len(r.prompt_ids), *(len(q.prompt_ids) for q in group)) if group else len(r.prompt_ids)
+        if group and width * (len(group) + 1) > PROMPT_LOGPROB_TOKENS:
+            groups.append(group)
+            group = []
+        group.append(r)
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:

@@ -41,13 +41,18 @@ def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tens
     return picked, values, ids
 
 
-def records(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
-    """:func:`token_logprobs` as one :class:`TokenLogprob` per row."""
-    picked, values, ids = token_logprobs(logits, chosen, k)
-    return [
-        TokenLogprob(int(t), float(p), tuple(zip(i, v, strict=True)))
-        for t, p, i, v in zip(chosen.tolist(), picked.tolist(), ids.tolist(), values.tolist(), strict=True)
-    ]
+def records(logits: Tensor, chosen: Tensor, k: int, chunk: int = 512) -> list[TokenLogprob]:
+    """:func:`token_logprobs` as one :class:`TokenLogprob` per row, ``chunk`` rows at a time (a
+    prompt's float32 log-softmax is ``(rows, vocab)``)."""
+    out = []
+    for start in range(0, logits.shape[0], chunk):
+        rows, picks = logits[start : start + chunk], chosen[start : start + chunk]
+        picked, values, ids = token_logprobs(rows, picks, k)
+        out.extend(
+            TokenLogprob(int(t), float(p), tuple(zip(i, v, strict=True)))
+            for t, p, i, v in zip(picks.tolist(), picked.tolist(), ids.tolist(), values.tolist(), strict=True)
+        )
+    return out
 
 
 def completion_logprobs(
