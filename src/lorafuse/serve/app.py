@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream with ``"stream":
 true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus). With an API key set, every route but ``/health`` needs
+``GET /metrics`` (Prometheus), and vLLM's tokenizer routes ``POST /tokenize``, ``POST
+/detokenize``, ``GET /tokenizer_info``. With an API key set, every route but ``/health`` needs
 ``Authorization: Bearer <key>``. Errors are OpenAI-style JSON: ``{"error": {"message", "type",
 "param", "code"}}`` with a 4xx status for anything the client can fix, a JSON 500 for anything
 else (never a traceback or a path of the server's filesystem).
