@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream with ``"stream":
 true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus). With an API key set, every route but ``/health`` needs
+``GET /metrics`` (Prometheus), and vLLM's tokenizer routes ``POST /tokenize``, ``POST
+/detokenize``, ``GET /tokenizer_info``. With an API key set, every route but ``/health`` needs
 ``Authorization: Bearer <key>``. Errors are OpenAI-style JSON: ``{"error": {"message", "type",
 "param", "code"}}`` with a 4xx status for anything the client can fix, a JSON 500 for anything
 else (never a traceback or a path of the server's filesystem).
@@ -35,24 +36,42 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lorafuse._checks import check_number
-from lorafuse._data import encode_chat
+from lorafuse._data import decode, encode_chat
 from lorafuse._data import encode_prompt as data_encode_prompt
+from lorafuse._data import tokenize as data_tokenize
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
 from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
+from lorafuse.serve.logprobs import chat_logprobs, completion_logprobs
 from lorafuse.serve.metrics import ServerMetrics
-from lorafuse.serve.schemas import ChatRequest, CompletionRequest, _Common
+from lorafuse.serve.schemas import (
+    MAX_SEED,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Common,
+)
 
 log = logging.getLogger("lorafuse.serve")
 
 MAX_JSON_DEPTH = 32  # request bodies nest a few levels (messages → content → parts)
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+)
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -321,7 +340,7 @@ def build_app(
             )
         return {"object": "list", "data": data}
 
-    async def read_body(request: Request, schema: type[_Common]) -> _Common:
+    async def read_body(request: Request, schema: type[BaseModel]) -> Any:
         """The body, read as it arrives and refused (413) as soon as it passes the limit."""
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -348,10 +367,59 @@ def build_app(
             message = first["msg"].removeprefix("Value error, ")
             raise RequestError(400, f"{where}: {message}" if where else message, param=where) from None
 
-    def encode(text: str) -> list[int]:
-        return encode_prompt(tokenizer, text, limits)
+    vocab = vocabulary_size(engine.model, tokenizer)
+    texts: dict[int, str] = {}
 
-    def sampling(body: _Common, prompt_len: int, requested: int | None) -> SamplingParams:
+    def encode(prompt: str | list[int], where: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            return encode_prompt(tokenizer, prompt, limits)
+        bad = next((i for i, t in enumerate(prompt) if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(
+                400,
+                f"{where}: token id {prompt[bad]} (item {bad}) is outside the vocabulary (0 … {vocab - 1})",
+                param=where,
+            )
+        return check_prompt(list(prompt), limits)
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
+
+    def token_text(token: int, spaced: bool = False) -> str:
+        """One token's text as logprobs report it (special tokens included); a word-level
+        vocabulary's words are joined by spaces, so ``spaced`` puts one before the word."""
+        if token not in texts:
+            if word_level:
+                texts[token] = tokenizer.convert_ids_to_tokens(token)
+            else:
+                texts[token] = tokenizer.decode([token], skip_special_tokens=False)
+        return " " + texts[token] if spaced and word_level else texts[token]
+
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def text_of(ids: list[int]) -> str:
+        """The text of token ids, special tokens left out (as a completion's text is)."""
+        return decode(tokenizer, [t for t in ids if t not in specials])
+
+    def kept_tokens(event: Event) -> list:
+        """The generated tokens' logprobs, without those past a stop string (cut from the text)."""
+        entries = list(event.logprobs or [])
+        if event.finish_reason == "stop" and len(decode(tokenizer, event.token_ids)) > len(event.text):
+            keep = 0
+            while keep < len(entries) and len(decode(tokenizer, event.token_ids[:keep])) < len(event.text):
+                keep += 1
+            entries = entries[:keep]
+        return entries
+
+    def sampling(
+        body: _Common,
+        prompt_len: int,
+        requested: int | None,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        sample: int = 0,
+    ) -> SamplingParams:
         max_tokens = requested if requested is not None else limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise RequestError(
@@ -368,8 +436,16 @@ def build_app(
             raise RequestError(
                 400, f"min_tokens ({body.min_tokens}) > max_tokens ({max_tokens})", param="min_tokens"
             )
+        seed = None if body.seed is None else (body.seed + sample) % (MAX_SEED + 1)  # n samples differ
         return SamplingParams(
-            max_tokens, body.temperature, body.top_p, body.seed, body.stop_strings, body.min_tokens
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            seed,
+            body.stop_strings,
+            body.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def resolve(body: _Common) -> Composition:
@@ -428,21 +504,36 @@ def build_app(
             out["usage"] = usage(done)
         return out
 
-    def choice(index: int, done: Event | None, **content: object) -> dict:
+    def choice(index: int, done: Event | None, logprobs: dict | None = None, **content: object) -> dict:
         finish = done.finish_reason if done else None
-        return {"index": index, **content, "logprobs": None, "finish_reason": finish}
+        return {"index": index, **content, "logprobs": logprobs, "finish_reason": finish}
 
     @app.post("/v1/completions")
     async def completions(http: Request) -> Response:
         body = await read_body(http, CompletionRequest)
         assert isinstance(body, CompletionRequest)
-        if len(body.prompts) > limits.max_prompts:
+        prompts = body.prompts
+        if len(prompts) * body.n > limits.max_prompts:
             raise RequestError(
-                400, f"{len(body.prompts)} prompts; at most {limits.max_prompts} per request", param="prompt"
+                400,
+                f"{len(prompts)} prompts × n={body.n}; at most {limits.max_prompts} choices per request",
+                param="n" if body.n > 1 else "prompt",
             )
         composition = await resolve(body)
-        encoded = [encode(p) for p in body.prompts]
-        params = [sampling(body, len(ids), body.max_tokens) for ids in encoded]
+        many = len(prompts) > 1
+        encoded = [encode(p, f"prompt.{i}" if many else "prompt") for i, p in enumerate(prompts)]
+        echoed = body.logprobs if body.echo else None
+        jobs = [
+            (
+                ids,
+                sampling(
+                    body, len(ids), body.max_tokens, logprobs=body.logprobs, prompt_logprobs=echoed, sample=j
+                ),
+            )
+            for ids in encoded
+            for j in range(body.n)
+        ]
+        params = [p for _, p in jobs]
         rid, created, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
         if body.stream:
             ((request, queue),) = start([(encoded[0], params[0])], composition)
@@ -454,12 +545,25 @@ def build_app(
                 return envelope(kind, rid, created, body.model, [choice(0, done, text=text or "")], ends)
 
             return EventStream(stream(request, queue, chunk), request)
-        events = await collect_or_leave(
-            http.receive, start(list(zip(encoded, params, strict=True)), composition)
-        )
+        events = await collect_or_leave(http.receive, start(jobs, composition))
         if events is None:
             return Response(status_code=499)  # the client left; its rows were cancelled
-        choices = [choice(i, e, text=e.text) for i, e in enumerate(events)]
+        choices = []
+        for i, event in enumerate(events):
+            prompt = prompts[i // body.n]
+            prompt_text = prompt if isinstance(prompt, str) else text_of(prompt)
+            joint = " " if word_level and prompt_text and event.text else ""  # words are space-separated
+            text = prompt_text + joint + event.text if body.echo else event.text
+            logprobs = None
+            if body.logprobs is not None:
+                echoed_entries = event.prompt_logprobs or []
+                entries = [*echoed_entries, *kept_tokens(event)]
+                starts = {0, len(echoed_entries)}  # the prompt's first token, the completion's first
+                start_at = 0 if body.echo else len(prompt_text)
+                logprobs = completion_logprobs(
+                    entries, lambda t, j, s=starts: token_text(t, j not in s), body.logprobs, start_at
+                )
+            choices.append(choice(i, event, logprobs, text=text))
         return JSONResponse(envelope(kind, rid, created, body.model, choices, events))
 
     @app.post("/v1/chat/completions")
@@ -468,7 +572,15 @@ def build_app(
         assert isinstance(body, ChatRequest)
         composition = await resolve(body)
         ids = chat_prompt(tokenizer, body, limits)
-        params = sampling(body, len(ids), body.token_limit)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = [
+            (ids, sampling(body, len(ids), body.token_limit, logprobs=top, sample=j)) for j in range(body.n)
+        ]
+        if body.n > limits.max_prompts:
+            raise RequestError(
+                400, f"n={body.n}; at most {limits.max_prompts} choices per request", param="n"
+            )
+        params = jobs[0][1]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             ((request, queue),) = start([(ids, params)], composition)
@@ -483,18 +595,65 @@ def build_app(
                 )
 
             return EventStream(stream(request, queue, chunk), request)
-        events = await collect_or_leave(http.receive, start([(ids, params)], composition))
+        events = await collect_or_leave(http.receive, start(jobs, composition))
         if events is None:
             return Response(status_code=499)  # the client left; its rows were cancelled
-        (event,) = events
-        message = {"role": "assistant", "content": event.text}
-        return JSONResponse(
-            envelope(
-                "chat.completion", rid, created, body.model, [choice(0, event, message=message)], [event]
-            )
-        )
+        choices = []
+        for i, event in enumerate(events):
+            message = {"role": "assistant", "content": event.text}
+            spaced = lambda t, j: token_text(t, j > 0)  # noqa: E731
+            logprobs = chat_logprobs(kept_tokens(event), spaced, top) if top is not None else None
+            choices.append(choice(i, event, logprobs, message=message))
+        return JSONResponse(envelope("chat.completion", rid, created, body.model, choices, events))
+
+    @app.post("/tokenize")
+    async def tokenize(http: Request) -> dict[str, object]:
+        body = await read_body(http, TokenizeRequest)
+        if body.model is not None:
+            await run_in_threadpool(resolver.resolve, body.model, None)
+        if body.add_special_tokens:
+            ids = data_encode_prompt(tokenizer, body.prompt)
+        else:
+            ids = data_tokenize(tokenizer, body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_length}
+
+    @app.post("/detokenize")
+    async def detokenize(http: Request) -> dict[str, object]:
+        body = await read_body(http, DetokenizeRequest)
+        if body.model is not None:
+            await run_in_threadpool(resolver.resolve, body.model, None)
+        if body.tokens:
+            encode(body.tokens, "tokens")  # ids past the vocabulary are a 400
+        return {"prompt": text_of(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, object]:
+        return tokenizer_description(tokenizer, engine.max_length, vocab)
 
     return app
+
+
+def vocabulary_size(model, tokenizer) -> int:  # type: ignore[no-untyped-def]
+    """Token ids a prompt may hold: the tokenizer's and the model's vocabulary, the smaller."""
+    size = len(tokenizer)
+    config_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return min(size, int(config_size)) if config_size else size
+
+
+def tokenizer_description(tokenizer, max_length: int, vocab: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """What ``GET /tokenizer_info`` answers: the fields of a ``tokenizer_config.json`` a client
+    needs to tokenize as the server does (vLLM's endpoint answers the same keys)."""
+    info: dict[str, object] = {
+        "tokenizer_class": type(tokenizer).__name__,
+        "model_max_length": max_length,
+        "vocab_size": vocab,
+        "add_bos_token": getattr(tokenizer, "bos_token_id", None) is not None,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    for name in ("bos", "eos", "pad", "unk"):
+        info[f"{name}_token"] = getattr(tokenizer, f"{name}_token", None)
+        info[f"{name}_token_id"] = getattr(tokenizer, f"{name}_token_id", None)
+    return info
 
 
 def check_prompt(ids: list[int], limits: Limits) -> list[int]:

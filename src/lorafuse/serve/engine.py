@@ -40,6 +40,7 @@ from lorafuse.runtime import LayerInputSource
 from lorafuse.runtime.pool import AdapterPool, Allocation, BatchPlan
 from lorafuse.serve.compose import Composition, RequestError, public_text
 from lorafuse.serve.dynamic import fusion_rows
+from lorafuse.serve.logprobs import TokenLogprob, records
 
 log = logging.getLogger("lorafuse.serve")
 
@@ -54,6 +55,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_tokens: int = 0  # end-of-sequence is banned until this many tokens (vLLM's min_tokens)
+    logprobs: int | None = None  # record each generated token's log-probability and this many top ones
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (one full-width prefill)
 
 
 @dataclass
@@ -66,6 +69,9 @@ class Event:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (past a stop string too)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (the first: logprob None)
 
 
 @dataclass
@@ -85,6 +91,9 @@ class Request:
     first_token: float | None = None
     allocations: list[Allocation] = field(default_factory=list)
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending: TokenLogprob | None = None  # the last sampled token's log-probabilities
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the row leaves the batch at the next step."""
@@ -311,20 +320,19 @@ class Engine:
                 self._fail(request, exc)
         self.pool.evict(self.max_loaded)
         self.metrics.adapters(len(self.pool), self.pool.stats.loads, self.pool.stats.evictions)
-        if not ready:
-            return
-        try:
-            self._prefill(ready)
-        except Exception as exc:
-            if len(ready) == 1:
-                self._fail(ready[0], exc)
-                return
-            log.warning("prefill of %d requests failed; retrying them one by one", len(ready))
-            for request in ready:  # only the request that fails fails; the running batch goes on
-                try:
-                    self._prefill([request])
-                except Exception as exc_one:
-                    self._fail(request, exc_one)
+        for group in prefill_groups(ready):
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail(group[0], exc)
+                    continue
+                log.warning("prefill of %d requests failed; retrying them one by one", len(group))
+                for request in group:  # only the request that fails fails; the running batch goes on
+                    try:
+                        self._prefill([request])
+                    except Exception as exc_one:
+                        self._fail(request, exc_one)
 
     def _prepare(self, request: Request) -> None:
         """Load the request's adapters into the pool and pin them while it runs."""
@@ -371,6 +379,7 @@ class Engine:
             mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L)
         plan, rows_source = self._make_plan(requests)
+        every_position = any(r.params.prompt_logprobs is not None for r in requests)
         try:
             with self.pool.use(plan):
                 out = self.model(
@@ -379,11 +388,19 @@ class Engine:
                     position_ids=positions.to(self.device),
                     past_key_values=DynamicCache(),
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if every_position else 1,
                 )
         finally:
             if rows_source is not None:
                 rows_source.remove()
+        if every_position:
+            for i, r in enumerate(requests):
+                if r.params.prompt_logprobs is not None:
+                    n = len(r.prompt_ids)
+                    logits = out.logits[i, width - n : width - 1]  # (n-1, V): position t predicts t+1
+                    chosen = torch.tensor(r.prompt_ids[1:], dtype=torch.long)
+                    first = TokenLogprob(r.prompt_ids[0], None)
+                    r.prompt_logprobs = [first, *records(logits, chosen, r.params.prompt_logprobs)]
         tokens = self._sample(out.logits[:, -1], requests)  # (n,)
         start = len(self.rows)
         self._merge(requests, out.past_key_values, mask, mask.sum(-1), tokens.to(self.device))
@@ -445,6 +462,9 @@ class Engine:
                     keep = sorted_probs.cumsum(0) - sorted_probs < r.params.top_p
                     probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
                 tokens[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator).item()
+        for i, r in enumerate(requests):
+            if r.params.logprobs is not None:
+                (r.pending,) = records(logits[i : i + 1], tokens[i : i + 1], r.params.logprobs)
         return tokens
 
     def _after_step(self, tokens: Tensor, start: int = 0) -> None:
@@ -465,11 +485,16 @@ class Engine:
     def _advance(self, r: Request, token: int, row: int) -> str | None:
         if r.cancelled:
             return "cancelled"
+        if r.params.max_tokens == 0:  # the prompt only (echo with logprobs): nothing is generated
+            return "length"
         if r.first_token is None:
             r.first_token = time.monotonic()
         if token == self.eos:
             return "stop"
         r.generated.append(token)
+        if r.pending is not None:
+            r.logprobs.append(r.pending)
+            r.pending = None
         text = decode(self.tokenizer, r.generated)
         stop_at = min((i for s in r.params.stop if (i := text.find(s)) >= 0), default=-1)
         if stop_at >= 0:
@@ -510,6 +535,9 @@ class Engine:
                     finish_reason=reason,
                     prompt_tokens=len(r.prompt_ids),
                     completion_tokens=len(r.generated),
+                    token_ids=list(r.generated),
+                    logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+                    prompt_logprobs=list(r.prompt_logprobs) if r.params.prompt_logprobs is not None else None,
                 )
             )
 
@@ -547,6 +575,29 @@ class Engine:
         for request in rows:
             self._fail(request, exc)
         self._select([])
+
+
+PROMPT_LOGPROB_TOKENS = 8192  # padded prompt positions per prefill whose logits are all kept
+
+
+def prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Requests to prefill together: all that need only the last position's logits in one group;
+    those that need their prompt's log-probabilities (every position's logits, ``(rows, width,
+    vocab)``) in groups of at most :data:`PROMPT_LOGPROB_TOKENS` padded positions (one at least)."""
+    plain = [r for r in requests if r.params.prompt_logprobs is None]
+    groups = [plain] if plain else []
+    group: list[Request] = []
+    for r in sorted(
+        (r for r in requests if r.params.prompt_logprobs is not None), key=lambda r: len(r.prompt_ids)
+    ):
+        width = max(len(r.prompt_ids), *(len(q.prompt_ids) for q in group)) if group else len(r.prompt_ids)
+        if group and width * (len(group) + 1) > PROMPT_LOGPROB_TOKENS:
+            groups.append(group)
+            group = []
+        group.append(r)
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
