@@ -39,7 +39,7 @@ ALLOWED = {
         "library",
     },
     "serve": {"adapters", "runtime", "compress", "fusion"},
-    "library": {"adapters", "runtime"},
+    "library": {"adapters", "runtime", "compress", "fusion"},
 }
 TOP = "cli"  # may import every layer; nothing imports it
 BOTTOM = {

@@ -17,6 +17,7 @@ from lorafuse.studies.recycle import (
     KINDS,
     METHODS,
     RANDOM_WEIGHTS,
+    StudyError,
     build_pool,
     cells,
     format_recycle_study,
@@ -118,12 +119,13 @@ def test_the_table_has_every_cell_and_the_controls(cli_result: tuple[dict[str, A
 
 
 def test_the_same_seed_gives_the_same_numbers(
-    tiny_world: Path, cli_result: tuple[dict[str, Any], Path, str]
+    tiny_world: Path, cli_result: tuple[dict[str, Any], Path, str], tmp_path: Path
 ) -> None:
     """A rerun of part of the study (every method, the random rule, k = 2, the controls) repeats
     the CLI run's numbers and choices exactly."""
     settings = replace(quick_settings((0,)), rules=("random",), ks=(2,))
-    again = recycle_study(tiny_world, settings, progress=False)
+    again = recycle_study(tiny_world, settings, progress=False, runs_log=tmp_path / "runs.jsonl")
+    assert again["resumed_runs"] == 0
     want = {row for row in numbers(cli_result[0])}
     got = numbers(again)
     assert got and all(row in want for row in got)
@@ -137,3 +139,46 @@ def test_an_unknown_option_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[
     assert code == 2 and err.strip().splitlines() == [
         "error: --ks '2,zero': each k is a whole number >= 1 or 'all', not 'zero'"
     ]
+
+
+def test_an_interrupted_study_resumes_with_the_same_numbers(
+    tiny_world: Path, cli_result: tuple[dict[str, Any], Path, str], tmp_path: Path
+) -> None:
+    """The runs log of a study cut short (two runs kept, the third line half written) resumes:
+    the kept runs are not made again and the rest repeat the CLI run's numbers."""
+    settings = replace(quick_settings((0,)), rules=("norm",), ks=(2,), methods=("lorahub", "cat-weights"))
+    log = tmp_path / "runs.jsonl"
+    first = recycle_study(tiny_world, settings, progress=False, runs_log=log)
+    lines = log.read_text().splitlines()
+    runs = [i for i, line in enumerate(lines) if '"composite"' in line]
+    assert len(runs) == len(first["runs"]) == 2 * 2 + 1  # norm and random weights × 2 methods, fresh
+    log.write_text("\n".join(lines[: runs[2]]) + "\n" + lines[runs[2]][:25])  # cut in the third run
+    again = recycle_study(tiny_world, settings, progress=False, runs_log=log)
+    assert again["resumed_runs"] == 2
+    assert numbers(again) == numbers(first)
+    want = set(numbers(cli_result[0]))
+    assert all(row in want for row in numbers(again))
+    assert all(json.loads(line) for line in log.read_text().splitlines())  # the cut line is gone
+    assert recycle_study(tiny_world, settings, progress=False, runs_log=log)["resumed_runs"] == 5
+
+
+def test_a_log_of_other_settings_is_refused(
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = replace(quick_settings((0,)), rules=("norm",), ks=(2,), methods=("cat-weights",))
+    log = tmp_path / "runs.jsonl"
+    recycle_study(tiny_world, settings, progress=False, runs_log=log)
+    with pytest.raises(StudyError, match="another world, pool or settings"):
+        recycle_study(tiny_world, replace(settings, epochs=2.0), progress=False, runs_log=log)
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["header"]["fingerprint"] = "0" * 64  # a log made on another world
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    args = ["world", "study", "recycle", "--quick", "--profile", "tiny", "--dir", tiny_world, "--runs", log]
+    code, _, err = run_cli(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and str(log) in errors[0]
+    fresh = recycle_study(
+        tiny_world, replace(settings, epochs=2.0), progress=False, runs_log=log, resume=False
+    )
+    assert fresh["resumed_runs"] == 0 and len(fresh["runs"]) == 3

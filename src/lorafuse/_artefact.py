@@ -113,23 +113,32 @@ def get_format(kind: str) -> Format:
     return FORMATS[kind]
 
 
-def detect_format(folder: str | os.PathLike[str]) -> Format:
-    """The format whose header file ``folder`` holds; one :class:`ArtefactError` naming it otherwise."""
+def find_format(folder: str | os.PathLike[str]) -> Format | None:
+    """The format whose header file (or marker) ``folder`` holds, ``None`` if it holds none; an
+    :class:`ArtefactError` when it holds the headers of several. The one way every reader (the
+    loaders, the server's folder scan, the library's catalogue) tells what a folder is."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtefactError(f"{folder}: not a folder; a lorafuse artefact is a folder with a header file")
     found = [f for f in FORMATS.values() if f.marker is None and f.matches(folder)]
     if not found:  # only then a marker (a PEFT adapter beside another artefact's header is its part)
         found = [f for f in FORMATS.values() if f.marker is not None and f.matches(folder)]
-    if not found:
-        names = sorted({f.marker or f.header for f in FORMATS.values()})
-        raise ArtefactError(f"{folder}: not a lorafuse artefact folder: none of {', '.join(names)} is in it")
     if len(found) > 1:
         raise ArtefactError(
             f"{folder}: holds the headers of several artefacts ({', '.join(f.header for f in found)}); "
             "an artefact folder holds one"
         )
-    return found[0]
+    return found[0] if found else None
+
+
+def detect_format(folder: str | os.PathLike[str]) -> Format:
+    """The format whose header file ``folder`` holds; one :class:`ArtefactError` naming it otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtefactError(f"{folder}: not a folder; a lorafuse artefact is a folder with a header file")
+    fmt = find_format(folder)
+    if fmt is None:
+        names = sorted({f.marker or f.header for f in FORMATS.values()})
+        raise ArtefactError(f"{folder}: not a lorafuse artefact folder: none of {', '.join(names)} is in it")
+    return fmt
 
 
 def header_text(kind: str, version: int, fields: Mapping[str, Any]) -> str:

@@ -320,12 +320,30 @@ def world_recycle_study(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every run as JSON here.")] = None,
     md_out: Annotated[Path | None, typer.Option("--md", help="Write the Markdown table here.")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="Plot exact match against k per rule.")] = None,
+    runs: Annotated[
+        Path | None,
+        typer.Option(
+            "--runs",
+            help="Runs log, one finished run per JSON line "
+            "[default: <world>/recycle/full/runs-<settings>.jsonl].",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Skip the runs the log already holds (an interrupted study continues); "
+            "--no-resume starts over.",
+        ),
+    ] = True,
 ) -> None:
     """The recycling study: a pool of LoRAs, every selection rule x k x fusion method, and the controls.
 
     Builds (or reuses) the pool in <world>/recycle/ and its catalogue, then for each composite task
     chooses k LoRAs by loss, similarity, random and norm, fuses them with LoraHub, learned CAT and
     LoRA-Flow, and compares with a fresh LoRA and with the same methods on random weights.
+    Runs go seed by seed and each is appended to the runs log as it finishes, so a rerun of the
+    same command resumes an interrupted study.
     """
     from dataclasses import replace
 
@@ -355,7 +373,9 @@ def world_recycle_study(
     for flag, path in (("--json", json_out), ("--md", md_out), ("--png", png)):
         if path:
             check_output_path(path, {"--dir": root}, what=flag)
-    result = study.run(root, settings, log=typer.echo)
+    if runs is not None and runs.is_dir():
+        raise InvalidValueError(f"--runs {runs}: is a folder; give a file")
+    result = study.run(root, settings, log=typer.echo, runs_log=runs, resume=resume)
     table = study.format(result)
     typer.echo(table)
     if json_out:

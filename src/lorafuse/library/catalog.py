@@ -42,26 +42,29 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorafuse._artefact import ArtefactError, Format, find_format
 from lorafuse._io import lorafuse_home, read_json_file, read_safetensors_header
 from lorafuse._layers import layer_index
 from lorafuse.adapters import load_lora
 from lorafuse.adapters.lora import LoRA, module_kind
+from lorafuse.adapters.peft_format import LORA_FORMAT
 from lorafuse.adapters.validate import check_compatible
+from lorafuse.compress.format import COMPRESSED_FORMAT
 from lorafuse.errors import (
     AdapterFormatError,
     CompatibilityError,
     LorafuseError,
     UnsupportedAdapterError,
 )
+from lorafuse.fusion.artefact import FUSION_FORMAT
 from lorafuse.library.summary import direction_bytes, summarize_factors
 
 SCHEMA_VERSION = 1
 DB_NAME = "library.sqlite"
-FUSION_FORMAT = "lorafuse-fusion"
-COMPRESSED_FORMAT = "lorafuse-compressed-delta"
-
-# Marker file of each kind of folder, and the files whose content makes the adapter.
-MARKERS = {"peft": "adapter_config.json", "fusion": "fusion.json", "compressed": "compressed.json"}
+#: The artefact format of each kind catalogued (told apart by :func:`lorafuse._artefact.find_format`),
+#: and the files whose content makes the adapter.
+FORMATS: dict[str, Format] = {"peft": LORA_FORMAT, "fusion": FUSION_FORMAT, "compressed": COMPRESSED_FORMAT}
+KIND_OF = {fmt.kind: kind for kind, fmt in FORMATS.items()}
 KIND_FILES = {
     "peft": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"),
     "fusion": ("fusion.json", "weights.safetensors"),
@@ -228,14 +231,19 @@ def _file_stats(folder: Path, kind: str) -> dict[str, tuple[int, int]]:
 def discover(roots: Sequence[Path]) -> Iterator[Found]:
     """Every adapter folder under ``roots`` (recursively, in sorted order, hidden folders skipped).
 
-    A folder holding a marker file (``adapter_config.json``, ``fusion.json``, ``compressed.json``)
-    is one adapter; its sub-folders are not searched.
+    A folder that :func:`~lorafuse._artefact.find_format` finds to be a PEFT adapter
+    (``adapter_config.json``), a fusion (``fusion.json``) or a compressed delta
+    (``compressed.json``) is one adapter; its sub-folders are not searched.
     """
     for root in roots:
         root = root.resolve()
         for dirpath, dirnames, filenames in os.walk(root):
             folder = Path(dirpath)
-            kind = next((k for k, marker in MARKERS.items() if marker in filenames), None)
+            try:
+                fmt = find_format(folder)
+            except ArtefactError:  # several headers: catalogued as the first of ours it holds
+                fmt = next((f for f in (FUSION_FORMAT, COMPRESSED_FORMAT) if f.header in filenames), None)
+            kind = KIND_OF.get(fmt.kind) if fmt is not None else None
             if kind is not None:
                 dirnames[:] = []
                 relative = folder.relative_to(root).as_posix()
@@ -333,7 +341,7 @@ def summarize_lora(lora: LoRA) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
 def _peft_record(folder: Path, base: nn.Module | None, loader: Callable[..., LoRA]) -> Record:
     record = Record("peft")
     try:  # what the config says, even when the adapter cannot be used (DoRA, another type)
-        raw = read_json_file(folder / MARKERS["peft"], AdapterFormatError, what="adapter config")
+        raw = read_json_file(folder / (LORA_FORMAT.marker or ""), AdapterFormatError, what="adapter config")
         if isinstance(raw, dict):
             record.columns["peft_type"] = (
                 raw.get("peft_type") if isinstance(raw.get("peft_type"), str) else None
@@ -358,8 +366,8 @@ def _peft_record(folder: Path, base: nn.Module | None, loader: Callable[..., LoR
 def _header_record(folder: Path, kind: str) -> Record:
     """A fusion or compressed delta, read from its JSON description and its safetensors header."""
     record = Record(kind)
-    meta_path = folder / MARKERS[kind]
-    expected = FUSION_FORMAT if kind == "fusion" else COMPRESSED_FORMAT
+    meta_path = folder / FORMATS[kind].header
+    expected = FORMATS[kind].kind
     raw = read_json_file(meta_path, AdapterFormatError, what=f"{kind} description")
     if not isinstance(raw, dict) or raw.get("format") != expected:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__

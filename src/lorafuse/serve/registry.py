@@ -33,17 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lorafuse._artefact import ArtefactError, find_format
+from lorafuse.adapters.peft_format import LORA_FORMAT
+from lorafuse.compress.format import COMPRESSED_FORMAT
 from lorafuse.errors import LorafuseError
+from lorafuse.fusion.artefact import FUSION_FORMAT
 
 log = logging.getLogger("lorafuse.serve")
 
 Kind = Literal["adapter", "fusion", "compressed"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MARKERS: tuple[tuple[str, Kind], ...] = (
-    ("fusion.json", "fusion"),
-    ("compressed.json", "compressed"),
-    ("adapter_config.json", "adapter"),
-)
+#: The artefact formats served (by :func:`lorafuse._artefact.find_format`) and their kind here;
+#: a folder of another format (a mixture, an encoder) is not an entry.
+KINDS: dict[str, Kind] = {
+    LORA_FORMAT.kind: "adapter",
+    FUSION_FORMAT.kind: "fusion",
+    COMPRESSED_FORMAT.kind: "compressed",
+}
 WEIGHT_FILES = (
     "adapter_model.safetensors",
     "adapter_config.json",
@@ -142,17 +148,24 @@ class Registry:
                     log.warning("not serving %s: %s links outside the adapters folder", folder.name, link)
                 self._refused.add(folder.name)
                 continue
-            for marker, kind in MARKERS:
-                if (resolved / marker).is_file():
-                    key = f"{kind}:{resolved}:{fingerprint(resolved)}"
-                    created = int(resolved.stat().st_mtime)
-                    entry = Entry(folder.name, kind, resolved, key, created)
-                    reason = self._verdict(entry)
-                    if reason is None:
-                        found[folder.name] = entry
-                    else:
-                        not_servable[folder.name] = (entry, reason)
-                    break
+            try:
+                fmt = find_format(resolved)
+            except ArtefactError as exc:
+                if folder.name not in self._refused:
+                    log.warning("not serving %s: %s", folder.name, exc)
+                self._refused.add(folder.name)
+                continue
+            kind = KINDS.get(fmt.kind) if fmt is not None else None
+            if kind is None:
+                continue
+            key = f"{kind}:{resolved}:{fingerprint(resolved)}"
+            created = int(resolved.stat().st_mtime)
+            entry = Entry(folder.name, kind, resolved, key, created)
+            reason = self._verdict(entry)
+            if reason is None:
+                found[folder.name] = entry
+            else:
+                not_servable[folder.name] = (entry, reason)
         with self._lock:
             self._entries = found
             self._not_servable = not_servable

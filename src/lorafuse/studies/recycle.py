@@ -52,7 +52,9 @@ so that a test runs in seconds on the tiny world; its numbers mean nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import statistics
 import time
@@ -68,6 +70,7 @@ from tqdm.auto import tqdm
 from lorafuse._data import encode_examples
 from lorafuse._io import atomic_output_dir, versions
 from lorafuse.adapters import LoRA, load_lora
+from lorafuse.errors import LorafuseError
 from lorafuse.eval import evaluate, response_loss
 from lorafuse.fusion import FuseSettings, fit_on_bank, random_like, train_fresh_lora
 from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
@@ -344,107 +347,248 @@ def _k_value(k: int | str, available: int) -> int:
     return available if k == "all" else min(int(k), available)
 
 
+def _run_key(run: dict[str, Any]) -> tuple[str, int, str, str, str]:
+    return (run["composite"], int(run["seed"]), run["rule"], str(run["k"]), run["method"])
+
+
+def _fingerprint(root: Path, con: Any) -> str:
+    """SHA-256 of the world's files (its manifest's hashes) and of every catalogued pool LoRA: a runs
+    log is only resumed on the very world and pool it was started on."""
+    files = (read_manifest(root) or {}).get("files") or {}
+    loras = sorted((r["name"], r["sha256"]) for r in query(con))
+    blob = json.dumps({"world": files, "loras": loras}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _settings_record(settings: RecycleSettings) -> dict[str, Any]:
+    """The settings a run's numbers depend on (seeds, composites, rules, ks and methods only say
+    which runs to make)."""
+    record = asdict(settings)
+    for key in ("seeds", "composites", "rules", "ks", "methods"):
+        record.pop(key)
+    return json.loads(json.dumps(record))
+
+
+def runs_log_path(root: Path, settings: RecycleSettings) -> Path:
+    """The default runs log: ``<pool dir>/runs-<digest of the settings>.jsonl``."""
+    digest = hashlib.sha256(json.dumps(_settings_record(settings), sort_keys=True).encode()).hexdigest()
+    return pool_dir(root, settings.quick) / f"runs-{digest[:12]}.jsonl"
+
+
+class RunsLog:
+    """An append-only JSON-lines record of finished runs, so that an interrupted study resumes.
+
+    Line 1 is ``{"header": {"fingerprint", "settings"}}``; every other line is one run or one
+    selection (``{"selection": composite, "label", "names"}``), written with flush + fsync. A
+    last line cut short by an interruption is dropped on reading. A log made on another world,
+    pool or settings is refused (:class:`StudyError`), never mixed in.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, settings: dict[str, Any], *, resume: bool) -> None:
+        self.path = Path(path)
+        self.runs: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
+        self.selections: dict[str, dict[str, list[str]]] = {}
+        header = {"fingerprint": fingerprint, "settings": settings}
+        lines = self.path.read_text().splitlines() if resume and self.path.is_file() else []
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # cut short by an interruption
+                raise StudyError(f"{self.path}: line {i + 1} is not JSON; move the file aside") from None
+        if records:
+            if records[0].get("header") != header:
+                raise StudyError(
+                    f"{self.path}: made on another world, pool or settings; move it aside or pass --no-resume"
+                )
+            for record in records[1:]:
+                if "selection" in record:
+                    self.selections.setdefault(record["selection"], {})[record["label"]] = record["names"]
+                else:
+                    self.runs[_run_key(record)] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        kept = [{"header": header}, *records[1:]] if records else [{"header": header}]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)  # rewritten whole: a cut-short last line is gone before appending
+
+    def done(self, composite: str, seed: int, rule: str, k: int | str | None, method: str) -> bool:
+        return (composite, seed, rule, str(k), method) in self.runs
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "selection" in record:
+            self.selections.setdefault(record["selection"], {})[record["label"]] = record["names"]
+        else:
+            self.runs[_run_key(record)] = record
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class StudyError(LorafuseError, ValueError):
+    """A runs log that cannot be resumed."""
+
+
+@dataclass
+class _Task:
+    """One composite's data, excluded LoRAs and rankings (computed once, shared by every seed)."""
+
+    train: Any
+    dev: Any
+    dev_rows: list[dict[str, str]]
+    test_rows: list[dict[str, str]]
+    excluded: set[str]
+    rank: int
+    alpha: int
+    ranked: dict[tuple[str, int | None], list[str]]
+
+
 def recycle_study(
     root: Path,
     settings: RecycleSettings | None = None,
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    runs_log: Path | None = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Run the study on the world at ``root`` (see the module docstring); returns a JSON-able result."""
+    """Run the study on the world at ``root`` (see the module docstring); returns a JSON-able result.
+
+    Runs go seed by seed (every composite for seed 0, then seed 1, ...), each appended to the runs
+    log (``runs_log``, default :func:`runs_log_path`) as it finishes; with ``resume`` a rerun skips
+    the runs the log already holds, so an interrupted study continues where it stopped and gives
+    the same numbers (every fit and draw is seeded by its own run).
+    """
     settings = settings or RecycleSettings()
     started = time.perf_counter()
     root = Path(root)
     pool = build_pool(root, quick=settings.quick, progress=progress)
-    tokenizer, model = load_world(root)
-    pad = tokenizer.pad_token_id
     tasks_of = {lo["name"]: set(lo["tasks"]) for lo in pool["loras"]}
-    runs: list[dict[str, Any]] = []
-    selections: dict[str, Any] = {}
     timings: dict[str, list[float]] = {}
+    loaded: dict[str, LoRA] = {}
+    tasks: dict[str, _Task] = {}
 
     def timed(part: str, t0: float) -> float:
         spent = time.perf_counter() - t0
         timings.setdefault(part, []).append(round(spent, 3))
         return spent
 
+    def task(composite: str) -> _Task:
+        if composite not in tasks:
+            _, task_name = composite_loras(composite)
+            data = root / "data" / composite
+            train_rows = read_jsonl(data / "train.jsonl")[: settings.train_limit]
+            dev_rows = read_jsonl(data / "dev.jsonl")[: settings.dev_limit]
+            first = next(iter(load_lora(root / "loras" / task_name).modules.values()))
+            tasks[composite] = _Task(
+                train=encode_examples(tokenizer, train_rows),
+                dev=encode_examples(tokenizer, dev_rows),
+                dev_rows=dev_rows,
+                test_rows=read_jsonl(data / "test.jsonl")[: settings.limit],
+                excluded={name for name, t in tasks_of.items() if composite in t},
+                rank=int(first.A.shape[0]),
+                alpha=round(first.scale * first.A.shape[0]),
+                ranked={},
+            )
+        return tasks[composite]
+
+    def score(scored: torch.nn.Module, t: _Task) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = evaluate(scored, tokenizer, t.test_rows)
+        out = {"exact_match": round(result["exact_match"], 2)}
+        if "final_answer_match" in result:
+            out["final_answer_match"] = round(result["final_answer_match"], 2)
+        timed("evaluate_test", t0)
+        t0 = time.perf_counter()
+        out["dev_loss"] = round(response_loss(scored, tokenizer, t.dev_rows), 4)
+        timed("dev_loss", t0)
+        return out
+
     n_runs = (
         len(settings.composites)
         * len(settings.seeds)
         * ((len(settings.rules) + 1) * len(settings.ks) * len(settings.methods) + 1)
     )
-    bar = tqdm(total=n_runs, desc="recycle study", unit="run", disable=not progress)
 
-    def study_composite(con: Any, composite: str) -> None:
-        _, task_name = composite_loras(composite)
-        data = root / "data" / composite
-        train_rows = read_jsonl(data / "train.jsonl")[: settings.train_limit]
-        dev_rows = read_jsonl(data / "dev.jsonl")[: settings.dev_limit]
-        test_rows = read_jsonl(data / "test.jsonl")[: settings.limit]
-        train_data = encode_examples(tokenizer, train_rows)
-        dev_data = encode_examples(tokenizer, dev_rows)
-        excluded = {name for name, tasks in tasks_of.items() if composite in tasks}
-        ranked: dict[tuple[str, int | None], list[str]] = {}
-
-        def ranking(rule: str, seed: int) -> list[str]:
-            key = (rule, seed if rule == "random" else None)
-            if key not in ranked:
-                t0 = time.perf_counter()
-                chosen = select(con, rule, model=model, examples=train_data, pad_id=pad, seed=seed)
-                timed(f"select_{rule}", t0)
-                ranked[key] = [r["name"] for r in chosen.ranked if r["name"] not in excluded]
-                label = rule if rule != "random" else f"random seed {seed}"
-                selections.setdefault(composite, {})[label] = ranked[key]
-            return ranked[key]
-
+    with closing(connect(pool["catalogue"], create=False)) as con:
+        broken = [r["name"] for r in query(con, status="broken")]
         paths = {r["name"]: r["path"] for r in query(con, status="ok")}
-        loaded: dict[str, LoRA] = {}
+        record = RunsLog(
+            runs_log or runs_log_path(root, settings),
+            _fingerprint(root, con),
+            _settings_record(settings),
+            resume=resume,
+        )
+        tokenizer, model = load_world(root)
+        pad = tokenizer.pad_token_id
+        wanted = {
+            (c, s, rule, str(k), m)
+            for c in settings.composites
+            for s in settings.seeds
+            for rule in [*settings.rules, RANDOM_WEIGHTS]
+            for k in settings.ks
+            for m in settings.methods
+        } | {(c, s, FRESH, "None", FRESH) for c in settings.composites for s in settings.seeds}
+        bar = tqdm(total=n_runs, desc="recycle study", unit="run", disable=not progress)
+        resumed = len(wanted & set(record.runs))
+        bar.update(resumed)
 
         def lora(name: str) -> LoRA:
             if name not in loaded:
                 loaded[name] = load_lora(paths[name])
             return loaded[name]
 
-        task_lora = load_lora(root / "loras" / task_name)
-        first = next(iter(task_lora.modules.values()))
-        rank, alpha = int(first.A.shape[0]), round(first.scale * first.A.shape[0])
+        def ranking(composite: str, rule: str, seed: int) -> list[str]:
+            t = task(composite)
+            key = (rule, seed if rule == "random" else None)
+            label = rule if rule != "random" else f"random seed {seed}"
+            if key not in t.ranked:
+                t0 = time.perf_counter()
+                chosen = select(con, rule, model=model, examples=t.train, pad_id=pad, seed=seed)
+                timed(f"select_{rule}", t0)
+                t.ranked[key] = [r["name"] for r in chosen.ranked if r["name"] not in t.excluded]
+            if record.selections.get(composite, {}).get(label) != t.ranked[key]:
+                record.add({"selection": composite, "label": label, "names": t.ranked[key]})
+            return t.ranked[key]
 
-        def score(scored: torch.nn.Module) -> dict[str, float]:
-            t0 = time.perf_counter()
-            result = evaluate(scored, tokenizer, test_rows)
-            out = {"exact_match": round(result["exact_match"], 2)}
-            if "final_answer_match" in result:
-                out["final_answer_match"] = round(result["final_answer_match"], 2)
-            timed("evaluate_test", t0)
-            t0 = time.perf_counter()
-            out["dev_loss"] = round(response_loss(scored, tokenizer, dev_rows), 4)
-            timed("dev_loss", t0)
-            return out
-
-        def fuse_all(row: str, seed: int, k: int | str, bank: dict[str, LoRA], chosen: list[str]) -> None:
-            handle = attach(model, bank)
+        def fuse_all(
+            composite: str,
+            row: str,
+            seed: int,
+            k: int | str,
+            bank: Callable[[], dict[str, LoRA]],
+            chosen: list[str],
+        ) -> None:
+            methods = [m for m in settings.methods if not record.done(composite, seed, row, k, m)]
+            if not methods:
+                return
+            t = task(composite)
+            handle = attach(model, bank())
             try:
-                for method in settings.methods:
+                for method in methods:
                     t0 = time.perf_counter()
                     fit_on_bank(
                         handle,
-                        train_data,
-                        dev_data,
+                        t.train,
+                        t.dev,
                         _fuse_settings(settings, method, seed),
                         pad_id=pad,
                         progress=False,
                     )
-                    spent = timed(f"fit_{method}_k{len(bank)}", t0)
-                    runs.append(
+                    spent = timed(f"fit_{method}_k{len(chosen)}", t0)
+                    record.add(
                         {
                             "composite": composite,
                             "seed": seed,
                             "rule": row,
                             "k": k,
-                            "k_used": len(bank),
+                            "k_used": len(chosen),
                             "method": method,
                             "loras": chosen,
-                            **score(model),
+                            **score(model, t),
                             "fit_seconds": round(spent, 2),
                         }
                     )
@@ -452,30 +596,38 @@ def recycle_study(
             finally:
                 detach(model)
 
-        for seed in settings.seeds:
+        def study_cell(composite: str, seed: int) -> None:
             for rule in settings.rules:
-                names = ranking(rule, seed)
+                names = ranking(composite, rule, seed)
                 for k in settings.ks:
                     chosen = names[: _k_value(k, len(names))]
-                    fuse_all(rule, seed, k, {n: lora(n) for n in reversed(chosen)}, chosen)
-            names = ranking("loss", 0)  # the random-weights control redraws the loss rule's choice
+                    fuse_all(
+                        composite, rule, seed, k, lambda c=chosen: {n: lora(n) for n in reversed(c)}, chosen
+                    )
+            names = ranking(composite, "loss", 0)  # the random-weights control redraws the loss rule's choice
             for k in settings.ks:
                 chosen = names[: _k_value(k, len(names))]
-                bank = {n: random_like(lora(n), 1_000_003 * seed + i) for i, n in enumerate(reversed(chosen))}
-                fuse_all(RANDOM_WEIGHTS, seed, k, bank, chosen)
+
+                def redrawn(c: list[str] = chosen) -> dict[str, LoRA]:
+                    return {n: random_like(lora(n), 1_000_003 * seed + i) for i, n in enumerate(reversed(c))}
+
+                fuse_all(composite, RANDOM_WEIGHTS, seed, k, redrawn, chosen)
+            if record.done(composite, seed, FRESH, None, FRESH):
+                return
+            t = task(composite)
             t0 = time.perf_counter()
             fresh = train_fresh_lora(
                 model,
-                train_data,
-                dev_data,
+                t.train,
+                t.dev,
                 _train_config(settings, FRESH, seed),
                 pad_id=pad,
-                rank=rank,
-                alpha=alpha,
+                rank=t.rank,
+                alpha=t.alpha,
                 progress=False,
             )
             spent = timed("fresh_lora", t0)
-            runs.append(
+            record.add(
                 {
                     "composite": composite,
                     "seed": seed,
@@ -484,21 +636,25 @@ def recycle_study(
                     "k_used": 0,
                     "method": FRESH,
                     "loras": [],
-                    **score(fresh),
+                    **score(fresh, t),
                     "fit_seconds": round(spent, 2),
-                    "rank": rank,
+                    "rank": t.rank,
                 }
             )
             del fresh
             bar.update()
-        if log:
-            log(f"{composite}: {len([r for r in runs if r['composite'] == composite])} runs")
 
-    with closing(connect(pool["catalogue"], create=False)) as con:
-        broken = [r["name"] for r in query(con, status="broken")]
-        for composite in settings.composites:
-            study_composite(con, composite)
-    bar.close()
+        for seed in settings.seeds:
+            for composite in settings.composites:
+                study_cell(composite, seed)
+            if log:
+                log(f"seed {seed}: {sum(1 for key in record.runs if key[1] == seed)} runs")
+        bar.close()
+    runs = [record.runs[key] for key in sorted(wanted, key=_order(settings)) if key in record.runs]
+    selections = {
+        c: {label: names for label, names in record.selections.get(c, {}).items()}
+        for c in settings.composites
+    }
     return {
         "study": "recycle",
         "metric": "exact match (%) on the test split; dev loss: mean response-token loss on the dev split",
@@ -511,12 +667,33 @@ def recycle_study(
         "pool": {**pool, "broken": broken},
         "selections": selections,
         "runs": runs,
+        "runs_log": str(record.path),
+        "resumed_runs": resumed,
         "timings": {
             part: {"n": len(v), "mean_s": round(statistics.mean(v), 3)} for part, v in timings.items()
         },
         "versions": versions(),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _order(settings: RecycleSettings) -> Callable[[tuple[str, int, str, str, str]], tuple[int, ...]]:
+    """Sort runs as a fresh study makes them: seed, composite, rule (controls last), k, method."""
+    rules = [*settings.rules, RANDOM_WEIGHTS, FRESH]
+    ks = [str(k) for k in settings.ks] + ["None"]
+    methods = [*settings.methods, FRESH]
+
+    def key(run: tuple[str, int, str, str, str]) -> tuple[int, ...]:
+        composite, seed, rule, k, method = run
+        return (
+            settings.seeds.index(seed),
+            settings.composites.index(composite),
+            rules.index(rule),
+            ks.index(k),
+            methods.index(method),
+        )
+
+    return key
 
 
 # -- report ----------------------------------------------------------------------------------------
