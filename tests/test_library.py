@@ -14,10 +14,11 @@ from tests.conftest import load, run_cli
 
 from lorafuse import attach, load_lora
 from lorafuse._data import collate, encode_rows
+from lorafuse._io import all_finite
 from lorafuse.adapters import LoRA, LoRAModule, save_lora
 from lorafuse.library import catalog, connect, get, index, query, read_selection, select, stats
 from lorafuse.library.select import hidden_means, model_shapes
-from lorafuse.library.summary import direction_from_bytes, summarize_factors
+from lorafuse.library.summary import direction_from_bytes, summarize_factors, summarize_many
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama, word_tokenizer
 
 GOOD = ["good/patterned", "good/plain", "good/rslora_qv"]
@@ -213,6 +214,45 @@ def _counting(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> li
 
     monkeypatch.setattr(catalog, "load_lora", loader)
     return calls
+
+
+def test_batched_summaries_equal_one_module_at_a_time() -> None:
+    """``summarize_many`` groups equal shapes into one batched product and eigensolve: the same
+    norms, top singular values and directions as ``summarize_factors`` module by module (float16,
+    float32 and float64 factors, a zero ``B``, a rank-deficient ``A``, a lone shape)."""
+    g = torch.Generator().manual_seed(3)
+    factors = []
+    for i in range(7):
+        a, b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+        factors.append((a, b * (i != 2), 0.5 + i))  # module 2: B = 0
+    deficient = torch.randn(1, 24, generator=g).repeat(4, 1)
+    factors.append((deficient, torch.randn(16, 4, generator=g), 2.0))
+    factors.append((torch.randn(8, 32, generator=g), torch.randn(10, 8, generator=g), 1.0))  # alone
+    factors += [(a.half(), b.half(), s) for a, b, s in factors[:3]]
+    factors += [(a.double(), b.double(), s) for a, b, s in factors[:3]]
+    many = summarize_many(factors)
+    assert len(many) == len(factors)
+    for (a, b, scale), got in zip(factors, many, strict=True):
+        want = summarize_factors(a, b, scale)
+        assert got.norm == pytest.approx(want.norm, rel=1e-5, abs=1e-6)
+        assert got.sigma1 == pytest.approx(want.sigma1, rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(got.direction, want.direction, atol=1e-4, rtol=0)
+    assert many[2].norm == 0 and not many[2].direction.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact(dtype: torch.dtype) -> None:
+    t = torch.randn(64, 128).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[5, 7] = bad
+        assert not all_finite(u)
+    u = t.clone()
+    u[0, 0], u[1, 1] = float("inf"), float("-inf")  # a sum of NaN
+    assert not all_finite(u)
+    big = torch.full((4, 4), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum overflows
+    assert all_finite(big)
 
 
 def test_reindex_reads_nothing_unchanged_and_rereads_a_changed_adapter(

@@ -34,6 +34,7 @@ from lorafuse._artefact import Format, artefact_dir, header_metadata, read_heade
 from lorafuse._checks import InvalidValueError, PositiveInt, StrictBool, StrictPositiveFloat, parse_model
 from lorafuse._io import (
     OutputInputs,
+    all_finite,
     read_json_file,
     read_pickle_weights,
     read_safetensors,
@@ -273,8 +274,8 @@ def load_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False, name:
                 f"{tuple(b.shape)} are not (r, in) and (out, r) with the same r"
             )
         for ab, tensor in pair.items():
-            finite = torch.isfinite(tensor)
-            if not bool(finite.all()):
+            if not all_finite(tensor):
+                finite = torch.isfinite(tensor)
                 raise AdapterFormatError(
                     f"{weights_path}: {module_path}.lora_{ab}.weight {tuple(tensor.shape)} has "
                     f"{int((~finite).sum())} non-finite values (NaN/inf); the adapter is corrupt "

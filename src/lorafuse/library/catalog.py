@@ -57,7 +57,7 @@ from lorafuse.errors import (
     UnsupportedAdapterError,
 )
 from lorafuse.fusion.artefact import FUSION_FORMAT
-from lorafuse.library.summary import direction_bytes, summarize_factors
+from lorafuse.library.summary import direction_bytes, summarize_many
 
 SCHEMA_VERSION = 1
 DB_NAME = "library.sqlite"
@@ -293,8 +293,8 @@ def summarize_lora(lora: LoRA) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
     """The catalogue columns and module rows of a loaded LoRA (norms and directions factored)."""
     rows: list[tuple[Any, ...]] = []
     norms: dict[str, list[float]] = {}
-    for path, m in lora.modules.items():
-        s = summarize_factors(m.A, m.B, m.scale)
+    summaries = summarize_many([(m.A, m.B, m.scale) for m in lora.modules.values()])
+    for (path, m), s in zip(lora.modules.items(), summaries, strict=True):
         alpha = m.scale * m.rank
         rows.append(
             (

@@ -13,13 +13,18 @@ For one module ``ΔW = s · B A`` (``A`` is ``(r, in)``, ``B`` is ``(out, r)``):
   ``|cos|`` anyway).
 
 Cost per module: two Gram products (``r² · (in + out)`` multiply-adds, float32 unless the factors
-are float64) and r×r eigensolves in float64. Pure tensor maths: no transformers, no files.
+are float64) and r×r eigensolves in float64. :func:`summarize_many` does the same for many
+modules at once, one batched product and eigensolve per group of equal shapes (a LoRA's modules
+of one kind across its layers), which is what indexing a library spends its time on. Pure tensor
+maths: no transformers, no files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,6 +65,43 @@ def summarize_factors(A: Tensor, B: Tensor, scale: float) -> ModuleSummary:
                 direction = -direction
     s = abs(float(scale))
     return ModuleSummary(s * math.sqrt(max(norm_sq, 0.0)), s * math.sqrt(top), direction.float())
+
+
+def summarize_many(factors: Sequence[tuple[Tensor, Tensor, float]]) -> list[ModuleSummary]:
+    """:func:`summarize_factors` of every ``(A, B, scale)`` in ``factors``, in order, batched over
+    the factors of equal shapes and dtype (the same maths on ``(M, r, in)`` stacks)."""
+    out: list[ModuleSummary | None] = [None] * len(factors)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (a, b, _) in enumerate(factors):
+        groups.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, b.dtype), []).append(i)
+    for (_, _, a_dtype, b_dtype), members in groups.items():
+        if len(members) == 1:
+            i = members[0]
+            out[i] = summarize_factors(*factors[i])
+            continue
+        wide = torch.float64 if torch.float64 in (a_dtype, b_dtype) else torch.float32
+        a = torch.stack([factors[i][0].detach() for i in members]).to(wide)  # (M, r, in)
+        b = torch.stack([factors[i][1].detach() for i in members]).to(wide)  # (M, out, r)
+        gram_a = (a @ a.mT).double()  # (M, r, r)
+        gram_b = (b.mT @ b).double()  # (M, r, r)
+        norm_sq = (gram_a * gram_b).sum((-2, -1))  # (M,)
+        evals, evecs = torch.linalg.eigh(gram_b)  # (M, r), (M, r, r)
+        r_b = evals.clamp_min(0).sqrt().unsqueeze(-1) * evecs.mT  # (M, r, r)
+        core = r_b @ gram_a @ r_b.mT  # (M, r, r)
+        lam, u = torch.linalg.eigh((core + core.mT) / 2)  # (M, r), (M, r, r)
+        top = lam[:, -1].clamp_min(0)  # (M,)
+        v = (a.mT @ (r_b.mT @ u[:, :, -1:]).to(wide)).squeeze(-1).double()  # (M, in) = Cᵀ u
+        length = v.norm(dim=-1, keepdim=True)  # (M, 1)
+        keep = (top > 0).unsqueeze(-1) & (length > 0)  # (M, 1)
+        direction = torch.where(keep, v / length.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        peak = direction.gather(-1, direction.abs().argmax(-1, keepdim=True))  # (M, 1)
+        direction = torch.where(peak < 0, -direction, direction).float()  # (M, in)
+        for j, i in enumerate(members):
+            s = abs(float(factors[i][2]))
+            out[i] = ModuleSummary(
+                s * math.sqrt(max(float(norm_sq[j]), 0.0)), s * math.sqrt(float(top[j])), direction[j].clone()
+            )
+    return [summary for summary in out if summary is not None]
 
 
 def direction_bytes(direction: Tensor) -> bytes:
