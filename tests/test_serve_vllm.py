@@ -103,10 +103,25 @@ class FakeVllm:
             model = body["model"]
             if model != VLLM_BASE and model not in self.loras:
                 return _error(404, f"The model `{model}` does not exist.")
-            tokens = self.generate(
+            tokens, scores = self.generate(
                 prompt, self.loras.get(model), body["max_tokens"], body.get("min_tokens", 0)
             )
             finish = "stop" if tokens and tokens[-1] == self.eos else "length"
+            k = body.get("logprobs")
+            assert k is None or body.get("return_tokens_as_token_ids")
+
+            def logprobs(i: int, token: int) -> dict[str, Any] | None:
+                if k is None:
+                    return None
+                logp = torch.log_softmax(scores[i][0].float(), -1)
+                top = {f"token_id:{t}": float(logp[t]) for t in logp.topk(k).indices.tolist()}
+                top[f"token_id:{token}"] = float(logp[token])  # the chosen one too, as vLLM does
+                return {
+                    "tokens": [f"token_id:{token}"],
+                    "token_logprobs": [float(logp[token])],
+                    "top_logprobs": [top],
+                    "text_offset": [0],
+                }
 
             def events() -> Iterator[str]:
                 for i, token in enumerate(tokens):
@@ -114,7 +129,7 @@ class FakeVllm:
                     choice = {
                         "index": 0,
                         "text": "?",
-                        "logprobs": None,
+                        "logprobs": logprobs(i, token),
                         "finish_reason": finish if last else None,
                         "token_ids": [token],
                     }
@@ -126,7 +141,7 @@ class FakeVllm:
         self.app = app
 
     @torch.no_grad()
-    def generate(self, ids: list[int], lora: Any, max_tokens: int, min_tokens: int) -> list[int]:
+    def generate(self, ids: list[int], lora: Any, max_tokens: int, min_tokens: int) -> tuple[list[int], Any]:
         with self.lock:
             if lora is not None:
                 attach(self.model, {"x": lora})
@@ -139,11 +154,13 @@ class FakeVllm:
                     do_sample=False,
                     eos_token_id=self.eos,
                     pad_token_id=self.eos,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
             finally:
                 if lora is not None:
                     detach(self.model)
-        return out[0, len(ids) :].tolist()
+        return out.sequences[0, len(ids) :].tolist(), out.scores
 
     def names(self, route: str) -> list[str]:
         return [c[1].get("lora_name") or c[1].get("model") for c in self.calls if c[0] == route]
@@ -313,6 +330,18 @@ def test_streaming_chat_and_stop_strings(server: dict[str, Any]) -> None:
     assert cut.choices[0].text == text[: text.index(word)] and cut.choices[0].finish_reason == "stop"
     sent = [c[1] for c in server["vllm"].calls if c[0] == "completions"][-1]
     assert sent["stop"] == [word] and sent["prompt"][0] == server["tokenizer"].bos_token_id  # lorafuse's <s>
+
+
+def test_logprobs_of_generated_tokens(server: dict[str, Any]) -> None:
+    client, prompt = _client(server["url"]), server["prompts"][0]
+    plain = _complete(client, {"model": "rand1", "prompt": prompt, "max_tokens": 5})
+    out = client.completions.create(model="rand1", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == plain.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(chosen)  # greedy: the best one
+    assert "".join(lp.tokens) == out.choices[0].text  # word tokens carry their space
 
 
 def test_what_vllm_cannot_serve_is_a_400_naming_the_builtin_engine(server: dict[str, Any]) -> None:

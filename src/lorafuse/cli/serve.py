@@ -6,7 +6,9 @@ Every flag is checked before anything is loaded; a bad one is one ``error:`` lin
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
@@ -155,6 +157,19 @@ def serve(
     vllm_cache_mb: Annotated[
         int, typer.Option(help="Size cap of --vllm-cache in MiB (least recently used adapters removed).")
     ] = 4096,
+    vllm_launch: Annotated[
+        bool,
+        typer.Option(
+            help="With --engine vllm: start vLLM's server (on 127.0.0.1, a free port) from --vllm-python, "
+            "instead of --vllm-url; it stops with lorafuse."
+        ),
+    ] = False,
+    vllm_python: Annotated[
+        Path, typer.Option(help="The Python of vLLM's virtual environment, for --vllm-launch.")
+    ] = Path(".venv-vllm/bin/python"),
+    vllm_args: Annotated[
+        str, typer.Option(help='More arguments for vLLM with --vllm-launch, e.g. "--dtype float32".')
+    ] = "",
 ) -> None:
     """Serve many adapters, weighted compositions, fusions and compressed deltas from one base model.
 
@@ -179,6 +194,18 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         raise InvalidValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     key = api_key_setting(api_key, os.environ)
+    if vllm_launch:
+        if engine != "vllm" or vllm_url is not None:
+            raise InvalidValueError("--vllm-launch goes with --engine vllm and without --vllm-url")
+        if not vllm_python.is_file():
+            raise InvalidValueError(f"--vllm-python {vllm_python}: no such file (make venv-vllm builds it)")
+        try:
+            extra = shlex.split(vllm_args)
+        except ValueError as exc:
+            raise InvalidValueError(f"--vllm-args: {exc}") from None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            vllm_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     url = check_engine(engine, vllm_url, vllm_max_lora_rank, vllm_cache_mb, vllm_cache)
     if adapters is not None and not adapters.is_dir():
         raise InvalidValueError(f"--adapters {adapters}: no such folder")
@@ -240,7 +267,30 @@ def serve(
     typer.echo(
         f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else ""),
     )
-    server.run(host=host, port=port, log_level=log_level.lower())
+    if vllm_launch:
+        from lorafuse.serve.vllm import launch_command, launched
+
+        assert url is not None
+        command = launch_command(
+            vllm_python,
+            base,
+            tokenizer or (base if (base / "tokenizer_config.json").is_file() else base.parent / "tokenizer"),
+            port=int(url.rsplit(":", 1)[1]),
+            served_name=settings.base_name,
+            max_lora_rank=vllm_max_lora_rank,
+            max_loras=min(settings.max_loaded, 8),
+            extra=extra,
+        )
+        log_file = Path(tempfile.gettempdir()) / f"lorafuse-vllm-{os.getpid()}.log"
+        typer.echo(f"  starting vLLM (log: {log_file}): {shlex.join(command)}")
+        try:
+            with launched(command, url, log_file):
+                typer.echo(f"  vLLM is up at {url}")
+                server.run(host=host, port=port, log_level=log_level.lower())
+        except RuntimeError as exc:
+            raise InvalidValueError(str(exc)) from None
+    else:
+        server.run(host=host, port=port, log_level=log_level.lower())
     typer.echo("lorafuse serve: shut down")
 
 
