@@ -66,15 +66,30 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def vllm(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def adapters(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not VLLM_PYTHON.exists():
         message = f"no vLLM virtual environment at {VLLM_PYTHON} (make venv-vllm)"
         if os.environ.get("LORAFUSE_REQUIRE_VLLM") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    work = tmp_path_factory.mktemp("vllm")
-    folder = work / "adapters"
+    folder = tmp_path_factory.mktemp("vllm-adapters") / "adapters"
     serving_folder(tiny_world, folder)
+    return folder
+
+
+def _reference(world: Path, folder: Path, reqs: list[dict[str, Any]]) -> list[str]:
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
+    return [reference(model, tokenizer, folder, r, BASE) for r in reqs]
+
+
+def _prompts(world: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in (world / "data" / "math" / "test.jsonl").open()][:2]
+
+
+@pytest.fixture()
+def vllm(tiny_world: Path, adapters: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    work, folder = tmp_path, adapters
     port, log = _port(), work / "vllm.log"
     env = {
         **os.environ,
@@ -121,7 +136,7 @@ def vllm(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         _stop(process)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def lorafuse(vllm: dict[str, Any]) -> Iterator[str]:
     """``lorafuse serve --engine vllm`` as a user starts it."""
     port, log = _port(), vllm["work"] / "lorafuse.log"
@@ -174,9 +189,7 @@ SPECS: list[dict[str, Any]] = [
 
 def test_vllm_answers_as_the_builtin_engine(vllm: dict[str, Any], lorafuse: str) -> None:
     world = vllm["world"]
-    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32).eval()
-    prompts = [json.loads(line)["prompt"] for line in (world / "data" / "math" / "test.jsonl").open()][:2]
+    prompts = _prompts(world)
     reqs = [{**spec, "prompt": p, "max_tokens": 12} for p in prompts for spec in SPECS]
     got = []
     started = time.monotonic()
@@ -186,7 +199,7 @@ def test_vllm_answers_as_the_builtin_engine(vllm: dict[str, Any], lorafuse: str)
         assert response.json()["model"] == req["model"]
         got.append(response.json()["choices"][0]["text"])
     elapsed = time.monotonic() - started
-    expected = [reference(model, tokenizer, vllm["folder"], r, BASE) for r in reqs]
+    expected = _reference(world, vllm["folder"], reqs)
     same = sum(g == e for g, e in zip(got, expected, strict=True))
     print(f"\n{same}/{len(reqs)} completions equal the built-in engine's; {elapsed:.1f} s for {len(reqs)}")
     assert got == expected
@@ -213,3 +226,74 @@ def test_vllm_answers_as_the_builtin_engine(vllm: dict[str, Any], lorafuse: str)
         lorafuse + "/v1/completions", json={"model": "flow", "prompt": prompts[0]}, timeout=60
     )
     assert refused.status_code == 400 and "without `--engine vllm`" in refused.json()["error"]["message"]
+    assert len(set(got)) > len(SPECS) // 2  # the adapters and compositions answer differently
+    # log-probabilities of generated tokens come back from vLLM (prompt ones are refused)
+    scored = httpx.post(
+        lorafuse + "/v1/completions",
+        json={"model": "math", "prompt": prompts[0], "max_tokens": 4, "temperature": 0, "logprobs": 2},
+        timeout=120,
+    )
+    assert scored.status_code == 200, scored.text
+    lp = scored.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == scored.json()["usage"]["completion_tokens"]
+    assert all(
+        max(top.values()) == pytest.approx(c, abs=1e-4)
+        for c, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True)
+    )
+
+
+def test_vllm_launch(tiny_world: Path, adapters: Path, tmp_path: Path) -> None:
+    """``--vllm-launch`` starts vLLM's server itself and stops it on SIGTERM."""
+    port, log = _port(), tmp_path / "lorafuse.log"
+    command = [
+        sys.executable,
+        "-m",
+        "lorafuse",
+        "serve",
+        "--base",
+        str(tiny_world / "base"),
+        "--tokenizer",
+        str(tiny_world / "tokenizer"),
+        "--adapters",
+        str(adapters),
+        "--model-name",
+        BASE,
+        "--port",
+        str(port),
+        "--engine",
+        "vllm",
+        "--vllm-launch",
+        "--vllm-python",
+        str(VLLM_PYTHON),
+        "--vllm-args",
+        "--dtype float32 --enforce-eager --gpu-memory-utilization 0.3",
+        "--vllm-max-lora-rank",
+        str(MAX_RANK),
+        "--vllm-cache",
+        str(tmp_path / "cache"),
+    ]
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, process, log, "lorafuse serve --engine vllm --vllm-launch")
+        print(f"\nlorafuse + vLLM up in {time.monotonic() - started:.0f} s")
+        reqs = [{"model": "math", "prompt": p, "max_tokens": 10} for p in _prompts(tiny_world)] + [
+            {
+                "model": BASE,
+                "compose": {"rand0": 0.7, "rand3": 0.4},
+                "prompt": _prompts(tiny_world)[0],
+                "max_tokens": 10,
+            }
+        ]
+        got = []
+        for req in reqs:
+            response = httpx.post(url + "/v1/completions", json={**req, "temperature": 0}, timeout=120)
+            assert response.status_code == 200, response.text
+            got.append(response.json()["choices"][0]["text"])
+        assert got == _reference(tiny_world, adapters, reqs)
+    finally:
+        _stop(process)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert "vllm.entrypoints.openai.api_server" in log.read_text()
