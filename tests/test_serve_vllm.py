@@ -396,6 +396,40 @@ def test_adapter_cache_names_lru_and_unloads(
         assert content_name(served["folder"] / "rand0") == loads[0]
 
 
+def test_concurrent_requests_with_few_adapters_loaded(
+    served: dict[str, Any], fake: dict[str, Any], tmp_path: Path
+) -> None:
+    """Adapters used by running requests are never unloaded; the answers stay right."""
+    srv = _server(served, fake["url"], tmp_path / "cache", max_loaded=2)
+    reqs = [
+        {**spec, "prompt": p, "max_tokens": 4}
+        for p in served["prompts"]
+        for spec in (
+            {"model": "rand0"},
+            {"model": "rand1"},
+            {"model": BASE, "compose": {"rand2": 0.5, "rand4": 1.0}},
+        )
+    ]
+    results: list[str] = [""] * len(reqs)
+    with srv.background() as url:
+        client = _client(url)
+
+        def run(i: int) -> None:
+            results[i] = _complete(client, reqs[i]).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        backend = srv.engine
+        assert isinstance(backend, VllmBackend)
+        assert sum(c.loaded for c in backend.cache.entries.values()) <= 2
+        assert all(c.refs == 0 for c in backend.cache.entries.values()) and not backend.rows
+    model = _model(served["world"])
+    assert results == [reference(model, served["tokenizer"], served["folder"], r, BASE) for r in reqs]
+
+
 def test_adapter_lost_by_vllm_is_loaded_again(server: dict[str, Any]) -> None:
     url, prompt = server["url"], server["prompts"][1]
     first = _post(url, {"model": "rand4", "prompt": prompt, "max_tokens": 4}).json()["choices"][0]["text"]
