@@ -445,6 +445,8 @@ class VllmBackend:
             shutil.rmtree(work, ignore_errors=True)
 
     async def _load(self, cached: Cached, label: str) -> None:
+        """Load ``cached`` into vLLM, unloading idle ones first to keep ``max_loaded`` (those in
+        use stay: vLLM then holds more until they finish, see :meth:`_trim`)."""
         loaded = [c for c in self.cache.entries.values() if c.loaded]
         for victim in loaded[: max(0, len(loaded) - self.max_loaded + 1)]:
             if victim.refs == 0:
@@ -532,6 +534,21 @@ class VllmBackend:
                 self.rows.remove(request)
             self.metrics.finished(request, reason)
             self._report()
+        if not self._stopping:
+            await self._trim()
+
+    async def _trim(self) -> None:
+        """Unload idle adapters past ``max_loaded`` (loaded beyond it while all were in use)."""
+        loaded = [c for c in self.cache.entries.values() if c.loaded]
+        if len(loaded) <= self.max_loaded:
+            return
+        _, lock = self._state()
+        async with lock:
+            loaded = [c for c in self.cache.entries.values() if c.loaded]
+            idle = [c for c in loaded if c.refs == 0]
+            for victim in idle[: max(0, len(loaded) - self.max_loaded)]:
+                await self._unload(victim)
+            self._report()
 
     async def _forward(self, request: Request, model: str, cached: Cached | None, *, retry: bool) -> str:
         """Stream one row from vLLM; the finish reason. A vLLM that lost the adapter (restarted)
@@ -600,7 +617,7 @@ class VllmBackend:
             return None
         choice = choices[0]
         ids = choice.get("token_ids")
-        if ids is None and (choice.get("text") or choice.get("finish_reason") is None):
+        if ids is None:
             raise RequestError(
                 502,
                 f"vLLM at {self.url} does not return token ids (`return_token_ids`, vLLM ≥ 0.10.2); "
