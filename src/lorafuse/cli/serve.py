@@ -6,7 +6,9 @@ Every flag is checked before anything is loaded; a bad one is one ``error:`` lin
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +18,29 @@ import typer
 from lorafuse._checks import InvalidValueError, check_number
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+ENGINES = ("builtin", "vllm")
+VLLM_FLAGS = ("--vllm-url", "--vllm-model", "--vllm-max-lora-rank", "--vllm-cache", "--vllm-cache-mb")
+
+
+def vllm_writer(registry):  # type: ignore[no-untyped-def]
+    """What ``--engine vllm`` materialises a composition with: ``lorafuse export vllm``'s writer
+    (a PEFT adapter copied, a composition or static fusion as one exact ``cat`` adapter, a
+    low-rank delta as its factors); what it does not export is a 400 with its reason."""
+    from lorafuse.export import _export_one
+    from lorafuse.serve import Composition, RequestError
+
+    def write(composition: Composition, work: Path):  # type: ignore[no-untyped-def]
+        entry = registry.get(composition.label)
+        plain = (
+            entry is not None and entry.kind == "adapter" and [p.weight for p in composition.parts] == [1.0]
+        )
+        name, kind = (composition.label, "adapter") if plain else ("adapter", "composition")
+        item = _export_one(name, kind, composition, registry, work)
+        if item.exported_as != "adapter":
+            raise RequestError(400, f"`{composition.label}` cannot be served on vLLM: {item.reason}")
+        return work / name, int(item.rank or 0)
+
+    return write
 
 
 def api_key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:
@@ -102,6 +127,49 @@ def serve(
     dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, or auto.")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="builtin: lorafuse's engine (everything, on this machine). vllm: forward to a running vLLM "
+            "server (--vllm-url); static adapters and compositions only."
+        ),
+    ] = "builtin",
+    vllm_url: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine vllm: the vLLM OpenAI server (e.g. http://127.0.0.1:8001), started with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora."
+        ),
+    ] = None,
+    vllm_model: Annotated[
+        str | None, typer.Option(help="vLLM's name of the base model (default: the one it lists).")
+    ] = None,
+    vllm_max_lora_rank: Annotated[
+        int, typer.Option(help="The --max-lora-rank vLLM runs with; larger adapters are refused (400).")
+    ] = 16,
+    vllm_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the adapters written for vLLM (it must read them at the same path). "
+            "Default: ~/.cache/lorafuse/vllm-adapters."
+        ),
+    ] = None,
+    vllm_cache_mb: Annotated[
+        int, typer.Option(help="Size cap of --vllm-cache in MiB (least recently used adapters removed).")
+    ] = 4096,
+    vllm_launch: Annotated[
+        bool,
+        typer.Option(
+            help="With --engine vllm: start vLLM's server (on 127.0.0.1, a free port) from --vllm-python, "
+            "instead of --vllm-url; it stops with lorafuse."
+        ),
+    ] = False,
+    vllm_python: Annotated[
+        Path, typer.Option(help="The Python of vLLM's virtual environment, for --vllm-launch.")
+    ] = Path(".venv-vllm/bin/python"),
+    vllm_args: Annotated[
+        str, typer.Option(help='More arguments for vLLM with --vllm-launch, e.g. "--dtype float32".')
+    ] = "",
 ) -> None:
     """Serve many adapters, weighted compositions, fusions and compressed deltas from one base model.
 
@@ -126,6 +194,19 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         raise InvalidValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     key = api_key_setting(api_key, os.environ)
+    if vllm_launch:
+        if engine != "vllm" or vllm_url is not None:
+            raise InvalidValueError("--vllm-launch goes with --engine vllm and without --vllm-url")
+        if not vllm_python.is_file():
+            raise InvalidValueError(f"--vllm-python {vllm_python}: no such file (make venv-vllm builds it)")
+        try:
+            extra = shlex.split(vllm_args)
+        except ValueError as exc:
+            raise InvalidValueError(f"--vllm-args: {exc}") from None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            vllm_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    url = check_engine(engine, vllm_url, vllm_max_lora_rank, vllm_cache_mb, vllm_cache)
     if adapters is not None and not adapters.is_dir():
         raise InvalidValueError(f"--adapters {adapters}: no such folder")
     check_listen(host, port)
@@ -160,8 +241,21 @@ def serve(
         threads=threads,
         shutdown_grace=shutdown_grace,
     )
-    model, tok = load_base(base, tokenizer, dtype, device)
-    server = Server(model, tok, adapters, settings)
+    if url is None:
+        model, tok = load_base(base, tokenizer, dtype, device)
+        server = Server(model, tok, adapters, settings)
+    else:
+        server = vllm_server(
+            base,
+            tokenizer,
+            adapters,
+            settings,
+            url,
+            vllm_model,
+            vllm_max_lora_rank,
+            vllm_cache,
+            vllm_cache_mb,
+        )
     names = [e.name for e in server.registry.entries()]
     typer.echo(f"serving {settings.base_name!r} + {len(names)} adapters/fusions/deltas from {adapters}")
     typer.echo(f"  {', '.join(names[:12])}{' …' if len(names) > 12 else ''}")
@@ -173,8 +267,108 @@ def serve(
     typer.echo(
         f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else ""),
     )
-    server.run(host=host, port=port, log_level=log_level.lower())
+    if vllm_launch:
+        from lorafuse.serve.vllm import launch_command, launched
+
+        assert url is not None
+        command = launch_command(
+            vllm_python,
+            base,
+            tokenizer or (base if (base / "tokenizer_config.json").is_file() else base.parent / "tokenizer"),
+            port=int(url.rsplit(":", 1)[1]),
+            served_name=settings.base_name,
+            max_lora_rank=vllm_max_lora_rank,
+            max_loras=min(settings.max_loaded, 8),
+            extra=extra,
+        )
+        log_file = Path(tempfile.gettempdir()) / f"lorafuse-vllm-{os.getpid()}.log"
+        typer.echo(f"  starting vLLM (log: {log_file}): {shlex.join(command)}")
+        try:
+            with launched(command, url, log_file):
+                typer.echo(f"  vLLM is up at {url}")
+                server.run(host=host, port=port, log_level=log_level.lower())
+        except RuntimeError as exc:
+            raise InvalidValueError(str(exc)) from None
+    else:
+        server.run(host=host, port=port, log_level=log_level.lower())
     typer.echo("lorafuse serve: shut down")
+
+
+def check_engine(
+    engine: str, url: str | None, max_rank: int, cache_mb: int, cache: Path | None
+) -> str | None:
+    """The vLLM URL for ``--engine vllm`` (``None`` for the built-in engine); a bad flag is an
+    :class:`InvalidValueError` (one ``error:`` line, exit 2)."""
+    from lorafuse.serve.vllm import VLLM_MAX_RANKS, check_url
+
+    if engine not in ENGINES:
+        raise InvalidValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "builtin":
+        if url is not None:
+            raise InvalidValueError("--vllm-url is for --engine vllm; add --engine vllm or leave it out")
+        return None
+    if url is None:
+        raise InvalidValueError(
+            "--engine vllm needs --vllm-url URL: a running vLLM OpenAI server started with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"
+        )
+    try:
+        url = check_url(url)
+    except ValueError as exc:
+        raise InvalidValueError(f"--vllm-url: {exc}") from None
+    if max_rank not in VLLM_MAX_RANKS:
+        raise InvalidValueError(
+            f"--vllm-max-lora-rank must be one vLLM accepts ({', '.join(map(str, VLLM_MAX_RANKS))}), "
+            f"got {max_rank}"
+        )
+    check_number(cache_mb, "--vllm-cache-mb", integer=True, low=1)
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise InvalidValueError(f"--vllm-cache {cache}: not a folder")
+    return url
+
+
+def vllm_server(  # type: ignore[no-untyped-def]
+    base: Path,
+    tokenizer: Path | None,
+    adapters: Path,
+    settings,
+    url: str,
+    model: str | None,
+    max_rank: int,
+    cache: Path | None,
+    cache_mb: int,
+):
+    """A :class:`~lorafuse.serve.Server` forwarding to vLLM: the base's tokenizer and its config
+    (the model on the ``meta`` device: nothing is loaded but layer names and shapes)."""
+    from lorafuse.cli.loading import find_tokenizer, load_model_shapes, load_tokenizer
+    from lorafuse.serve import Server
+    from lorafuse.serve.engine import vocabulary_size
+    from lorafuse.serve.registry import Registry
+    from lorafuse.serve.vllm import VllmBackend
+
+    if not base.is_dir():
+        raise InvalidValueError(f"--base {base}: no such folder")
+    candidates = [tokenizer] if tokenizer else [base, base.parent / "tokenizer"]
+    found = find_tokenizer(candidates, ("tokenizer_config.json",))
+    if found is None:
+        raise InvalidValueError(f"no tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
+    tok = load_tokenizer(found)
+    meta = load_model_shapes(base)
+    config = meta.config
+    backend = VllmBackend(
+        url,
+        tok,
+        write=vllm_writer(Registry(adapters)),
+        cache_dir=cache or Path.home() / ".cache" / "lorafuse" / "vllm-adapters",
+        max_length=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
+        vocab_size=vocabulary_size(meta, tok),
+        max_cache_bytes=cache_mb << 20,
+        max_loaded=settings.max_loaded,
+        max_lora_rank=max_rank,
+        max_queue=settings.max_queue,
+        model=model,
+    )
+    return Server(meta, tok, adapters, settings, backend=backend)
 
 
 def register(app: typer.Typer) -> None:

@@ -45,8 +45,9 @@ from lorafuse._checks import check_number
 from lorafuse._data import decode, encode_chat
 from lorafuse._data import encode_prompt as data_encode_prompt
 from lorafuse._data import tokenize as data_tokenize
+from lorafuse.serve.backend import Backend
 from lorafuse.serve.compose import Composition, RequestError, Resolver, error_type
-from lorafuse.serve.engine import SHUTTING_DOWN, Engine, Event, SamplingParams
+from lorafuse.serve.engine import SHUTTING_DOWN, Event, SamplingParams
 from lorafuse.serve.engine import Request as GenerationRequest
 from lorafuse.serve.logprobs import chat_logprobs, completion_logprobs
 from lorafuse.serve.metrics import ServerMetrics
@@ -125,10 +126,10 @@ class Guard:
     status (unknown paths counted as ``other``)."""
 
     def __init__(
-        self, app: ASGIApp, *, engine: Engine, limits: Limits, api_key: str | None, metrics: ServerMetrics
+        self, app: ASGIApp, *, backend: Backend, limits: Limits, api_key: str | None, metrics: ServerMetrics
     ) -> None:
         self.app = app
-        self.engine = engine
+        self.backend = backend
         self.limits = limits
         self.api_key = api_key
         self.metrics = metrics
@@ -136,7 +137,7 @@ class Guard:
     def refusal(self, scope: Scope) -> JSONResponse | None:
         route = scope["path"]
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self.engine.draining and route != "/metrics":
+        if self.backend.draining and route != "/metrics":
             return error_response(503, SHUTTING_DOWN)
         if self.api_key and route != "/health":
             header = headers.get(b"authorization", b"").decode("latin-1")
@@ -268,22 +269,23 @@ async def collect(request: GenerationRequest, queue: asyncio.Queue[Event]) -> Ev
 
 
 def build_app(
-    engine: Engine,
+    backend: Backend,
     resolver: Resolver,
     *,
     limits: Limits | None = None,
     api_key: str | None = None,
     metrics: ServerMetrics | None = None,
 ) -> FastAPI:
-    """The FastAPI app around a started :class:`Engine` (the caller starts and stops it)."""
+    """The FastAPI app around a started :class:`~lorafuse.serve.backend.Backend`: lorafuse's
+    :class:`~lorafuse.serve.engine.Engine` or a vLLM forwarder (the caller starts and stops it)."""
     limits = limits or Limits()
     metrics = metrics or ServerMetrics()
-    tokenizer = engine.tokenizer
+    tokenizer = backend.tokenizer
     base_name = resolver.base_name
     app = FastAPI(title="lorafuse", description="Many LoRA adapters and compositions on one base model")
-    app.state.engine = engine
+    app.state.backend = backend
     app.state.metrics = metrics
-    app.add_middleware(Guard, engine=engine, limits=limits, api_key=api_key, metrics=metrics)
+    app.add_middleware(Guard, backend=backend, limits=limits, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -304,9 +306,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> dict[str, object]:
-        if not engine.alive:
-            raise RequestError(503, "the engine is not running")
-        return {"status": "ok", "running": len(engine.rows), "waiting": engine.queue_length}
+        return await backend.health()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -367,7 +367,7 @@ def build_app(
             message = first["msg"].removeprefix("Value error, ")
             raise RequestError(400, f"{where}: {message}" if where else message, param=where) from None
 
-    vocab = vocabulary_size(engine.model, tokenizer)
+    vocab = backend.vocab_size
     texts: dict[int, str] = {}
 
     def encode(prompt: str | list[int], where: str = "prompt") -> list[int]:
@@ -382,8 +382,8 @@ def build_app(
             )
         return check_prompt(list(prompt), limits)
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    word_level = fast is not None and type(fast.model).__name__ == "WordLevel"
 
     def token_text(token: int, spaced: bool = False) -> str:
         """One token's text as logprobs report it (special tokens included); a word-level
@@ -425,11 +425,11 @@ def build_app(
             raise RequestError(
                 400, f"max_tokens is {max_tokens}; the limit is {limits.max_tokens}", param="max_tokens"
             )
-        if prompt_len + max_tokens > engine.max_length:
+        if prompt_len + max_tokens > backend.max_length:
             raise RequestError(
                 400,
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceed the model's context of "
-                f"{engine.max_length} tokens",
+                f"{backend.max_length} tokens",
                 param="max_tokens",
             )
         if body.min_tokens > max_tokens:
@@ -451,10 +451,10 @@ def build_app(
     async def resolve(body: _Common) -> Composition:
         return await run_in_threadpool(resolver.resolve, body.model, body.compose)
 
-    def start(
+    async def start(
         jobs: list[tuple[list[int], SamplingParams]], composition: Composition
     ) -> list[tuple[GenerationRequest, asyncio.Queue[Event]]]:
-        """Queue one generation per ``(ids, params)``, all or none (429 leaves nothing queued)."""
+        """Start one generation per ``(ids, params)``, all or none (429 leaves nothing queued)."""
         loop = asyncio.get_running_loop()
         started = []
         for ids, params in jobs:
@@ -463,7 +463,7 @@ def build_app(
                 ids, composition, params, lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev)
             )
             started.append((request, queue))
-        engine.submit_all([r for r, _ in started])
+        await backend.enqueue([r for r, _ in started])
         return started
 
     async def stream(
@@ -536,7 +536,7 @@ def build_app(
         params = [p for _, p in jobs]
         rid, created, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
         if body.stream:
-            ((request, queue),) = start([(encoded[0], params[0])], composition)
+            ((request, queue),) = await start([(encoded[0], params[0])], composition)
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict | None:
                 if opening:
@@ -545,7 +545,7 @@ def build_app(
                 return envelope(kind, rid, created, body.model, [choice(0, done, text=text or "")], ends)
 
             return EventStream(stream(request, queue, chunk), request)
-        events = await collect_or_leave(http.receive, start(jobs, composition))
+        events = await collect_or_leave(http.receive, await start(jobs, composition))
         if events is None:
             return Response(status_code=499)  # the client left; its rows were cancelled
         choices = []
@@ -583,7 +583,7 @@ def build_app(
         params = jobs[0][1]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            ((request, queue),) = start([(ids, params)], composition)
+            ((request, queue),) = await start([(ids, params)], composition)
 
             def chunk(text: str | None, done: Event | None, opening: bool) -> dict:
                 delta = (
@@ -595,7 +595,7 @@ def build_app(
                 )
 
             return EventStream(stream(request, queue, chunk), request)
-        events = await collect_or_leave(http.receive, start(jobs, composition))
+        events = await collect_or_leave(http.receive, await start(jobs, composition))
         if events is None:
             return Response(status_code=499)  # the client left; its rows were cancelled
         choices = []
@@ -615,7 +615,7 @@ def build_app(
             ids = data_encode_prompt(tokenizer, body.prompt)
         else:
             ids = data_tokenize(tokenizer, body.prompt)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_length}
+        return {"tokens": ids, "count": len(ids), "max_model_len": backend.max_length}
 
     @app.post("/detokenize")
     async def detokenize(http: Request) -> dict[str, object]:
@@ -628,16 +628,9 @@ def build_app(
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, object]:
-        return tokenizer_description(tokenizer, engine.max_length, vocab)
+        return tokenizer_description(tokenizer, backend.max_length, vocab)
 
     return app
-
-
-def vocabulary_size(model, tokenizer) -> int:  # type: ignore[no-untyped-def]
-    """Token ids a prompt may hold: the tokenizer's and the model's vocabulary, the smaller."""
-    size = len(tokenizer)
-    config_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    return min(size, int(config_size)) if config_size else size
 
 
 def tokenizer_description(tokenizer, max_length: int, vocab: int) -> dict[str, object]:  # type: ignore[no-untyped-def]

@@ -252,6 +252,31 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the tokenizer's and the model's vocabulary, the smaller."""
+        return vocabulary_size(self.model, self.tokenizer)
+
+    async def enqueue(self, requests: Sequence[Request]) -> None:
+        """The :class:`~lorafuse.serve.backend.Backend` entry: :meth:`submit_all` (adapters load
+        in the engine thread; a failure there is an error event of that request)."""
+        self.submit_all(requests)
+
+    def describe(self) -> str:
+        """What the engine runs with, for the server's first lines."""
+        cores = available_cores()
+        threads = self.threads if self.threads is not None else default_threads()
+        over = "  (more threads than cores: oversubscribed)" if threads > cores else ""
+        return (
+            f"engine: {threads} intra-op thread(s) of {cores} available core(s), max batch "
+            f"{self.max_batch}, queue {self.max_queue}{over}"
+        )
+
+    async def health(self) -> dict[str, object]:
+        if not self.alive:
+            raise RequestError(503, "the engine is not running")
+        return {"status": "ok", "running": len(self.rows), "waiting": self.queue_length}
+
+    @property
     def queue_length(self) -> int:
         return len(self._waiting)
 
@@ -495,18 +520,10 @@ class Engine:
         if r.pending is not None:
             r.logprobs.append(r.pending)
             r.pending = None
-        text = decode(self.tokenizer, r.generated)
-        stop_at = min((i for s in r.params.stop if (i := text.find(s)) >= 0), default=-1)
-        if stop_at >= 0:
-            r.text = text[:stop_at]
-            self._send(r, len(r.text))
-            return "stop"
-        r.text = text
-        hold = max((len(s) - 1 for s in r.params.stop), default=0)  # a stop string may be starting
-        ready = len(text) - hold
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
-            ready = min(ready, len(text) - 1)
+        r.text, ready, stopped = cut_text(decode(self.tokenizer, r.generated), r.params.stop)
         self._send(r, ready)
+        if stopped:
+            return "stop"
         assert self._positions is not None
         if len(r.generated) >= r.params.max_tokens or int(self._positions[row]) + 1 >= self.max_length:
             return "length"
@@ -575,6 +592,27 @@ class Engine:
         for request in rows:
             self._fail(request, exc)
         self._select([])
+
+
+def cut_text(text: str, stop: Sequence[str]) -> tuple[str, int, bool]:
+    """A row's text so far → ``(text, ready, stopped)``: the text cut before the first stop string
+    (``stopped``), and how many of its characters can be sent now (not those that may start a
+    stop string, nor an incomplete UTF-8 sequence's replacement character)."""
+    stop_at = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
+    if stop_at >= 0:
+        return text[:stop_at], stop_at, True
+    hold = max((len(s) - 1 for s in stop), default=0)  # a stop string may be starting
+    ready = len(text) - hold
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+        ready = min(ready, len(text) - 1)
+    return text, ready, False
+
+
+def vocabulary_size(model, tokenizer) -> int:  # type: ignore[no-untyped-def]
+    """Token ids a prompt may hold: the tokenizer's and the model's vocabulary, the smaller."""
+    size = len(tokenizer)
+    config_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return min(size, int(config_size)) if config_size else size
 
 
 PROMPT_LOGPROB_TOKENS = 8192  # padded prompt positions per prefill whose logits are all kept

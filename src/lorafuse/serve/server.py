@@ -31,8 +31,9 @@ from torch import nn
 from lorafuse._checks import InvalidValueError, check_number
 from lorafuse.runtime.pool import AdapterPool
 from lorafuse.serve.app import Limits, build_app
+from lorafuse.serve.backend import Backend
 from lorafuse.serve.compose import Resolver, WeightLimits
-from lorafuse.serve.engine import Engine, available_cores, default_threads
+from lorafuse.serve.engine import Engine, default_threads
 from lorafuse.serve.metrics import ServerMetrics
 from lorafuse.serve.registry import Registry
 from lorafuse.serve.servable import ServableCheck
@@ -113,29 +114,43 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    """A model serving every adapter, fusion and compressed delta under ``adapters``."""
+    """A model serving every adapter, fusion and compressed delta under ``adapters``.
+
+    ``backend``: what generates; by default lorafuse's :class:`Engine` on ``model``. With a
+    :class:`~lorafuse.serve.vllm.VllmBackend`, requests are forwarded to vLLM and ``model`` is
+    only read for its layers' names and shapes (a model on the ``meta`` device will do).
+    """
 
     def __init__(
-        self, model: nn.Module, tokenizer, adapters: str | Path, settings: ServeSettings | None = None
-    ):  # type: ignore[no-untyped-def]
+        self,
+        model: nn.Module,
+        tokenizer,  # type: ignore[no-untyped-def]
+        adapters: str | Path,
+        settings: ServeSettings | None = None,
+        *,
+        backend: Backend | None = None,
+    ):
         self.settings = settings or ServeSettings()
         s = self.settings
         self.threads = s.engine_threads
         self.registry = Registry(adapters, check=ServableCheck(model))
-        self.pool = AdapterPool(
-            model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks, table_ratio=s.table_ratio
-        )
-        self.metrics = ServerMetrics()
-        self.engine = Engine(
-            model,
-            tokenizer,
-            self.pool,
-            max_batch=s.max_batch,
-            max_queue=s.max_queue,
-            max_loaded=s.max_loaded,
-            metrics=self.metrics,
-            threads=self.threads,
-        )
+        own = getattr(backend, "metrics", None)
+        self.metrics = own if isinstance(own, ServerMetrics) else ServerMetrics()
+        if backend is None:
+            self.pool = AdapterPool(
+                model, dtype=s.lora_dtype, table_max_ranks=s.table_max_ranks, table_ratio=s.table_ratio
+            )
+            backend = Engine(
+                model,
+                tokenizer,
+                self.pool,
+                max_batch=s.max_batch,
+                max_queue=s.max_queue,
+                max_loaded=s.max_loaded,
+                metrics=self.metrics,
+                threads=self.threads,
+            )
+        self.engine: Backend = backend
         self.resolver = Resolver(self.registry, s.base_name, s.weights)
         self.app = build_app(
             self.engine, self.resolver, limits=s.limits, api_key=s.api_key, metrics=self.metrics
@@ -144,12 +159,7 @@ class Server:
     @property
     def startup_line(self) -> str:
         """What the engine runs with, for the server's first lines."""
-        cores = available_cores()
-        over = "  (more threads than cores: oversubscribed)" if self.threads > cores else ""
-        return (
-            f"engine: {self.threads} intra-op thread(s) of {cores} available core(s), max batch "
-            f"{self.settings.max_batch}, queue {self.settings.max_queue}{over}"
-        )
+        return self.engine.describe()
 
     def _uvicorn(self, host: str, port: int, log_level: str) -> _Uvicorn:
         grace = self.settings.shutdown_grace
