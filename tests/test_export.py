@@ -98,6 +98,8 @@ def test_launch_line_and_vllm_ranks(served: dict[str, Any]) -> None:
     for item in export.adapters:
         assert f"{item.name}={served['out'] / item.name}" in line
     assert vllm_max_rank(1) == 8 and vllm_max_rank(17) == 32 and vllm_max_rank(513) is None
+    # One spare LoRA slot: vLLM's CPU build gives rows without a LoRA the last slot's (index -1).
+    assert f"--max-loras {len(export.adapters) + 1} " in line
 
 
 def test_cli_export_and_its_errors(

@@ -49,6 +49,7 @@ from lorafuse.serve.registry import Registry
 # The ranks vLLM's LoRAConfig accepts for --max-lora-rank (vLLM 0.6 onward).
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_LORAS = 16  # vLLM's --max-loras: LoRA slots of the batch (each holds one adapter's factors)
 VLLM_DTYPES = ("float32", "bfloat16", "float16", "auto")
 # A text whose encoding shows the special tokens a tokenizer adds around a prompt.
 PROBE = "the answer is 42 ."
@@ -88,6 +89,17 @@ class VllmExport:
     def adapters(self) -> list[ExportedItem]:
         return [i for i in self.items if i.exported_as == "adapter"]
 
+    @property
+    def max_loras(self) -> int:
+        """vLLM's ``--max-loras``: one slot more than the adapters, at most :data:`MAX_LORAS`.
+
+        vLLM's CPU build (0.32) gathers each row's LoRA with its slot index and a row without a
+        LoRA has index -1: a base-model request batched with LoRA requests gets the *last* slot's
+        LoRA. A spare slot that is never filled keeps those rows on the base; with more than
+        ``MAX_LORAS - 1`` adapters every slot fills (vLLM on GPU skips index -1).
+        """
+        return min(len(self.adapters) + 1, MAX_LORAS)
+
     def launch(self) -> str:
         """The command line serving the exported adapters with vLLM's OpenAI server."""
         args = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", self.base]
@@ -96,7 +108,7 @@ class VllmExport:
         args += ["--dtype", self.dtype]
         if self.adapters:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank)]
-            args += ["--max-loras", str(min(len(self.adapters), 16)), "--lora-modules"]
+            args += ["--max-loras", str(self.max_loras), "--lora-modules"]
             args += [f"{i.name}={self.out / str(i.folder)}" for i in self.adapters]
         return shlex.join(args)
 
