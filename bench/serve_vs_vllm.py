@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -260,6 +261,13 @@ def main() -> None:
         parser.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
 
     work = Path(tempfile.mkdtemp(prefix="serve_vs_vllm-"))
+    try:
+        run(args, engines, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, engines: list[str], work: Path) -> None:
     base, folder, names = build(args, work)
     g = torch.Generator().manual_seed(args.seed + 1)
     prompts = torch.randint(3, args.vocab, (args.requests, args.prompt), generator=g).tolist()
