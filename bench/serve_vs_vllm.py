@@ -179,6 +179,7 @@ def vllm_engine(base: Path, folder: Path, work: Path, args: argparse.Namespace, 
     slots = str(max(args.distinct) + 1)  # every adapter of a batch in a slot, and a spare one
     cmd = [str(python), *line[1:], "--host", "127.0.0.1", "--port", str(port), "--enforce-eager"]
     cmd += ["--max-loras", slots, "--max-cpu-loras", slots, "--max-num-seqs", str(max(args.concurrency))]
+    cmd += shlex.split(args.vllm_args)
     env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     env.pop("PYTHONPATH", None)
     return Engine("vllm", cmd, env, export.base, work / "vllm.log")
@@ -254,6 +255,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="serve_vs_vllm")
+    parser.add_argument(
+        "--vllm-args", default="", help="more arguments for vLLM's server (after ours: the last one wins)"
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     unknown = sorted(set(engines) - set(ENGINES))
