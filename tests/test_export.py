@@ -4,6 +4,7 @@ the logits lorafuse gives; dynamic fusions are listed with the reason."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def test_launch_line_and_vllm_ranks(served: dict[str, Any]) -> None:
     for item in export.adapters:
         assert f"{item.name}={served['out'] / item.name}" in line
     assert vllm_max_rank(1) == 8 and vllm_max_rank(17) == 32 and vllm_max_rank(513) is None
+    # One spare LoRA slot: vLLM's CPU build gives rows without a LoRA the last slot's (index -1).
+    assert f"--max-loras {len(export.adapters) + 1} " in line
 
 
 def test_cli_export_and_its_errors(
@@ -155,3 +158,47 @@ def test_dense_delta_becomes_a_full_model(served: dict[str, Any], tmp_path: Path
         expected = AutoModelForCausalLM.from_pretrained(reference).eval()(_ids()).logits
     assert torch.equal(got, expected)
     assert " dense=" not in export.launch()  # a full model is served as a base of its own
+
+
+def test_exported_tokenizer_adds_lorafuses_bos(served: dict[str, Any], tmp_path: Path) -> None:
+    """vLLM tokenizes a text prompt with the tokenizer's own specials; the world's adds no BOS
+    where lorafuse prompts with ``<s> text``, so the export writes a copy that adds it."""
+    from transformers import AutoTokenizer
+
+    from lorafuse._data import encode_prompt
+
+    export, out, world = served["export"], served["out"], served["world"]
+    assert export.tokenizer == str(out / "tokenizer") and export.dtype == "float32"
+    assert f"--tokenizer {out / 'tokenizer'} --dtype float32 --enable-lora" in export.launch()
+    original = AutoTokenizer.from_pretrained(world / "tokenizer")
+    copied = AutoTokenizer.from_pretrained(out / "tokenizer")
+    prompt = json.loads((world / "data" / "math" / "test.jsonl").open().readline())["prompt"]
+    assert original(prompt)["input_ids"] != encode_prompt(original, prompt)  # the world's adds none
+    assert copied(prompt)["input_ids"] == encode_prompt(original, prompt)
+    assert copied(prompt)["input_ids"][0] == original.bos_token_id
+    assert copied(prompt, add_special_tokens=False)["input_ids"] == encode_prompt(original, prompt)[1:]
+    assert json.loads((out / "export.json").read_text())["tokenizer"] == export.tokenizer
+
+    # A base holding a tokenizer that already agrees is served with its own: no --tokenizer.
+    base = tmp_path / "base"
+    shutil.copytree(world / "base", base)
+    for file in (out / "tokenizer").iterdir():
+        shutil.copyfile(file, base / file.name)
+    own = export_vllm(served["folder"], tmp_path / "own", base=base, dtype="bfloat16")
+    assert own.tokenizer is None and "--tokenizer" not in own.launch() and "--dtype bfloat16" in own.launch()
+    assert not (tmp_path / "own" / "tokenizer").exists()
+    # A tokenizer folder apart from the base that agrees is passed as it is.
+    apart = export_vllm(served["folder"], tmp_path / "apart", base=world / "base", tokenizer=base)
+    assert apart.tokenizer == str(base) and f"--tokenizer {base} " in apart.launch()
+
+
+def test_export_without_a_tokenizer_or_with_a_bad_dtype_fails(served: dict[str, Any], tmp_path: Path) -> None:
+    from lorafuse.export import ExportError
+
+    base = tmp_path / "base"
+    shutil.copytree(served["world"] / "base", base)
+    with pytest.raises(ExportError, match="no tokenizer in"):
+        export_vllm(served["folder"], tmp_path / "x", base=base)
+    with pytest.raises(ExportError, match="dtype 'half'"):
+        export_vllm(served["folder"], tmp_path / "y", base=served["world"] / "base", dtype="half")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -16,6 +16,15 @@ and a static fusion (``average``, LoraHub) is such a composition. So::
 and a launch line for vLLM's OpenAI server. vLLM's ``--max-lora-rank`` takes one of
 :data:`VLLM_MAX_RANKS`; the largest exported rank is rounded up to the next one, and an adapter
 above the largest is listed as not exported (merge it with ``svd`` to a lower rank first).
+
+The launch line makes vLLM read prompts as lorafuse does. lorafuse prompts a model with
+``<s> text`` (the tokenizer's BOS, where it has one: :func:`lorafuse._data.encode_prompt`), while
+vLLM tokenizes a text prompt with the tokenizer's own special tokens, which for many tokenizers
+(the skill world's among them) add no BOS. Where the two differ, the export writes a copy of the
+tokenizer whose post-processor adds exactly lorafuse's BOS (``tokenizer/``) and the launch line
+passes it with ``--tokenizer``; a tokenizer kept apart from the base (the skill world's
+``tokenizer/`` beside ``base/``) is passed the same way. ``--dtype`` is lorafuse serve's default,
+``float32`` (vLLM's ``auto`` runs float32 checkpoints in bfloat16 on CPU and float16 on GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafuse._data import encode_prompt
+from lorafuse._hf import load_tokenizer
 from lorafuse._io import atomic_output_dir
 from lorafuse.adapters import LoRA, save_lora
 from lorafuse.errors import LorafuseError
@@ -38,6 +49,10 @@ from lorafuse.serve.registry import Registry
 # The ranks vLLM's LoRAConfig accepts for --max-lora-rank (vLLM 0.6 onward).
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_LORAS = 16  # vLLM's --max-loras: LoRA slots of the batch (each holds one adapter's factors)
+VLLM_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# A text whose encoding shows the special tokens a tokenizer adds around a prompt.
+PROBE = "the answer is 42 ."
 
 
 class ExportError(LorafuseError, ValueError):
@@ -66,17 +81,34 @@ class VllmExport:
     base: str
     items: list[ExportedItem]
     max_lora_rank: int | None
+    tokenizer: str | None = None  # vLLM's --tokenizer (None: the base folder's own)
+    tokenizer_how: str = ""  # "the base's", "copied with <s> added", ...
+    dtype: str = "float32"
 
     @property
     def adapters(self) -> list[ExportedItem]:
         return [i for i in self.items if i.exported_as == "adapter"]
 
+    @property
+    def max_loras(self) -> int:
+        """vLLM's ``--max-loras``: one slot more than the adapters, at most :data:`MAX_LORAS`.
+
+        vLLM's CPU build (0.32) gathers each row's LoRA with its slot index and a row without a
+        LoRA has index -1: a base-model request batched with LoRA requests gets the *last* slot's
+        LoRA. A spare slot that is never filled keeps those rows on the base; with more than
+        ``MAX_LORAS - 1`` adapters every slot fills (vLLM on GPU skips index -1).
+        """
+        return min(len(self.adapters) + 1, MAX_LORAS)
+
     def launch(self) -> str:
         """The command line serving the exported adapters with vLLM's OpenAI server."""
         args = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", self.base]
+        if self.tokenizer:
+            args += ["--tokenizer", self.tokenizer]
+        args += ["--dtype", self.dtype]
         if self.adapters:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank)]
-            args += ["--max-loras", str(min(len(self.adapters), 16)), "--lora-modules"]
+            args += ["--max-loras", str(self.max_loras), "--lora-modules"]
             args += [f"{i.name}={self.out / str(i.folder)}" for i in self.adapters]
         return shlex.join(args)
 
@@ -84,6 +116,9 @@ class VllmExport:
         return {
             "base": self.base,
             "max_lora_rank": self.max_lora_rank,
+            "tokenizer": self.tokenizer,
+            "tokenizer_how": self.tokenizer_how,
+            "dtype": self.dtype,
             "launch": self.launch(),
             "items": [asdict(i) for i in self.items],
         }
@@ -105,6 +140,75 @@ def _loras(composition: Composition) -> tuple[list[LoRA], list[float]]:
         raise ExportError(str(exc)) from None
 
 
+def find_tokenizer(base: Path, tokenizer: Path | None = None) -> Path:
+    """The tokenizer folder ``lorafuse serve`` would use: ``tokenizer``, else the base folder,
+    else a ``tokenizer/`` folder beside it (the skill world's layout)."""
+    candidates = [tokenizer] if tokenizer else [base, base.parent / "tokenizer"]
+    found = next((c for c in candidates if (c / "tokenizer_config.json").is_file()), None)
+    if found is None:
+        shown = ", ".join(map(str, candidates))
+        raise ExportError(f"no tokenizer in {shown}; pass the tokenizer folder (--tokenizer DIR)")
+    return found
+
+
+def _encodings(folder: Path) -> tuple[list[int], list[int], Any]:
+    """(what vLLM sends the model for a text prompt, what lorafuse sends, the tokenizer)."""
+    tok = load_tokenizer(folder)
+    return list(tok(PROBE)["input_ids"]), encode_prompt(tok, PROBE), tok
+
+
+def _bos_processor(tok: Any) -> dict[str, Any]:
+    """A ``tokenizers`` post-processor adding lorafuse's prompt specials: ``<s>`` or nothing."""
+    bos = [] if tok.bos_token_id is None else [tok.bos_token]
+    special = {t: {"id": t, "ids": [tok.bos_token_id], "tokens": [t]} for t in bos}
+
+    def seq(name: str, type_id: int) -> list[dict[str, Any]]:
+        head = [{"SpecialToken": {"id": t, "type_id": type_id}} for t in bos]
+        return [*head, {"Sequence": {"id": name, "type_id": type_id}}]
+
+    return {
+        "type": "TemplateProcessing",
+        "single": seq("A", 0),
+        "pair": seq("A", 0) + seq("B", 1),
+        "special_tokens": special,
+    }
+
+
+def _vllm_tokenizer(found: Path, base: Path, tmp: Path, name: str) -> tuple[str | None, str]:
+    """vLLM's ``--tokenizer`` (relative to the export folder when written there) and how.
+
+    The tokenizer is used as it is where its own encoding of a text prompt is lorafuse's;
+    otherwise a copy in ``tmp / name`` gets a post-processor adding exactly lorafuse's BOS (and
+    ``add_bos_token`` / ``add_eos_token`` set to match), and is checked to agree.
+    """
+    hf_ids, ours, tok = _encodings(found)
+    if hf_ids == ours:
+        same = found.resolve() == base.resolve()
+        return (None, "the base's own") if same else (str(found.resolve()), "used as it is")
+    (tmp / name).mkdir()
+    for file in found.iterdir():
+        if file.is_file():
+            shutil.copyfile(file, tmp / name / file.name)
+    fast = tmp / name / "tokenizer.json"
+    if fast.is_file():
+        spec = json.loads(fast.read_text())
+        spec["post_processor"] = _bos_processor(tok)
+        fast.write_text(json.dumps(spec, ensure_ascii=False) + "\n")
+    config_file = tmp / name / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["add_bos_token"] = tok.bos_token_id is not None
+    config["add_eos_token"] = False
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    got, ours, _ = _encodings(tmp / name)
+    if got != ours:
+        raise ExportError(
+            f"the tokenizer in {found} encodes a prompt as {got}, lorafuse as {ours}, and a copy with "
+            "lorafuse's BOS did not agree either; send vLLM token-id prompts"
+        )
+    added = f"{tok.bos_token} added" if tok.bos_token_id is not None else "no special tokens"
+    return name, f"a copy of {found.name}/ with {added} to a text prompt, as lorafuse does"
+
+
 def _resolve(resolver: Resolver, model: str, compose: object = None) -> Composition:
     try:
         return resolver.resolve(model, compose)
@@ -118,6 +222,8 @@ def export_vllm(
     out: str | Path,
     *,
     base: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: str = "float32",
     compositions: Mapping[str, Mapping[str, float]] | None = None,
     dense: bool = False,
     overwrite: bool = False,
@@ -126,11 +232,16 @@ def export_vllm(
     """Write every static item of the served ``adapters`` folder (and each named weighted
     composition ``{name: {adapter: weight}}``) under ``out`` as vLLM loads it; see the module
     docstring. ``base`` is the base model folder (the launch line's ``--model``; dense deltas are
-    added to its weights). ``out`` must not be, contain or lie inside ``adapters`` or ``base``.
-    Writes ``out/export.json`` (the items, the reasons for those not exported, the launch line).
+    added to its weights); ``tokenizer`` its tokenizer folder (default: as ``lorafuse serve``
+    finds it); ``dtype`` vLLM's ``--dtype``. ``out`` must not be, contain or lie inside
+    ``adapters`` or ``base``. Writes ``out/export.json`` (the items, the reasons for those not
+    exported, the tokenizer, the launch line).
     """
     from lorafuse.compress import decompress, load_compressed
 
+    if dtype not in VLLM_DTYPES:
+        raise ExportError(f"dtype {dtype!r}: choose one of {', '.join(VLLM_DTYPES)}")
+    found = find_tokenizer(Path(base), Path(tokenizer) if tokenizer else None)
     registry = Registry(adapters)
     resolver = Resolver(registry, base_name="__base__")
     compositions = dict(compositions or {})
@@ -157,7 +268,14 @@ def export_vllm(
             items.append(_export_one(name, kind, composition, registry, tmp))
         adapters_out = [i for i in items if i.exported_as == "adapter"]
         max_rank = vllm_max_rank(max((i.rank or 0) for i in adapters_out)) if adapters_out else None
-        export = VllmExport(Path(out).resolve(), str(Path(base).resolve()), items, max_rank)
+        taken = {i.name for i in items}
+        name = next(n for n in ("tokenizer", *(f"tokenizer-{k}" for k in range(1, 99))) if n not in taken)
+        written, how = _vllm_tokenizer(found, Path(base), tmp, name)
+        if written == name:
+            written = str(Path(out).resolve() / name)
+        export = VllmExport(
+            Path(out).resolve(), str(Path(base).resolve()), items, max_rank, written, how, dtype
+        )
         (tmp / "export.json").write_text(json.dumps(export.to_json(), indent=2) + "\n")
     return export
 

@@ -51,6 +51,15 @@ def export_vllm(
     ],
     base: Annotated[Path, typer.Option(help="Base model folder (vLLM's --model).", callback=FOLDER)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Export folder.")],
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Tokenizer folder (default: the base's, or tokenizer/ beside it, as lorafuse serve)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="vLLM's --dtype: float32 (lorafuse serve's default), bfloat16, float16, auto.")
+    ] = "float32",
     compose: Annotated[
         list[str] | None,
         typer.Option(help="NAME=ADAPTER:WEIGHT,... a weighted composition to export as one adapter; repeat."),
@@ -67,18 +76,32 @@ def export_vllm(
     exact `cat` adapters (rank Σ r_i, the weights folded in); low-rank compressed deltas become
     PEFT adapters; with --dense, dense deltas become full models. LoRA-Flow and learned CAT
     fusions weight their LoRAs per token or per module and are listed as needing lorafuse's
-    engine. The export folder holds export.json with every item, the reasons for those not
-    exported, and the launch line.
+    engine. Where vLLM would tokenize a text prompt without the BOS lorafuse prepends, a copy of
+    the tokenizer that adds it is written to tokenizer/ and passed with --tokenizer. The export
+    folder holds export.json with every item, the reasons for those not exported, and the launch
+    line.
 
     Example:
 
       lorafuse export vllm --adapters served/ --base models/base --compose mix=math:0.7,zh:0.3 --out vllm/
     """
+    from lorafuse.export import VLLM_DTYPES
     from lorafuse.export import export_vllm as run_export
 
     compositions = _compositions(compose)
+    if dtype not in VLLM_DTYPES:
+        raise InvalidValueError(f"--dtype {dtype!r}: choose one of {', '.join(VLLM_DTYPES)}")
     check_out(out, {"--adapters": adapters, "--base": base}, force=force)
-    export = run_export(adapters, out, base=base, compositions=compositions, dense=dense, overwrite=force)
+    export = run_export(
+        adapters,
+        out,
+        base=base,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        compositions=compositions,
+        dense=dense,
+        overwrite=force,
+    )
     if as_json:
         typer.echo(json.dumps(export.to_json(), indent=2))
         return
@@ -88,6 +111,7 @@ def export_vllm(
             typer.echo(f"{item.name:<24} {item.exported_as}{rank}: {item.how}")
         else:
             typer.echo(f"{item.name:<24} not exported: {item.reason}")
+    typer.echo(f"tokenizer: {export.tokenizer_how}")
     typer.echo(f"wrote {out} ({len(export.adapters)} adapters)")
     typer.echo(export.launch())
 
