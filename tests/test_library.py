@@ -232,6 +232,8 @@ def test_batched_summaries_equal_one_module_at_a_time() -> None:
     factors += [(a.double(), b.double(), s) for a, b, s in factors[:3]]
     many = summarize_many(factors)
     assert len(many) == len(factors)
+    small = summarize_many(factors, max_batch_bytes=2 * 8 * (4 * 24 + 16 * 4))  # batches of two
+    assert [s.norm for s in small] == pytest.approx([s.norm for s in many], rel=1e-6)
     for (a, b, scale), got in zip(factors, many, strict=True):
         want = summarize_factors(a, b, scale)
         assert got.norm == pytest.approx(want.norm, rel=1e-5, abs=1e-6)

@@ -67,14 +67,22 @@ def summarize_factors(A: Tensor, B: Tensor, scale: float) -> ModuleSummary:
     return ModuleSummary(s * math.sqrt(max(norm_sq, 0.0)), s * math.sqrt(top), direction.float())
 
 
-def summarize_many(factors: Sequence[tuple[Tensor, Tensor, float]]) -> list[ModuleSummary]:
+def summarize_many(
+    factors: Sequence[tuple[Tensor, Tensor, float]], max_batch_bytes: int = 32 << 20
+) -> list[ModuleSummary]:
     """:func:`summarize_factors` of every ``(A, B, scale)`` in ``factors``, in order, batched over
-    the factors of equal shapes and dtype (the same maths on ``(M, r, in)`` stacks)."""
+    the factors of equal shapes and dtype (the same maths on ``(M, r, in)`` stacks of at most
+    ``max_batch_bytes`` each, so memory stays that of a few modules)."""
     out: list[ModuleSummary | None] = [None] * len(factors)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (a, b, _) in enumerate(factors):
         groups.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, b.dtype), []).append(i)
-    for (_, _, a_dtype, b_dtype), members in groups.items():
+    batches = []
+    for (a_shape, b_shape, a_dtype, b_dtype), members in groups.items():
+        per_module = 8 * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])  # the float64 worst case
+        size = max(1, max_batch_bytes // per_module)
+        batches += [(a_dtype, b_dtype, members[j : j + size]) for j in range(0, len(members), size)]
+    for a_dtype, b_dtype, members in batches:
         if len(members) == 1:
             i = members[0]
             out[i] = summarize_factors(*factors[i])
