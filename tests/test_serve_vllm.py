@@ -27,11 +27,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafuse.adapters import load_lora
-from lorafuse.cli.serve import vllm_writer
+from lorafuse.export import adapter_writer
 from lorafuse.runtime import attach, detach
 from lorafuse.serve import Limits, Server, ServeSettings
 from lorafuse.serve.registry import Registry
-from lorafuse.serve.vllm import VllmBackend, content_name
+from lorafuse.serve.vllm import VllmBackend
+from lorafuse.serve.vllm_cache import content_name
 from lorafuse.studies.serving import reference, serving_folder
 
 KEY = "test-key"
@@ -218,7 +219,7 @@ def _server(served: dict[str, Any], url: str, cache: Path, **backend: Any) -> Se
     vllm = VllmBackend(
         url,
         served["tokenizer"],
-        write=vllm_writer(Registry(served["folder"])),
+        write=adapter_writer(Registry(served["folder"])),
         cache_dir=cache,
         max_length=256,
         vocab_size=len(served["tokenizer"]),

@@ -45,6 +45,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.merging import merge
 from lorafuse.serve.compose import Composition, RequestError, Resolver
 from lorafuse.serve.registry import Registry
+from lorafuse.serve.vllm import Writer
 
 # The ranks vLLM's LoRAConfig accepts for --max-lora-rank (vLLM 0.6 onward).
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -278,6 +279,26 @@ def export_vllm(
         )
         (tmp / "export.json").write_text(json.dumps(export.to_json(), indent=2) + "\n")
     return export
+
+
+def adapter_writer(registry: Registry) -> Writer:
+    """What ``lorafuse serve --engine vllm`` materialises a composition with: this module's writer
+    (a PEFT adapter copied, a composition or static fusion as one exact ``cat`` adapter, a
+    low-rank delta as its factors) into a work folder, returning ``(folder, rank)``; what is not
+    exported is a :class:`~lorafuse.serve.compose.RequestError` (400) with its reason."""
+
+    def write(composition: Composition, work: Path) -> tuple[Path, int]:
+        entry = registry.get(composition.label)
+        plain = (
+            entry is not None and entry.kind == "adapter" and [p.weight for p in composition.parts] == [1.0]
+        )
+        name, kind = (composition.label, "adapter") if plain else ("adapter", "composition")
+        item = _export_one(name, kind, composition, registry, work)
+        if item.exported_as != "adapter":
+            raise RequestError(400, f"`{composition.label}` cannot be served on vLLM: {item.reason}")
+        return work / name, int(item.rank or 0)
+
+    return write
 
 
 def _export_one(

@@ -22,27 +22,6 @@ ENGINES = ("builtin", "vllm")
 VLLM_FLAGS = ("--vllm-url", "--vllm-model", "--vllm-max-lora-rank", "--vllm-cache", "--vllm-cache-mb")
 
 
-def vllm_writer(registry):  # type: ignore[no-untyped-def]
-    """What ``--engine vllm`` materialises a composition with: ``lorafuse export vllm``'s writer
-    (a PEFT adapter copied, a composition or static fusion as one exact ``cat`` adapter, a
-    low-rank delta as its factors); what it does not export is a 400 with its reason."""
-    from lorafuse.export import _export_one
-    from lorafuse.serve import Composition, RequestError
-
-    def write(composition: Composition, work: Path):  # type: ignore[no-untyped-def]
-        entry = registry.get(composition.label)
-        plain = (
-            entry is not None and entry.kind == "adapter" and [p.weight for p in composition.parts] == [1.0]
-        )
-        name, kind = (composition.label, "adapter") if plain else ("adapter", "composition")
-        item = _export_one(name, kind, composition, registry, work)
-        if item.exported_as != "adapter":
-            raise RequestError(400, f"`{composition.label}` cannot be served on vLLM: {item.reason}")
-        return work / name, int(item.rank or 0)
-
-    return write
-
-
 def api_key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:
     """The API key: ``--api-key`` or else ``$LORAFUSE_API_KEY``; ``None`` when neither is set.
     An empty (or blank) key is refused rather than taken as "no key": it would serve every route
@@ -151,7 +130,7 @@ def serve(
         Path | None,
         typer.Option(
             help="Folder of the adapters written for vLLM (it must read them at the same path). "
-            "Default: ~/.cache/lorafuse/vllm-adapters."
+            "Default: $LORAFUSE_HOME/vllm-adapters."
         ),
     ] = None,
     vllm_cache_mb: Annotated[
@@ -268,7 +247,7 @@ def serve(
         f"  OpenAI base URL: http://{host}:{port}/v1" + ("  (API key required)" if settings.api_key else ""),
     )
     if vllm_launch:
-        from lorafuse.serve.vllm import launch_command, launched
+        from lorafuse.serve.vllm_launch import launch_command, launched
 
         assert url is not None
         command = launch_command(
@@ -340,7 +319,9 @@ def vllm_server(  # type: ignore[no-untyped-def]
 ):
     """A :class:`~lorafuse.serve.Server` forwarding to vLLM: the base's tokenizer and its config
     (the model on the ``meta`` device: nothing is loaded but layer names and shapes)."""
+    from lorafuse._io import lorafuse_home
     from lorafuse.cli.loading import find_tokenizer, load_model_shapes, load_tokenizer
+    from lorafuse.export import adapter_writer
     from lorafuse.serve import Server
     from lorafuse.serve.engine import vocabulary_size
     from lorafuse.serve.registry import Registry
@@ -358,8 +339,8 @@ def vllm_server(  # type: ignore[no-untyped-def]
     backend = VllmBackend(
         url,
         tok,
-        write=vllm_writer(Registry(adapters)),
-        cache_dir=cache or Path.home() / ".cache" / "lorafuse" / "vllm-adapters",
+        write=adapter_writer(Registry(adapters)),
+        cache_dir=cache or lorafuse_home() / "vllm-adapters",
         max_length=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
         vocab_size=vocabulary_size(meta, tok),
         max_cache_bytes=cache_mb << 20,

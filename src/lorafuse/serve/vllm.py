@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,12 +42,12 @@ from lorafuse.serve.compose import Composition, RequestError, public_text
 from lorafuse.serve.engine import SHUTTING_DOWN, Event, QueueFull, Request, cut_text
 from lorafuse.serve.logprobs import TokenLogprob
 from lorafuse.serve.metrics import ServerMetrics
+from lorafuse.serve.vllm_cache import AdapterCache, Cached
 
 log = logging.getLogger("lorafuse.serve")
 
 # The ranks vLLM's LoRAConfig accepts for --max-lora-rank.
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-PREFIX = "lf-"  # the names lorafuse gives the adapters it loads into vLLM
 BUILTIN = "serve it with lorafuse's own engine (`lorafuse serve` without `--engine vllm`)"
 
 # write(composition, work) → (folder, rank): the composition as one PEFT adapter folder under
@@ -66,110 +62,6 @@ def check_url(url: str) -> str:
         raise ValueError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8001")
     base = url.rstrip("/")
     return base.removesuffix("/v1")
-
-
-@dataclass
-class Cached:
-    """One adapter folder of the cache; ``refs`` counts the requests using it now."""
-
-    name: str
-    path: Path
-    size: int
-    rank: int
-    refs: int = 0
-    loaded: bool = False
-
-
-def folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def content_name(folder: Path) -> str:
-    """``lf-`` + the first 24 hex digits of the SHA-256 of the folder's files (names and bytes)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return PREFIX + digest.hexdigest()[:24]
-
-
-def adapter_rank(folder: Path) -> int:
-    """The largest rank of a PEFT folder's config (``r`` and ``rank_pattern``); 0 if unreadable."""
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        ranks = [int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
-        return max(ranks)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
-
-
-class AdapterCache:
-    """Adapter folders under ``root`` by name, least recently used first, at most ``max_bytes``
-    in all (the newest entry always stays, however large). Folders found at start are kept, in
-    the order of their times."""
-
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = int(max_bytes)
-        self.entries: OrderedDict[str, Cached] = OrderedDict()
-        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-        for path in sorted(found, key=lambda p: p.stat().st_mtime):
-            if (path / "adapter_config.json").is_file():
-                self.entries[path.name] = Cached(path.name, path, folder_size(path), adapter_rank(path))
-        for stale in self.root.glob(".work-*"):  # a materialisation that never finished
-            shutil.rmtree(stale, ignore_errors=True)
-
-    @property
-    def size(self) -> int:
-        return sum(c.size for c in self.entries.values())
-
-    def get(self, name: str) -> Cached | None:
-        cached = self.entries.get(name)
-        if cached is not None and not cached.path.is_dir():  # removed behind our back
-            del self.entries[name]
-            return None
-        return cached
-
-    def touch(self, name: str) -> None:
-        self.entries.move_to_end(name)
-
-    def work_folder(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix=".work-", dir=self.root))
-
-    def add(self, folder: Path, rank: int) -> Cached:
-        """Move the written ``folder`` into the cache under its content name (when that name is
-        cached already, ``folder`` is dropped and the cached one returned)."""
-        name = content_name(folder)
-        cached = self.get(name)
-        if cached is None:
-            target = self.root / name
-            if target.exists():  # a folder of that name the cache did not know (a past run)
-                shutil.rmtree(target)
-            folder.rename(target)
-            cached = Cached(name, target, folder_size(target), rank)
-            self.entries[name] = cached
-        self.touch(name)
-        return cached
-
-    def over(self, keep: Cached) -> list[Cached]:
-        """Idle entries to evict, oldest first, for the cache to fit ``max_bytes``."""
-        excess = self.size - self.max_bytes
-        victims = []
-        for cached in self.entries.values():
-            if excess <= 0:
-                break
-            if cached is not keep and cached.refs == 0:
-                victims.append(cached)
-                excess -= cached.size
-        return victims
-
-    def remove(self, cached: Cached) -> None:
-        self.entries.pop(cached.name, None)
-        shutil.rmtree(cached.path, ignore_errors=True)
 
 
 def _message(response: Any) -> str:
@@ -679,78 +571,3 @@ def _message_of(chunk: dict[str, Any]) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(chunk.get("message") or chunk)
-
-
-def launch_command(
-    python: str | Path,
-    base: str | Path,
-    tokenizer: str | Path,
-    *,
-    port: int,
-    served_name: str,
-    max_lora_rank: int,
-    max_loras: int,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """vLLM's OpenAI server on ``127.0.0.1:port`` serving ``base`` with LoRAs enabled."""
-    return [
-        str(python),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(base),
-        "--tokenizer",
-        str(tokenizer),
-        "--served-model-name",
-        served_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enable-lora",
-        "--max-lora-rank",
-        str(max_lora_rank),
-        "--max-loras",
-        str(max_loras),
-        *extra,
-    ]
-
-
-@contextlib.contextmanager
-def launched(command: Sequence[str], url: str, log_file: str | Path, timeout: float = 900.0) -> Any:
-    """Run vLLM's server (``command``, output to ``log_file``) with run-time LoRA loading on; wait
-    until ``url/health`` answers; stop it on exit. A vLLM that exits or does not answer within
-    ``timeout`` seconds is a ``RuntimeError`` naming the log."""
-    import os
-    import subprocess
-
-    import httpx2
-
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    env.pop("PYTHONPATH", None)  # vLLM's own environment, not lorafuse's
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with Path(log_file).open("wb") as out:
-        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM exited with status {process.returncode} while starting; see {log_file}"
-                )
-            try:
-                if httpx2.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM did not answer {url}/health within {timeout:.0f} s; see {log_file}")
-            time.sleep(1)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
