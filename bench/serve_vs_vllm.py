@@ -19,8 +19,8 @@ Engines (``--engines``, comma-separated):
 - ``lorafuse-t1``: ``lorafuse serve --threads 1`` with ``OMP_NUM_THREADS=1``;
 - ``vllm``: vLLM's OpenAI server from the export's launch line, ``--enforce-eager``,
   ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB), ``--max-loras`` raised to hold every adapter;
-- ``lorafuse-vllm``: ``lorafuse serve --engine vllm``, where the installed lorafuse has it
-  (skipped with a note otherwise).
+- ``lorafuse-vllm``: ``lorafuse serve --engine vllm --vllm-launch``: lorafuse's API in front of
+  a vLLM it starts with the ``vllm`` engine's settings (its start-up includes vLLM's).
 
     .venv/bin/python bench/serve_vs_vllm.py [--engines lorafuse,lorafuse-t1,vllm] [--reps 2]
 
@@ -55,7 +55,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafuse import __version__
 from lorafuse._io import versions
-from lorafuse.export import export_vllm
+from lorafuse.export import export_vllm, vllm_max_rank
 from lorafuse.tiny import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,15 +157,21 @@ def lorafuse_engine(threads: int | None) -> Callable[..., Engine]:
 
 
 def lorafuse_vllm_engine(base: Path, folder: Path, work: Path, args: argparse.Namespace, port: int) -> Engine:
-    """``lorafuse serve --engine vllm`` (the slot for it; refused where lorafuse lacks it)."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "lorafuse", "serve", "--help"], capture_output=True, text=True, check=False
-    ).stdout
-    if "--engine" not in help_text:
-        raise NotImplementedError("this lorafuse has no `serve --engine vllm`")
+    """``lorafuse serve --engine vllm --vllm-launch``: lorafuse in front of a vLLM it starts with
+    the same settings as the ``vllm`` engine (slots, sequences, eager, float32)."""
+    python = Path(os.environ.get("LORAFUSE_VLLM_PYTHON", ".venv-vllm/bin/python"))
+    python = python if python.is_absolute() else ROOT / python
+    if not python.is_file():
+        raise FileNotFoundError(f"no vLLM interpreter at {python} (make venv-vllm)")
     engine = lorafuse_engine(None)(base, folder, work, args, port)
     engine.name, engine.log = "lorafuse-vllm", work / "lorafuse-vllm.log"
-    engine.args += ["--engine", "vllm"]
+    slots = str(max(args.distinct) + 1)
+    vllm_args = ["--dtype", "float32", "--enforce-eager", "--max-loras", slots, "--max-cpu-loras", slots]
+    vllm_args += ["--max-num-seqs", str(max(args.concurrency)), *shlex.split(args.vllm_args)]
+    engine.args += ["--engine", "vllm", "--vllm-launch", "--vllm-python", str(python)]
+    engine.args += ["--vllm-max-lora-rank", str(vllm_max_rank(args.rank) or args.rank)]
+    engine.args += ["--vllm-cache", str(work / "vllm-cache"), "--vllm-args", shlex.join(vllm_args)]
+    engine.env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     return engine
 
 

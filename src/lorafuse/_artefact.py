@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +73,11 @@ class Format:
             oldest -= 1
         return oldest
 
-    def matches(self, folder: Path) -> bool:
-        """Whether ``folder`` holds this format's header file (or its pre-header marker)."""
-        if self.marker is not None:
-            return (folder / self.marker).is_file()
-        return (folder / self.header).is_file()
+    def matches(self, folder: Path, names: Collection[str] | None = None) -> bool:
+        """Whether ``folder`` holds this format's header file (or its pre-header marker); with
+        ``names`` (the folder's file names, as ``os.walk`` lists them) nothing is asked of the disk."""
+        wanted = self.marker if self.marker is not None else self.header
+        return wanted in names if names is not None else (folder / wanted).is_file()
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,15 @@ def get_format(kind: str) -> Format:
     return FORMATS[kind]
 
 
-def find_format(folder: str | os.PathLike[str]) -> Format | None:
+def find_format(folder: str | os.PathLike[str], names: Collection[str] | None = None) -> Format | None:
     """The format whose header file (or marker) ``folder`` holds, ``None`` if it holds none; an
     :class:`ArtefactError` when it holds the headers of several. The one way every reader (the
-    loaders, the server's folder scan, the library's catalogue) tells what a folder is."""
+    loaders, the server's folder scan, the library's catalogue) tells what a folder is. ``names``:
+    the folder's file names when the caller has listed them already (a walk)."""
     folder = Path(folder)
-    found = [f for f in FORMATS.values() if f.marker is None and f.matches(folder)]
+    found = [f for f in FORMATS.values() if f.marker is None and f.matches(folder, names)]
     if not found:  # only then a marker (a PEFT adapter beside another artefact's header is its part)
-        found = [f for f in FORMATS.values() if f.marker is not None and f.matches(folder)]
+        found = [f for f in FORMATS.values() if f.marker is not None and f.matches(folder, names)]
     if len(found) > 1:
         raise ArtefactError(
             f"{folder}: holds the headers of several artefacts ({', '.join(f.header for f in found)}); "

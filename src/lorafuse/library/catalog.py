@@ -240,7 +240,7 @@ def discover(roots: Sequence[Path]) -> Iterator[Found]:
         for dirpath, dirnames, filenames in os.walk(root):
             folder = Path(dirpath)
             try:
-                fmt = find_format(folder)
+                fmt = find_format(folder, set(filenames))
             except ArtefactError:  # several headers: catalogued as the first of ours it holds
                 fmt = next((f for f in (FUSION_FORMAT, COMPRESSED_FORMAT) if f.header in filenames), None)
             kind = KIND_OF.get(fmt.kind) if fmt is not None else None
