@@ -171,6 +171,11 @@ def test_lm_eval_generate_until_request(server: dict[str, Any]) -> None:
     sent = _ok(server, "/v1/completions", {**body, "stop": ["</s>"], "seed": 1234})["choices"]
     assert [c["text"] for c in sent] == [c["text"] for c in plain]
     assert all("</s>" not in c["text"] for c in sent)
+    # HumanEval's `until` (5 strings) plus the eos text: more than OpenAI's 4, accepted
+    humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    assert (
+        _ok(server, "/v1/completions", {**body, "stop": humaneval})["choices"][0]["text"] == plain[0]["text"]
+    )
     # "<s>" written in a prompt is the one <s> id (examples/lm_eval's `bos` variant relies on it)
     tokenizer = server["tokenizer"]
     if tokenizer.bos_token_id is not None:
@@ -304,6 +309,8 @@ def test_tokenize_detokenize_and_tokenizer_info(server: dict[str, Any]) -> None:
         ("/detokenize", {"tokens": [10**6]}, "tokens", "outside the vocabulary"),
         ("/detokenize", {"tokens": ["a"]}, "tokens.0", "integer"),
         ("/tokenize", {"prompt": 5}, "prompt", "string"),
+        ("/v1/completions", {"stop": ["x"] * 17}, "stop", "at most 16 non-empty strings"),
+        ("/v1/completions", {"stop": ["x", ""]}, "stop", "at most 16 non-empty strings"),
     ],
 )
 def test_bad_values_are_400_naming_the_field(
