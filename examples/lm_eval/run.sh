@@ -39,18 +39,26 @@ $LORAFUSE serve --base "$WORLD/base" --adapters "$WORLD/loras" --tokenizer "$WOR
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 
+HEALTHY=0
 for _ in $(seq 1 600); do
-  if "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" \
-      2>/dev/null; then
-    break
-  fi
   if ! kill -0 "$SERVER" 2>/dev/null; then
-    echo "lorafuse serve exited; its log:" >&2
+    echo "lorafuse serve exited (port $PORT taken?); its log:" >&2
     cat "$OUT/serve.log" >&2
     exit 1
   fi
+  if "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" \
+      2>/dev/null; then
+    HEALTHY=1
+    break
+  fi
   sleep 1
 done
+sleep 1
+if [ "$HEALTHY" != 1 ] || ! kill -0 "$SERVER" 2>/dev/null; then
+  echo "lorafuse serve did not become healthy on port $PORT; its log:" >&2
+  cat "$OUT/serve.log" >&2
+  exit 1
+fi
 
 for VARIANT in ${VARIANTS:-plain bos}; do
   FLAGS=()
