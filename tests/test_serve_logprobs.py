@@ -158,6 +158,31 @@ def test_lm_eval_loglikelihood_request(server: dict[str, Any]) -> None:
         assert abs(lp["token_logprobs"][-1] - float(reference[-1].max())) < 1e-4
 
 
+def test_lm_eval_generate_until_request(server: dict[str, Any]) -> None:
+    """lm-eval's ``local-completions`` generate_until body (captured from lm-eval 0.4.13): a list
+    of lists of ids encoded without ``<s>``, ``stop`` = the task's ``until`` plus the tokenizer's
+    eos text, ``seed: 1234``, ``temperature: 0.0``. The eos text never stops a generation (the
+    end-of-sequence token itself does, and is not in the text), so the answer is the plain one."""
+    name, prompts = server["names"][0], server["prompts"][:2]
+    bare = {"model": BASE, "add_special_tokens": False}
+    batch = [_ok(server, "/tokenize", {**bare, "prompt": p})["tokens"] for p in prompts]
+    body = {"model": name, "prompt": batch, "max_tokens": 12, "temperature": 0.0}
+    plain = _ok(server, "/v1/completions", body)["choices"]
+    sent = _ok(server, "/v1/completions", {**body, "stop": ["</s>"], "seed": 1234})["choices"]
+    assert [c["text"] for c in sent] == [c["text"] for c in plain]
+    assert all("</s>" not in c["text"] for c in sent)
+    # HumanEval's `until` (5 strings) plus the eos text: more than OpenAI's 4, accepted
+    humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    assert (
+        _ok(server, "/v1/completions", {**body, "stop": humaneval})["choices"][0]["text"] == plain[0]["text"]
+    )
+    # "<s>" written in a prompt is the one <s> id (examples/lm_eval's `bos` variant relies on it)
+    tokenizer = server["tokenizer"]
+    if tokenizer.bos_token_id is not None:
+        marked = _ok(server, "/tokenize", {**bare, "prompt": f"{tokenizer.bos_token} {prompts[0]}"})["tokens"]
+        assert marked == [tokenizer.bos_token_id, *batch[0]] == _ids(server, prompts[0])
+
+
 def test_token_id_prompts_give_the_string_prompts_text(server: dict[str, Any]) -> None:
     name, prompts = server["names"][0], server["prompts"]
     common = {"model": name, "max_tokens": 8, "min_tokens": 8, "temperature": 0}
@@ -284,6 +309,8 @@ def test_tokenize_detokenize_and_tokenizer_info(server: dict[str, Any]) -> None:
         ("/detokenize", {"tokens": [10**6]}, "tokens", "outside the vocabulary"),
         ("/detokenize", {"tokens": ["a"]}, "tokens.0", "integer"),
         ("/tokenize", {"prompt": 5}, "prompt", "string"),
+        ("/v1/completions", {"stop": ["x"] * 17}, "stop", "at most 16 non-empty strings"),
+        ("/v1/completions", {"stop": ["x", ""]}, "stop", "at most 16 non-empty strings"),
     ],
 )
 def test_bad_values_are_400_naming_the_field(

@@ -19,6 +19,9 @@ from lorafuse._checks import NonNegativeInt, PositiveInt
 from lorafuse.serve.logprobs import MAX_TOP_LOGPROBS
 
 MAX_SEED = 2**64 - 1
+# OpenAI takes 4 stop strings; lm-eval appends the tokenizer's eos text to a task's `until`
+# (HumanEval's has 5 entries), and vLLM sets no limit.
+MAX_STOP = 16
 TopLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 PROMPT_KINDS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
@@ -54,8 +57,8 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("`stop` takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"`stop` takes at most {MAX_STOP} non-empty strings")
         return stop
 
     @model_validator(mode="after")
