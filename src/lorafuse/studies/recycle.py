@@ -378,7 +378,8 @@ def runs_log_path(root: Path, settings: RecycleSettings) -> Path:
 class RunsLog:
     """An append-only JSON-lines record of finished runs, so that an interrupted study resumes.
 
-    Line 1 is ``{"header": {"fingerprint", "settings"}}``; every other line is one run or one
+    Line 1 is ``{"header": {"fingerprint", "settings"}}`` (the settings include torch's thread
+    count, which can change a fit's last bits); every other line is one run or one
     selection (``{"selection": composite, "label", "names"}``), written with flush + fsync. A
     last line cut short by an interruption is dropped on reading. A log made on another world,
     pool or settings is refused (:class:`StudyError`), never mixed in.
@@ -519,7 +520,7 @@ def recycle_study(
         record = RunsLog(
             runs_log or runs_log_path(root, settings),
             _fingerprint(root, con),
-            _settings_record(settings),
+            {**_settings_record(settings), "torch_threads": torch.get_num_threads()},
             resume=resume,
         )
         tokenizer, model = load_world(root)
