@@ -45,10 +45,8 @@ from lorafuse.errors import LorafuseError
 from lorafuse.merging import merge
 from lorafuse.serve.compose import Composition, RequestError, Resolver
 from lorafuse.serve.registry import Registry
-from lorafuse.serve.vllm import Writer
+from lorafuse.serve.vllm import VLLM_MAX_RANKS, Writer
 
-# The ranks vLLM's LoRAConfig accepts for --max-lora-rank (vLLM 0.6 onward).
-VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_LORAS = 16  # vLLM's --max-loras: LoRA slots of the batch (each holds one adapter's factors)
 VLLM_DTYPES = ("float32", "bfloat16", "float16", "auto")

@@ -278,10 +278,10 @@ def check_engine(
 ) -> str | None:
     """The vLLM URL for ``--engine vllm`` (``None`` for the built-in engine); a bad flag is an
     :class:`InvalidValueError` (one ``error:`` line, exit 2)."""
+    from lorafuse.cli.options import check_choice
     from lorafuse.serve.vllm import VLLM_MAX_RANKS, check_url
 
-    if engine not in ENGINES:
-        raise InvalidValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_choice(engine, "--engine", ENGINES)
     if engine == "builtin":
         if url is not None:
             raise InvalidValueError("--vllm-url is for --engine vllm; add --engine vllm or leave it out")

@@ -99,6 +99,18 @@ class Request:
         """Stop generating (the client went away); the row leaves the batch at the next step."""
         self.cancelled = True
 
+    def done_event(self, reason: str) -> Event:
+        """The last event of this request: why it finished, its token counts and log-probabilities."""
+        return Event(
+            "done",
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated),
+            token_ids=list(self.generated),
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
+        )
+
 
 class QueueFull(RequestError):
     def __init__(self, limit: int) -> None:
@@ -546,17 +558,7 @@ class Engine:
         self._release(r)
         self.metrics.finished(r, reason)
         if reason != "cancelled":
-            r.emit(
-                Event(
-                    "done",
-                    finish_reason=reason,
-                    prompt_tokens=len(r.prompt_ids),
-                    completion_tokens=len(r.generated),
-                    token_ids=list(r.generated),
-                    logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
-                    prompt_logprobs=list(r.prompt_logprobs) if r.params.prompt_logprobs is not None else None,
-                )
-            )
+            r.emit(r.done_event(reason))
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` in the batch, the cache and the masks; trim all-padding columns."""

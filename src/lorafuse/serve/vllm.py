@@ -46,7 +46,7 @@ from lorafuse.serve.vllm_cache import AdapterCache, Cached
 
 log = logging.getLogger("lorafuse.serve")
 
-# The ranks vLLM's LoRAConfig accepts for --max-lora-rank.
+# The ranks vLLM's LoRAConfig accepts for --max-lora-rank (vLLM 0.6 onward).
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 BUILTIN = "serve it with lorafuse's own engine (`lorafuse serve` without `--engine vllm`)"
 
@@ -490,16 +490,7 @@ class VllmBackend:
         if len(request.generated) >= p.max_tokens:
             finish = "length"
         self._send(request, len(request.text))
-        request.emit(
-            Event(
-                "done",
-                finish_reason=finish,
-                prompt_tokens=len(request.prompt_ids),
-                completion_tokens=len(request.generated),
-                token_ids=list(request.generated),
-                logprobs=list(request.logprobs) if p.logprobs is not None else None,
-            )
-        )
+        request.emit(request.done_event(finish))
         return finish
 
     def _chunk(self, request: Request, chunk: dict[str, Any]) -> str | None:

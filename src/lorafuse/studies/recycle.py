@@ -405,10 +405,7 @@ class RunsLog:
                     f"{self.path}: made on another world, pool or settings; move it aside or pass --no-resume"
                 )
             for record in records[1:]:
-                if "selection" in record:
-                    self.selections.setdefault(record["selection"], {})[record["label"]] = record["names"]
-                else:
-                    self.runs[_run_key(record)] = record
+                self._keep(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         kept = [{"header": header}, *records[1:]] if records else [{"header": header}]
@@ -418,11 +415,14 @@ class RunsLog:
     def done(self, composite: str, seed: int, rule: str, k: int | str | None, method: str) -> bool:
         return (composite, seed, rule, str(k), method) in self.runs
 
-    def add(self, record: dict[str, Any]) -> None:
+    def _keep(self, record: dict[str, Any]) -> None:
         if "selection" in record:
             self.selections.setdefault(record["selection"], {})[record["label"]] = record["names"]
         else:
             self.runs[_run_key(record)] = record
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._keep(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -652,10 +652,7 @@ def recycle_study(
                 log(f"seed {seed}: {sum(1 for key in record.runs if key[1] == seed)} runs")
         bar.close()
     runs = [record.runs[key] for key in sorted(wanted, key=_order(settings)) if key in record.runs]
-    selections = {
-        c: {label: names for label, names in record.selections.get(c, {}).items()}
-        for c in settings.composites
-    }
+    selections = {c: dict(record.selections.get(c, {})) for c in settings.composites}
     return {
         "study": "recycle",
         "metric": "exact match (%) on the test split; dev loss: mean response-token loss on the dev split",
