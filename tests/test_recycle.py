@@ -182,3 +182,27 @@ def test_a_log_of_other_settings_is_refused(
         tiny_world, replace(settings, epochs=2.0), progress=False, runs_log=log, resume=False
     )
     assert fresh["resumed_runs"] == 0 and len(fresh["runs"]) == 3
+
+
+def test_logs_of_parallel_parts_merge_into_one(
+    tiny_world: Path, cli_result: tuple[dict[str, Any], Path, str], tmp_path: Path
+) -> None:
+    """A study split over two processes by method (each with its own log) joins with --merge-runs:
+    nothing is made again and the numbers are the CLI run's; a part of other settings is refused."""
+    settings = replace(quick_settings((0,)), rules=("norm",), ks=(2,), methods=("lorahub", "cat-weights"))
+    parts = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for part, method in zip(parts, ("lorahub", "cat-weights"), strict=True):
+        recycle_study(tiny_world, replace(settings, methods=(method,)), progress=False, runs_log=part)
+    joined = tmp_path / "joined.jsonl"
+    whole = recycle_study(tiny_world, settings, progress=False, runs_log=joined, merge_runs=parts)
+    assert whole["resumed_runs"] == len(whole["runs"]) == 2 * 2 + 1
+    want = set(numbers(cli_result[0]))
+    assert all(row in want for row in numbers(whole))
+    again = recycle_study(tiny_world, settings, progress=False, runs_log=joined)
+    assert again["resumed_runs"] == 5 and numbers(again) == numbers(whole)
+    other = tmp_path / "other.jsonl"
+    recycle_study(
+        tiny_world, replace(settings, epochs=2.0, methods=("lorahub",)), progress=False, runs_log=other
+    )
+    with pytest.raises(StudyError, match=f"{other}: made on another world, pool or settings"):
+        recycle_study(tiny_world, settings, progress=False, runs_log=joined, merge_runs=[other])

@@ -336,6 +336,14 @@ def world_recycle_study(
             "--no-resume starts over.",
         ),
     ] = True,
+    merge_runs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--merge-runs",
+            help="Fold the runs of another log of the same world and settings into --runs first "
+            "(repeatable): joins a study split over parallel processes by --composites or --seeds.",
+        ),
+    ] = None,
 ) -> None:
     """The recycling study: a pool of LoRAs, every selection rule x k x fusion method, and the controls.
 
@@ -375,7 +383,12 @@ def world_recycle_study(
             check_output_path(path, {"--dir": root}, what=flag)
     if runs is not None and runs.is_dir():
         raise InvalidValueError(f"--runs {runs}: is a folder; give a file")
-    result = study.run(root, settings, log=typer.echo, runs_log=runs, resume=resume)
+    for part in merge_runs or []:
+        if not part.is_file():
+            raise InvalidValueError(f"--merge-runs {part}: no such file")
+    result = study.run(
+        root, settings, log=typer.echo, runs_log=runs, resume=resume, merge_runs=merge_runs or []
+    )
     table = study.format(result)
     typer.echo(table)
     if json_out:

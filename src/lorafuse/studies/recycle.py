@@ -385,12 +385,41 @@ class RunsLog:
     pool or settings is refused (:class:`StudyError`), never mixed in.
     """
 
-    def __init__(self, path: Path, fingerprint: str, settings: dict[str, Any], *, resume: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fingerprint: str,
+        settings: dict[str, Any],
+        *,
+        resume: bool,
+        merge: Sequence[Path] = (),
+    ) -> None:
         self.path = Path(path)
         self.runs: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
         self.selections: dict[str, dict[str, list[str]]] = {}
         header = {"fingerprint": fingerprint, "settings": settings}
-        lines = self.path.read_text().splitlines() if resume and self.path.is_file() else []
+        records = self._read(self.path, header) if resume and self.path.is_file() else []
+        for record in records:
+            self._keep(record)
+        for other in merge:  # runs made in parallel (other composites or seeds, same world and settings)
+            if Path(other).resolve() == self.path.resolve():
+                continue
+            if not Path(other).is_file():
+                raise StudyError(f"--merge-runs {other}: no such file")
+            for record in self._read(Path(other), header):
+                if "selection" in record or _run_key(record) not in self.runs:
+                    records.append(record)
+                    self._keep(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [{"header": header}, *records]))
+        os.replace(tmp, self.path)  # rewritten whole: a cut-short last line is gone before appending
+
+    @staticmethod
+    def _read(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+        """The records of the log at ``path`` after its header (a cut-short last line dropped);
+        a log whose header is not ``header`` is refused."""
+        lines = path.read_text().splitlines()
         records = []
         for i, line in enumerate(lines):
             try:
@@ -398,19 +427,12 @@ class RunsLog:
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
                     break  # cut short by an interruption
-                raise StudyError(f"{self.path}: line {i + 1} is not JSON; move the file aside") from None
-        if records:
-            if records[0].get("header") != header:
-                raise StudyError(
-                    f"{self.path}: made on another world, pool or settings; move it aside or pass --no-resume"
-                )
-            for record in records[1:]:
-                self._keep(record)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        kept = [{"header": header}, *records[1:]] if records else [{"header": header}]
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)  # rewritten whole: a cut-short last line is gone before appending
+                raise StudyError(f"{path}: line {i + 1} is not JSON; move the file aside") from None
+        if records and records[0].get("header") != header:
+            raise StudyError(
+                f"{path}: made on another world, pool or settings; move it aside or pass --no-resume"
+            )
+        return records[1:]
 
     def done(self, composite: str, seed: int, rule: str, k: int | str | None, method: str) -> bool:
         return (composite, seed, rule, str(k), method) in self.runs
@@ -455,13 +477,16 @@ def recycle_study(
     log: Callable[[str], None] | None = None,
     runs_log: Path | None = None,
     resume: bool = True,
+    merge_runs: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run the study on the world at ``root`` (see the module docstring); returns a JSON-able result.
 
     Runs go seed by seed (every composite for seed 0, then seed 1, ...), each appended to the runs
     log (``runs_log``, default :func:`runs_log_path`) as it finishes; with ``resume`` a rerun skips
     the runs the log already holds, so an interrupted study continues where it stopped and gives
-    the same numbers (every fit and draw is seeded by its own run).
+    the same numbers (every fit and draw is seeded by its own run). ``merge_runs`` folds the runs
+    of other logs of the same world and settings into this one first: a study split over parallel
+    processes (``--composites`` or ``--seeds`` apart, each with its own log) is joined this way.
     """
     settings = settings or RecycleSettings()
     started = time.perf_counter()
@@ -522,6 +547,7 @@ def recycle_study(
             _fingerprint(root, con),
             {**_settings_record(settings), "torch_threads": torch.get_num_threads()},
             resume=resume,
+            merge=merge_runs,
         )
         tokenizer, model = load_world(root)
         pad = tokenizer.pad_token_id
