@@ -206,3 +206,37 @@ def test_logs_of_parallel_parts_merge_into_one(
     )
     with pytest.raises(StudyError, match=f"{other}: made on another world, pool or settings"):
         recycle_study(tiny_world, settings, progress=False, runs_log=joined, merge_runs=[other])
+
+
+def test_world_parts_train_at_the_worlds_threads_and_restore_the_callers() -> None:
+    """The pool and the world's LoRAs train at the profile's thread count (their bits must not
+    follow a study's --threads), and the caller's count is back afterwards."""
+    import torch
+
+    from lorafuse.skillworld.build import PROFILES, world_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with world_threads(PROFILES["default"]):
+            assert torch.get_num_threads() == PROFILES["default"].threads
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_report_of_a_study_under_way_trains_nothing_and_leaves_the_log_alone(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    settings = replace(quick_settings((0,)), rules=("norm",), ks=(2,), methods=("cat-weights",))
+    log = tmp_path / "runs.jsonl"
+    part = recycle_study(tiny_world, settings, progress=False, runs_log=log)
+    before = log.read_bytes()
+    wider = replace(settings, methods=("cat-weights", "lorahub"))
+    report = recycle_study(tiny_world, wider, progress=False, runs_log=log, make_runs=False)
+    assert log.read_bytes() == before
+    assert not report["complete"] and numbers(report) == numbers(part)
+    assert "Under way" in format_recycle_study(report)
+    assert recycle_study(tiny_world, settings, progress=False, runs_log=log, make_runs=False)["complete"]
+    with pytest.raises(StudyError, match="drop --no-resume"):
+        recycle_study(tiny_world, wider, progress=False, runs_log=log, make_runs=False, resume=False)

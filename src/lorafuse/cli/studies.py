@@ -344,6 +344,14 @@ def world_recycle_study(
             "(repeatable): joins a study split over parallel processes by --composites or --seeds.",
         ),
     ] = None,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Train nothing: the table, JSON and plot of the runs the log holds so far "
+            "(a study still under way; missing cells show —).",
+        ),
+    ] = False,
 ) -> None:
     """The recycling study: a pool of LoRAs, every selection rule x k x fusion method, and the controls.
 
@@ -387,7 +395,13 @@ def world_recycle_study(
         if not part.is_file():
             raise InvalidValueError(f"--merge-runs {part}: no such file")
     result = study.run(
-        root, settings, log=typer.echo, runs_log=runs, resume=resume, merge_runs=merge_runs or []
+        root,
+        settings,
+        log=typer.echo,
+        runs_log=runs,
+        resume=resume,
+        merge_runs=merge_runs or [],
+        make_runs=not report_only,
     )
     table = study.format(result)
     typer.echo(table)

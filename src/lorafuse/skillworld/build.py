@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,6 +360,18 @@ def _build_lora(
     _write_manifest(root, manifest)
 
 
+@contextmanager
+def world_threads(spec: Profile) -> Iterator[None]:
+    """Torch's thread count set to the profile's while the world's models train, restored after:
+    a part of the world has the same bits whatever thread count its caller runs at."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_world(
     root: str | os.PathLike[str] | None = None,
     *,
@@ -389,20 +403,20 @@ def build_world(
                 f"{out}: exists and is not a skill world (no {MANIFEST}); choose another --dir, or "
                 "replace it with `lorafuse world build --dir ... --force`"
             )
-        torch.set_num_threads(spec.threads)
-        _build_core(out, spec, seed, progress=progress)
+        with world_threads(spec):
+            _build_core(out, spec, seed, progress=progress)
     manifest = read_manifest(out) or {}
     missing = [n for n in names if not _lora_complete(out, manifest, n)]
     if missing:
         from lorafuse._hf import load_model, load_tokenizer
 
-        torch.set_num_threads(spec.threads)
         tokenizer = load_tokenizer(out / "tokenizer")
         base = load_model(out / "base", train=True)
         bar = tqdm(total=len(missing), desc=f"world LoRAs ({profile})", unit="lora", disable=not progress)
-        for name in missing:
-            recover_leftovers(out / "loras" / name)
-            _build_lora(out, spec, seed, name, base, tokenizer)
-            bar.update()
+        with world_threads(spec):
+            for name in missing:
+                recover_leftovers(out / "loras" / name)
+                _build_lora(out, spec, seed, name, base, tokenizer)
+                bar.update()
         bar.close()
     return out

@@ -77,7 +77,7 @@ from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
 from lorafuse.fusion.lorahub import LoraHubConfig
 from lorafuse.library import BY, connect, index, query, select
 from lorafuse.runtime import attach, detach
-from lorafuse.skillworld.build import PROFILES, read_manifest, train_lora
+from lorafuse.skillworld.build import PROFILES, read_manifest, train_lora, world_threads
 from lorafuse.skillworld.data import (
     ALL_COMPOSITES,
     COMPOSITES,
@@ -257,8 +257,11 @@ def _pool_recipe(root: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def build_pool(root: Path, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the pool's LoRAs and index them with the world's into the catalogue.
+def build_pool(
+    root: Path, *, quick: bool = False, progress: bool = True, train: bool = True
+) -> dict[str, Any]:
+    """Train (or reuse) the pool's LoRAs and index them with the world's into the catalogue
+    (without ``train``, a pool that is not complete is a :class:`StudyError`).
 
     Returns ``{"dir", "catalogue", "loras": [{"name", "kind", "tasks", "path"}], "seconds",
     "train_seconds": {name: s}, "index": {...}}``.
@@ -276,6 +279,8 @@ def build_pool(root: Path, *, quick: bool = False, progress: bool = True) -> dic
         for e in recipe["plan"]
         if e["name"] not in seconds or not (out / "loras" / e["name"] / "adapter_model.safetensors").is_file()
     ]
+    if todo and not train:
+        raise StudyError(f"{out}: the pool is not built yet ({len(todo)} LoRAs missing); run the study first")
     if todo:
         tokenizer, base = load_world(root)
         base.train()
@@ -283,23 +288,25 @@ def build_pool(root: Path, *, quick: bool = False, progress: bool = True) -> dic
         vocab.sort()
         config = TrainConfig(**recipe["train"])
         bar = tqdm(todo, desc="recycle pool", unit="lora", disable=not progress)
-        for entry in bar:
-            t0 = time.perf_counter()
-            rows = _pool_rows(root, entry, vocab, recipe["sample"])
-            with atomic_output_dir(out / "loras" / entry["name"]) as tmp:
-                train_lora(
-                    base,
-                    tokenizer,
-                    rows,
-                    replace(config, seed=entry["seed"]),
-                    _profile(root),
-                    tmp,
-                    desc=f"pool {entry['name']}",
-                    rank=recipe["rank"],
-                    alpha=recipe["alpha"],
-                )
-            seconds[entry["name"]] = round(time.perf_counter() - t0, 2)
-            record.write_text(json.dumps({"recipe": recipe, "train_seconds": seconds}, indent=2) + "\n")
+        # the pool belongs to the world: its bits follow the world's thread count, not the study's
+        with world_threads(_profile(root)):
+            for entry in bar:
+                t0 = time.perf_counter()
+                rows = _pool_rows(root, entry, vocab, recipe["sample"])
+                with atomic_output_dir(out / "loras" / entry["name"]) as tmp:
+                    train_lora(
+                        base,
+                        tokenizer,
+                        rows,
+                        replace(config, seed=entry["seed"]),
+                        _profile(root),
+                        tmp,
+                        desc=f"pool {entry['name']}",
+                        rank=recipe["rank"],
+                        alpha=recipe["alpha"],
+                    )
+                seconds[entry["name"]] = round(time.perf_counter() - t0, 2)
+                record.write_text(json.dumps({"recipe": recipe, "train_seconds": seconds}, indent=2) + "\n")
         bar.close()
     record.write_text(json.dumps({"recipe": recipe, "train_seconds": seconds}, indent=2) + "\n")
     if base is None:
@@ -393,6 +400,7 @@ class RunsLog:
         *,
         resume: bool,
         merge: Sequence[Path] = (),
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         self.runs: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
@@ -410,6 +418,9 @@ class RunsLog:
                 if "selection" in record or _run_key(record) not in self.runs:
                     records.append(record)
                     self._keep(record)
+        self.read_only = read_only
+        if read_only:  # a report of a study under way: its process may be appending to this file
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in [{"header": header}, *records]))
@@ -444,6 +455,8 @@ class RunsLog:
             self.runs[_run_key(record)] = record
 
     def add(self, record: dict[str, Any]) -> None:
+        if self.read_only:
+            raise StudyError(f"{self.path}: opened read-only (a report); nothing is written to it")
         self._keep(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -478,6 +491,7 @@ def recycle_study(
     runs_log: Path | None = None,
     resume: bool = True,
     merge_runs: Sequence[Path] = (),
+    make_runs: bool = True,
 ) -> dict[str, Any]:
     """Run the study on the world at ``root`` (see the module docstring); returns a JSON-able result.
 
@@ -487,11 +501,15 @@ def recycle_study(
     the same numbers (every fit and draw is seeded by its own run). ``merge_runs`` folds the runs
     of other logs of the same world and settings into this one first: a study split over parallel
     processes (``--composites`` or ``--seeds`` apart, each with its own log) is joined this way.
+    Without ``make_runs`` nothing is trained: the result holds the runs the log has so far (a
+    report of a study still under way; ``"complete"`` says whether every run is in).
     """
     settings = settings or RecycleSettings()
+    if not make_runs and not resume:
+        raise StudyError("a report of the runs so far needs the log: drop --no-resume")
     started = time.perf_counter()
     root = Path(root)
-    pool = build_pool(root, quick=settings.quick, progress=progress)
+    pool = build_pool(root, quick=settings.quick, progress=progress, train=make_runs)
     tasks_of = {lo["name"]: set(lo["tasks"]) for lo in pool["loras"]}
     timings: dict[str, list[float]] = {}
     loaded: dict[str, LoRA] = {}
@@ -548,6 +566,7 @@ def recycle_study(
             {**_settings_record(settings), "torch_threads": torch.get_num_threads()},
             resume=resume,
             merge=merge_runs,
+            read_only=not make_runs,
         )
         tokenizer, model = load_world(root)
         pad = tokenizer.pad_token_id
@@ -671,7 +690,7 @@ def recycle_study(
             del fresh
             bar.update()
 
-        for seed in settings.seeds:
+        for seed in settings.seeds if make_runs else ():
             for composite in settings.composites:
                 study_cell(composite, seed)
             if log:
@@ -693,6 +712,7 @@ def recycle_study(
         "runs": runs,
         "runs_log": str(record.path),
         "resumed_runs": resumed,
+        "complete": len(runs) == len(wanted),
         "timings": {
             part: {"n": len(v), "mean_s": round(statistics.mean(v), 3)} for part, v in timings.items()
         },
@@ -759,6 +779,11 @@ def format_recycle_study(result: dict[str, Any]) -> str:
     lines = [
         f"Recycling study: pool of {len(result['pool']['loras'])} LoRAs ({kinds}); "
         f"exact match (%), mean ± std over seeds {result['seeds']}.",
+        *(
+            []
+            if result.get("complete", True)
+            else ["", f"**Under way**: {len(result['runs'])} runs so far; a cell without runs shows —."]
+        ),
         "",
         "| selection | k | method | " + " | ".join(composites) + " | mean |",
         "| --- | --- | --- | " + " | ".join("---:" for _ in composites) + " | ---: |",
