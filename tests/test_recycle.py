@@ -16,11 +16,13 @@ from lorafuse.studies.recycle import (
     FRESH,
     KINDS,
     METHODS,
+    METRICS,
     RANDOM_WEIGHTS,
     StudyError,
     build_pool,
     cells,
     format_recycle_study,
+    metrics_of,
     numbers,
     plot_recycle,
     pool_plan,
@@ -108,7 +110,11 @@ def test_the_table_has_every_cell_and_the_controls(cli_result: tuple[dict[str, A
                 assert all(table[(rule, k, method)].values()), (rule, k, method)
     assert all(table[(FRESH, "—", FRESH)].values())
     text = format_recycle_study(result)
-    assert text.count("\n| ") == 2 + (len(BY) + 1) * 3 * len(METHODS) + 1  # header, rule, cells, fresh
+    assert metrics_of(result) == list(METRICS)  # a faithful composite: the final answer recorded too
+    rows = 2 + (len(BY) + 1) * 3 * len(METHODS) + 1  # header, rule, cells, fresh
+    assert text.count("\n| ") == len(METRICS) * rows
+    for metric in METRICS:
+        assert all(cells(result, metric)[(FRESH, "—", FRESH)].values())
     assert FRESH in text and RANDOM_WEIGHTS in text
     assert text in stdout
     assert (out / "r.md").read_text().strip() == text

@@ -747,8 +747,25 @@ def numbers(result: dict[str, Any]) -> list[tuple[Any, ...]]:
     return [tuple(json.dumps(r.get(key)) for key in keys) + tuple(r["loras"]) for r in result["runs"]]
 
 
-def cells(result: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, list[float]]]:
-    """``(rule, k, method)`` → composite → exact-match scores over seeds (table rows, in order)."""
+#: The scores every run records: key → (label, format of a cell).
+METRICS = {
+    "exact_match": ("exact match of the whole answer (%)", ".1f"),
+    "final_answer_match": ("exact match of the final answer alone (%)", ".1f"),
+    "dev_loss": ("dev loss (mean response-token cross-entropy; lower is better)", ".3f"),
+}
+
+
+def metrics_of(result: dict[str, Any]) -> list[str]:
+    """The :data:`METRICS` that the result's runs record (the final answer: the faithful family)."""
+    return [m for m in METRICS if result["runs"] and all(m in run for run in result["runs"])] or [
+        "exact_match"
+    ]
+
+
+def cells(
+    result: dict[str, Any], metric: str = "exact_match"
+) -> dict[tuple[str, str, str], dict[str, list[float]]]:
+    """``(rule, k, method)`` → composite → the ``metric``'s scores over seeds (table rows, in order)."""
     out: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     rows = [*result["rules"], RANDOM_WEIGHTS]
     for rule in rows:
@@ -758,74 +775,84 @@ def cells(result: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, list[f
     out[(FRESH, "—", FRESH)] = {c: [] for c in result["composites"]}
     for run in result["runs"]:
         key = (run["rule"], "—" if run["k"] is None else str(run["k"]), run["method"])
-        out.setdefault(key, {c: [] for c in result["composites"]})[run["composite"]].append(
-            run["exact_match"]
-        )
+        out.setdefault(key, {c: [] for c in result["composites"]})[run["composite"]].append(run[metric])
     return out
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], fmt: str = ".1f") -> str:
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def format_recycle_study(result: dict[str, Any]) -> str:
-    """A Markdown table: mean ± std over seeds per rule × k × method, and the two controls."""
+    """Markdown tables, one per recorded metric (:func:`metrics_of`): mean ± std over seeds per
+    rule × k × method, and the two controls."""
     composites = result["composites"]
     kinds = ", ".join(f"{n} {kind}" for kind, n in result["pool"]["kinds"].items())
     lines = [
         f"Recycling study: pool of {len(result['pool']['loras'])} LoRAs ({kinds}); "
-        f"exact match (%), mean ± std over seeds {result['seeds']}.",
+        f"mean ± std over seeds {result['seeds']}.",
         *(
             []
             if result.get("complete", True)
             else ["", f"**Under way**: {len(result['runs'])} runs so far; a cell without runs shows —."]
         ),
-        "",
-        "| selection | k | method | " + " | ".join(composites) + " | mean |",
-        "| --- | --- | --- | " + " | ".join("---:" for _ in composites) + " | ---: |",
     ]
-    for (rule, k, method), scores in cells(result).items():
-        every = [v for c in composites for v in scores[c]]
-        mean = f"{statistics.mean(every):.1f}" if every else "—"
-        label = METHOD_LABELS.get(method, method)
-        lines.append(
-            f"| {rule} | {k} | {label} | " + " | ".join(_cell(scores[c]) for c in composites) + f" | {mean} |"
-        )
+    for metric in metrics_of(result):
+        label, fmt = METRICS[metric]
+        lines += [
+            "",
+            f"{label[0].upper()}{label[1:]}:",
+            "",
+            "| selection | k | method | " + " | ".join(composites) + " | mean |",
+            "| --- | --- | --- | " + " | ".join("---:" for _ in composites) + " | ---: |",
+        ]
+        for (rule, k, method), scores in cells(result, metric).items():
+            every = [v for c in composites for v in scores[c]]
+            mean = f"{statistics.mean(every):{fmt}}" if every else "—"
+            name = METHOD_LABELS.get(method, method)
+            row = " | ".join(_cell(scores[c], fmt) for c in composites)
+            lines.append(f"| {rule} | {k} | {name} | {row} | {mean} |")
     return "\n".join(lines)
 
 
 def plot_recycle(result: dict[str, Any], path: Path) -> Path:
-    """Score against k, one panel per method, one line per selection rule; the controls dashed."""
+    """Score against k, one panel per method and recorded metric (rows), one line per selection
+    rule; the random-weights control dotted, the fresh LoRA dashed."""
     from lorafuse._extras import require
 
     matplotlib = require("matplotlib", "study", "the recycling study's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = cells(result)
     ks = result["ks"]
+    metrics = metrics_of(result)
     fig, axes = plt.subplots(
-        1, len(result["methods"]), figsize=(4.2 * len(result["methods"]), 3.6), squeeze=False
+        len(metrics),
+        len(result["methods"]),
+        figsize=(4.2 * len(result["methods"]), 3.4 * len(metrics)),
+        squeeze=False,
     )
-    fresh = [v for vs in table[(FRESH, "—", FRESH)].values() for v in vs]
-    for ax, method in zip(axes[0], result["methods"], strict=True):
-        for rule in [*result["rules"], RANDOM_WEIGHTS]:
-            means = []
-            for k in ks:
-                values = [v for vs in table[(rule, k, method)].values() for v in vs]
-                means.append(statistics.mean(values) if values else float("nan"))
-            style = ":" if rule == RANDOM_WEIGHTS else "-"
-            ax.plot(range(len(ks)), means, style, marker="o", label=rule)
-        if fresh:
-            ax.axhline(statistics.mean(fresh), color="k", linestyle="--", label=FRESH)
-        ax.set_xticks(range(len(ks)), ks)
-        ax.set_xlabel("k (LoRAs chosen)")
-        ax.set_title(METHOD_LABELS.get(method, method))
-    axes[0][0].set_ylabel("exact match (%)")
+    for row, metric in enumerate(metrics):
+        table = cells(result, metric)
+        fresh = [v for vs in table[(FRESH, "—", FRESH)].values() for v in vs]
+        for ax, method in zip(axes[row], result["methods"], strict=True):
+            for rule in [*result["rules"], RANDOM_WEIGHTS]:
+                means = []
+                for k in ks:
+                    values = [v for vs in table[(rule, k, method)].values() for v in vs]
+                    means.append(statistics.mean(values) if values else float("nan"))
+                style = ":" if rule == RANDOM_WEIGHTS else "-"
+                ax.plot(range(len(ks)), means, style, marker="o", label=rule)
+            if fresh:
+                ax.axhline(statistics.mean(fresh), color="k", linestyle="--", label=FRESH)
+            ax.set_xticks(range(len(ks)), ks)
+            ax.set_xlabel("k (LoRAs chosen)")
+            ax.set_title(METHOD_LABELS.get(method, method), fontsize=10)
+        axes[row][0].set_ylabel(METRICS[metric][0].split(" (mean")[0], fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
@@ -839,10 +866,12 @@ __all__ = [
     "ALL_COMPOSITES",
     "KINDS",
     "METHODS",
+    "METRICS",
     "RecycleSettings",
     "build_pool",
     "cells",
     "format_recycle_study",
+    "metrics_of",
     "numbers",
     "plot_recycle",
     "pool_plan",
