@@ -835,6 +835,7 @@ def plot_recycle(result: dict[str, Any], path: Path) -> Path:
         len(result["methods"]),
         figsize=(4.2 * len(result["methods"]), 3.4 * len(metrics)),
         squeeze=False,
+        sharey="row",  # one scale per score: the methods side by side
     )
     for row, metric in enumerate(metrics):
         table = cells(result, metric)
