@@ -187,6 +187,43 @@ def test_norms_and_directions_equal_the_dense_ones(db: Path, root: Path) -> None
                 assert entry["norms"][kind]["max"] == pytest.approx(max(values), rel=1e-5)
 
 
+def test_a_low_rank_compressed_delta_has_the_norms_and_directions_of_its_dense_delta(
+    db: Path, root: Path, base_dir: Path, tmp_path: Path
+) -> None:
+    from lorafuse.compress import load_compressed
+
+    delta = load_compressed(root / "made" / "delta")
+    with connect(db) as con:
+        entry = get(con, "made/delta")
+        assert entry["kind"] == "compressed" and len(entry["modules"]) == len(delta.modules) == 14
+        for m in entry["modules"]:
+            B, A = delta.modules[m["path"]].factors()  # (out, r), (r, in)
+            dense = B.double() @ A.double()  # (out, in)
+            assert m["rank"] == A.shape[0] and m["alpha"] == pytest.approx(A.shape[0])
+            assert m["norm"] == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-5)
+            _, _, vh = torch.linalg.svd(dense, full_matrices=False)
+            (blob,) = con.execute(
+                "SELECT direction FROM modules WHERE adapter_id = ? AND path = ?", (entry["id"], m["path"])
+            ).fetchone()
+            assert abs(float(direction_from_bytes(blob).double() @ vh[0])) == pytest.approx(1.0, abs=1e-3)
+        assert entry["total_norm"] > 0 and set(entry["norms"]) == set(entry["targets"])
+    from lorafuse.compress.api import compress_checkpoint
+
+    ft = tmp_path / "ft"  # a dense (BitDelta) delta keeps the description's columns only
+    save_model(tiny_llama(1), ft)
+    compress_checkpoint(base_dir, ft, tmp_path / "deltas" / "signs", method="bitdelta", progress=False)
+    index(tmp_path / "dense.sqlite", [tmp_path / "deltas"], base=load(base_dir), progress=False)
+    with connect(tmp_path / "dense.sqlite") as con:
+        signs = get(con, "signs")
+        assert signs["status"] == "ok" and signs["method"] == "bitdelta" and signs["num_modules"] == 14
+        assert signs["norms"] is None and all(m["norm"] is None for m in signs["modules"])
+    other = tmp_path / "other.sqlite"  # a base of other shapes: the delta does not fit it
+    index(other, [root / "made"], base=tiny_llama(0, hidden_size=48), progress=False)
+    with connect(other) as con:
+        (broken,) = query(con, status="broken", kind="compressed")
+        assert broken["problem"] == "incompatible" and "delta" in broken["reason"]
+
+
 def test_factored_summary_in_float64_matches_svd_with_a_rank_deficient_factor() -> None:
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 40, generator=g, dtype=torch.float64)

@@ -244,5 +244,7 @@ def test_a_report_of_a_study_under_way_trains_nothing_and_leaves_the_log_alone(
     assert not report["complete"] and numbers(report) == numbers(part)
     assert "Under way" in format_recycle_study(report)
     assert recycle_study(tiny_world, settings, progress=False, runs_log=log, make_runs=False)["complete"]
+    with pytest.raises(StudyError, match="no runs log here"):
+        recycle_study(tiny_world, wider, progress=False, runs_log=tmp_path / "none.jsonl", make_runs=False)
     with pytest.raises(StudyError, match="drop --no-resume"):
         recycle_study(tiny_world, wider, progress=False, runs_log=log, make_runs=False, resume=False)

@@ -391,9 +391,6 @@ def world_recycle_study(
             check_output_path(path, {"--dir": root}, what=flag)
     if runs is not None and runs.is_dir():
         raise InvalidValueError(f"--runs {runs}: is a folder; give a file")
-    for part in merge_runs or []:
-        if not part.is_file():
-            raise InvalidValueError(f"--merge-runs {part}: no such file")
     result = study.run(
         root,
         settings,

@@ -9,7 +9,10 @@
 - a **fusion** folder (``fusion.json``, format ``lorafuse-fusion``): its method, base model and
   the LoRAs it weights (names, paths, SHA-256 of their files), read from the JSON only;
 - a **compressed delta** (``compressed.json``, format ``lorafuse-compressed-delta``): its method,
-  budget, sizes, base and per-module shapes, read from the JSON only.
+  budget, sizes, base and per-module shapes from the JSON; a delta of low-rank kinds (``low-rank``,
+  Delta-CoMe) is also loaded as the LoRA it serves as (``A = V̂ᵀ``, ``B = Û diag(S)``, scale 1),
+  checked against the base and summarised like a PEFT adapter (norms, directions); a dense one
+  (BitDelta, RTN) has no factors to summarise without forming ``ΔW`` and keeps the JSON's columns.
 
 An adapter that cannot be used is kept with ``status = 'broken'``, a ``problem`` class
 (``format``: missing, truncated or unreadable files, bad JSON, non-finite weights;
@@ -49,7 +52,8 @@ from lorafuse.adapters import load_lora
 from lorafuse.adapters.lora import LoRA, module_kind
 from lorafuse.adapters.peft_format import LORA_FORMAT
 from lorafuse.adapters.validate import check_compatible
-from lorafuse.compress.format import COMPRESSED_FORMAT
+from lorafuse.compress.format import COMPRESSED_FORMAT, load_compressed
+from lorafuse.compress.types import KINDS
 from lorafuse.errors import (
     AdapterFormatError,
     CompatibilityError,
@@ -65,6 +69,7 @@ DB_NAME = "library.sqlite"
 #: and the files whose content makes the adapter.
 FORMATS: dict[str, Format] = {"peft": LORA_FORMAT, "fusion": FUSION_FORMAT, "compressed": COMPRESSED_FORMAT}
 KIND_OF = {fmt.kind: kind for kind, fmt in FORMATS.items()}
+CHECKED_KINDS = ("peft", "compressed")  # kinds checked against the base model given to index
 KIND_FILES = {
     "peft": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"),
     "fusion": ("fusion.json", "weights.safetensors"),
@@ -280,7 +285,7 @@ def _problem(exc: BaseException) -> str:
         return "unsupported"
     if isinstance(exc, CompatibilityError):
         return "incompatible"
-    if isinstance(exc, AdapterFormatError):
+    if isinstance(exc, ArtefactError):  # an adapter's or a compressed delta's files
         return "format"
     return "error"
 
@@ -363,7 +368,22 @@ def _peft_record(folder: Path, base: nn.Module | None, loader: Callable[..., LoR
     return record
 
 
-def _header_record(folder: Path, kind: str) -> Record:
+#: The catalogue columns a factored compressed delta takes from its LoRA summary.
+_SUMMARY_COLUMNS = ("targets", "num_modules", "ranks", "min_rank", "max_rank", "alphas", "dtype")
+_SUMMARY_COLUMNS += ("total_norm", "norms")
+
+
+def _summarize_factored_delta(folder: Path, record: Record, base: nn.Module | None) -> None:
+    """Norms and directions of a compressed delta of low-rank kinds, from its factors, and its
+    fit to ``base`` (:func:`check_compatible`, as for a PEFT adapter)."""
+    lora = load_compressed(folder).to_lora()
+    if base is not None:
+        check_compatible(lora, base, source=str(folder))
+    columns, record.modules = summarize_lora(lora)
+    record.columns.update({key: columns[key] for key in _SUMMARY_COLUMNS})
+
+
+def _header_record(folder: Path, kind: str, base: nn.Module | None = None) -> Record:
     """A fusion or compressed delta, read from its JSON description and its safetensors header."""
     record = Record(kind)
     meta_path = folder / FORMATS[kind].header
@@ -415,6 +435,9 @@ def _header_record(folder: Path, kind: str) -> Record:
                 "params": raw.get("params"),
             },
         )
+        kinds = {m.get("kind") if isinstance(m, dict) else None for m in modules.values()}
+        if kinds and all(k in KINDS and KINDS[k].factored for k in kinds):
+            _summarize_factored_delta(folder, record, base)
     record.columns["base_model"] = base_model if isinstance(base_model, str) else None
     return record
 
@@ -436,7 +459,7 @@ def summarize_folder(
         if found.kind == "peft":
             record = _peft_record(found.path, base, loader or load_lora)
         else:
-            record = _header_record(found.path, found.kind)
+            record = _header_record(found.path, found.kind, base)
     except LorafuseError as exc:
         record = Record(found.kind, "broken", _problem(exc), str(exc))
     except (KeyboardInterrupt, SystemExit):
@@ -502,7 +525,7 @@ def _write(
         "reason": record.reason,
         "sha256": _combined_sha(record.files),
         "bytes": sum(size for size, _, _ in record.files.values()),
-        "checked_base": checked_base if record.kind == "peft" else None,
+        "checked_base": checked_base if record.kind in CHECKED_KINDS else None,
         "indexed_at": time.time(),
     }
     with _transaction(con):
@@ -580,7 +603,10 @@ def index(
         for item in found:
             old = known.get(str(item.path))
             recheck = (
-                item.kind == "peft" and fingerprint is not None and old is not None and old[2] != fingerprint
+                item.kind in CHECKED_KINDS
+                and fingerprint is not None
+                and old is not None
+                and old[2] != fingerprint
             )
             if old is not None and old[1] == item.stats and not recheck:
                 report.unchanged += 1

@@ -406,6 +406,8 @@ class RunsLog:
         self.runs: dict[tuple[str, int, str, str, str], dict[str, Any]] = {}
         self.selections: dict[str, dict[str, list[str]]] = {}
         header = {"fingerprint": fingerprint, "settings": settings}
+        if read_only and not merge and not self.path.is_file():
+            raise StudyError(f"{self.path}: no runs log here to report on")
         records = self._read(self.path, header) if resume and self.path.is_file() else []
         for record in records:
             self._keep(record)
