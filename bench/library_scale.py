@@ -15,9 +15,9 @@ Measured per library size n (each a fresh catalogue):
   bounded by reading speed. The files were just written, so they are in the page cache: this is
   the speed of reading them from memory (no cache dropping without root);
 - ``similarity``: ``--by similarity`` scoring of 32 examples over every usable adapter, from the
-  stored directions. There is no 1B model here, so the examples' mean layer inputs are random
-  ``(16, 32, 2048)`` vectors: what is timed is the catalogue side (reading directions from SQLite,
-  the cosines), not the base model's forward pass of the examples.
+  stored directions. There is no 1B model here, so the examples' mean module inputs are random
+  ``(32, in)`` vectors, one per adapted module path: what is timed is the catalogue side (reading
+  directions from SQLite, the cosines), not the base model's forward pass of the examples.
 
 Peak memory is the process's resident set sampled every 2 ms (``/proc/self/statm``; extra over
 the start), and its anonymous part (``RssAnon``: heap and tensors, without file pages mapped from
@@ -224,11 +224,15 @@ def scale_curve(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         db = work / f"lib-{n}-0.sqlite"
         again = [measure(lambda db=db: index(db, parts, base=base, progress=False)) for _ in range(args.reps)]
         g = torch.Generator().manual_seed(args.seed)
-        means = torch.randn(LLAMA_1B["layers"], args.examples, LLAMA_1B["hidden"], generator=g)
         with connect(db) as con:
-            from lorafuse.library.select import candidates
+            from lorafuse.library.select import candidates, direction_paths
 
             cands, _ = candidates(con, shapes)
+            # the examples' mean inputs of every adapted module (random: only the cost is measured)
+            means = {
+                path: torch.randn(args.examples, shapes[path][1], generator=g)
+                for path in direction_paths(con, cands)
+            }
             similarity_scores(con, cands, means)  # warm-up
             sims = [
                 measure(lambda c=cands, m=means: similarity_scores(con, c, m)[0]) for _ in range(args.reps)

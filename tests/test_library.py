@@ -17,7 +17,7 @@ from lorafuse._data import collate, encode_rows
 from lorafuse._io import all_finite
 from lorafuse.adapters import LoRA, LoRAModule, save_lora
 from lorafuse.library import catalog, connect, get, index, query, read_selection, select, stats
-from lorafuse.library.select import hidden_means, model_shapes
+from lorafuse.library.select import model_shapes, module_input_means
 from lorafuse.library.summary import direction_from_bytes, summarize_factors, summarize_many
 from lorafuse.tiny import random_peft_adapter, save_model, tiny_llama, word_tokenizer
 
@@ -371,20 +371,37 @@ def test_loss_selection_equals_one_adapter_at_a_time(db: Path, root: Path, base_
     assert not any(type(m).__name__ == "LoRABank" for m in model.modules())  # the pool is detached
 
 
-def test_similarity_prefers_the_adapter_aligned_with_the_hidden_states(
+def test_module_inputs_are_what_the_base_layers_take(base_dir: Path) -> None:
+    """``q_proj`` takes the decoder layer's normed residual stream, ``o_proj`` the attention's
+    output: each module's mean input is its own, per example, over its real tokens only."""
+    model = load(base_dir)
+    examples = _examples()
+    paths = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
+    means = module_input_means(model, examples, 0, paths, batch_size=3)
+    assert set(means) == set(paths) and means[paths[0]].shape == (len(examples), 32)
+    layer = model.model.layers[1]
+    for e, example in enumerate(examples):  # one example at a time: no padding
+        ids = torch.tensor([example[0]])
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # (1, T, hidden)
+            want = layer.input_layernorm(states)[0].mean(0)  # (hidden,)
+        assert torch.allclose(means[paths[0]][e], want, atol=1e-5)
+    assert not torch.allclose(means[paths[1]], means[paths[0]], atol=1e-2)
+
+
+def test_similarity_prefers_the_adapter_aligned_with_the_module_inputs(
     root: Path, base_dir: Path, tmp_path: Path
 ) -> None:
     model = load(base_dir)
     examples = _examples()
-    means = hidden_means(model, examples, 0)  # (L, E, hidden)
+    paths = [f"model.layers.{layer}.self_attn.q_proj" for layer in range(2)]
+    means = module_input_means(model, examples, 0, paths)  # {path: (E, in)}
     g = torch.Generator().manual_seed(7)
     modules = {}
-    for layer in range(means.shape[0]):
-        h = means[layer].mean(0)  # (hidden,)
+    for path in paths:
+        h = means[path].mean(0)  # (in,)
         A = torch.stack([h / h.norm(), 0.01 * torch.randn(32, generator=g)])  # (2, in)
-        modules[f"model.layers.{layer}.self_attn.q_proj"] = LoRAModule(
-            A, torch.randn(32, 2, generator=g), 1.0
-        )
+        modules[path] = LoRAModule(A, torch.randn(32, 2, generator=g), 1.0)
     folder = tmp_path / "loras"
     save_lora(LoRA(modules, name="aligned"), folder / "aligned")
     for name in GOOD:
@@ -393,9 +410,13 @@ def test_similarity_prefers_the_adapter_aligned_with_the_hidden_states(
     index(db, [folder], progress=False)
     with connect(db) as con:
         selection = select(con, "similarity", model=model, examples=examples)
-    unit = means / means.norm(dim=-1, keepdim=True)
     expected = torch.stack(
-        [(unit[layer] @ (h / h.norm())).abs() for layer, h in enumerate(means.mean(1))]
+        [
+            (
+                means[p] / means[p].norm(dim=-1, keepdim=True) @ (means[p].mean(0) / means[p].mean(0).norm())
+            ).abs()
+            for p in paths
+        ]
     ).mean()
     assert selection.ranked[0]["name"] == "aligned"
     assert selection.ranked[0]["score"] == pytest.approx(float(expected), abs=1e-2)

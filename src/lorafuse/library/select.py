@@ -10,14 +10,16 @@ them). Four ways to rank them:
   adapters is loaded into one rank table and every forward pass is a batch of (adapter, example)
   rows, each row with its own adapter, so the base model is loaded once and many adapters share
   each forward.
-- ``similarity`` (Arrow-style, arXiv 2405.11157): the examples' hidden states against each
-  adapter's stored per-module directions. For every example ``e`` and decoder layer ``l``,
-  ``h̄_{e,l}`` is the mean over the example's tokens of layer ``l``'s input (the residual stream,
-  ``output_hidden_states``); a module of layer ``l`` with direction ``v`` (the top right singular
-  vector of its ``ΔW``) scores ``|cos(h̄_{e,l}, v)|``; the adapter's score is the mean over its
-  modules and the examples, highest first. Only modules whose input is the residual stream's width
-  take part (``q/k/v/o``, ``gate/up`` in a Llama; not ``down_proj``, whose input is the MLP's
-  width); an adapter with no such module is skipped with a reason.
+- ``similarity`` (Arrow-style, arXiv 2405.11157): the examples' inputs of each adapted module
+  against the adapter's stored direction for that module. For every example ``e`` and module
+  ``m`` (``model.layers.3.self_attn.q_proj``), ``x̄_{e,m}`` is the mean over the example's tokens
+  of what the base's layer ``m`` takes as input (after the decoder layer's norm for ``q/k/v`` and
+  ``gate/up``; the attention output for ``o_proj``; the MLP's activation for ``down_proj``),
+  recorded with forward pre-hooks; a module with direction ``v`` (the top right singular vector of
+  its ``ΔW``, a unit vector of that same input space) scores ``|cos(x̄_{e,m}, v)|``; the adapter's
+  score is the mean over its modules and the examples, highest first. Arrow routes each token by
+  ``|⟨v, x_t⟩|``; the mean over tokens first keeps selection over a thousand adapters to one small
+  matmul per module.
 - ``norm``: the largest ``‖ΔW‖ = sqrt(Σ_modules ‖s·B A‖²_F)`` first.
 - ``random``: a seeded draw per adapter, from the seed and the SHA-256 of the adapter's files,
   so one adapter's draw does not change as others are added to or removed from the catalogue.
@@ -155,71 +157,105 @@ def norm_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 # -- similarity ----------------------------------------------------------------------------------
 @torch.no_grad()
-def hidden_means(
-    model: nn.Module, examples: Sequence[Encoded], pad_id: int, *, batch_size: int = 8
-) -> Tensor:
-    """``(L, E, hidden)``: per decoder layer ``l`` and example ``e``, the mean over the example's
-    tokens of layer ``l``'s input (``hidden_states[l]`` of ``output_hidden_states=True``)."""
+def module_input_means(
+    model: nn.Module,
+    examples: Sequence[Encoded],
+    pad_id: int,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 8,
+) -> dict[str, Tensor]:
+    """``{path: (E, in)}``: per module ``path`` of ``model`` and example ``e``, the mean over the
+    example's tokens of the module's input, as the base computes it (forward pre-hooks)."""
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise LibraryError(f"no module {missing[0]} in the base model ({len(missing)} missing)")
     device = next(model.parameters()).device
-    means = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        mask = batch["attention_mask"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True)
-        states = torch.stack(out.hidden_states[:-1]).float()  # (L, B, T, hidden): the inputs of layers 0..L-1
-        weights = mask.unsqueeze(0).unsqueeze(-1).float()  # (1, B, T, 1)
-        means.append((states * weights).sum(2) / weights.sum(2))  # (L, B, hidden)
-    return torch.cat(means, dim=1).cpu()
+    sums: dict[str, list[Tensor]] = {p: [] for p in paths}
+    mask = torch.zeros(0)
+
+    def recorder(path: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if x.dim() == 2 and x.shape[0] == mask.numel():  # flattened (B·T, in) inputs
+                x = x.view(*mask.shape, -1)
+            if x.shape[:2] != mask.shape:
+                raise LibraryError(f"{path}: input of shape {tuple(x.shape)}, expected (batch, tokens, in)")
+            weights = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+            sums[path].append(((x * weights).sum(1) / weights.sum(1)).float().cpu())  # (B, in)
+
+        return hook
+
+    handles = [modules[p].register_forward_pre_hook(recorder(p)) for p in paths]
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad_id)
+            mask = batch["attention_mask"].to(device)  # (B, T)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {p: torch.cat(chunks) for p, chunks in sums.items() if chunks}
+
+
+def direction_paths(con: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[str]:
+    """The module paths of ``rows``' adapters that have a stored direction."""
+    ids = [row["id"] for row in rows]
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        found.update(
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT path FROM modules WHERE direction IS NOT NULL "
+                f"AND adapter_id IN ({', '.join('?' for _ in part)})",
+                part,
+            )
+        )
+    return sorted(found)
 
 
 def similarity_scores(
     con: sqlite3.Connection,
     rows: list[dict[str, Any]],
-    means: Tensor,
+    means: dict[str, Tensor],
     *,
     progress: bool = False,
     chunk: int = 4096,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Mean ``|cos(h̄_{e,l}, v_m)|`` over an adapter's residual-width modules ``m`` and examples ``e``.
+    """Mean ``|cos(x̄_{e,m}, v_m)|`` over an adapter's modules ``m`` and examples ``e``
+    (``means`` from :func:`module_input_means`).
 
     Directions stream from the catalogue ``chunk`` modules at a time, whatever adapter they
-    belong to; per layer, one matmul scores every module of the chunk against every example.
+    belong to; per module path, one matmul scores every direction of the chunk against every
+    example.
     """
-    layers, _, hidden = means.shape
-    unit = means.float() / means.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, E, hidden)
+    unit = {p: m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12) for p, m in means.items()}  # (E, in)
     position = {row["id"]: i for i, row in enumerate(rows)}
     sums = torch.zeros(len(rows), dtype=torch.float64)
     counts = torch.zeros(len(rows), dtype=torch.long)
-    cursor = con.execute(
-        "SELECT adapter_id, layer, direction FROM modules WHERE in_features = ? AND layer IS NOT NULL "
-        "AND layer < ? AND direction IS NOT NULL",
-        (hidden, layers),
-    )
+    cursor = con.execute("SELECT adapter_id, path, direction FROM modules WHERE direction IS NOT NULL")
     bar = tqdm(desc="similarity", unit="module", disable=not progress, leave=False)
     while batch := cursor.fetchmany(chunk):
-        kept = [b for b in batch if b[0] in position and len(b[2]) == 2 * hidden]
         bar.update(len(batch))
-        if not kept:
-            continue
-        owner = torch.tensor([position[b[0]] for b in kept])  # (M,)
-        layer = torch.tensor([b[1] for b in kept])  # (M,)
-        directions = torch.frombuffer(bytearray(b"".join(b[2] for b in kept)), dtype=torch.float16)
-        directions = directions.view(len(kept), hidden).float()  # (M, hidden)
-        score = torch.empty(len(kept), dtype=torch.float64)  # (M,) mean |cos| over the examples
-        for value in layer.unique().tolist():
-            chosen = layer == value
-            score[chosen] = (directions[chosen] @ unit[value].T).abs().mean(1).double()  # (m_l, E) → (m_l,)
-        sums.index_add_(0, owner, score)
-        counts.index_add_(0, owner, torch.ones_like(owner))
+        by_path: dict[str, list[tuple[int, bytes]]] = {}
+        for adapter_id, path, blob in batch:
+            if adapter_id in position and path in unit and len(blob) == 2 * unit[path].shape[1]:
+                by_path.setdefault(path, []).append((position[adapter_id], blob))
+        for path, kept in by_path.items():
+            owner = torch.tensor([i for i, _ in kept])  # (M,)
+            raw = bytearray(b"".join(blob for _, blob in kept))
+            directions = torch.frombuffer(raw, dtype=torch.float16).view(len(kept), -1).float()  # (M, in)
+            score = (directions @ unit[path].T).abs().mean(1).double()  # (M, E) → (M,)
+            sums.index_add_(0, owner, score)
+            counts.index_add_(0, owner, torch.ones_like(owner))
     bar.close()
     scores, skipped = {}, []
     for i, row in enumerate(rows):
         if counts[i] == 0:
             skipped.append(
-                {
-                    "name": row["name"],
-                    "reason": f"no module of a decoder layer takes the {hidden}-wide residual stream",
-                }
+                {"name": row["name"], "reason": "no module with a direction whose input was recorded"}
             )
         else:
             scores[row["name"]] = float(sums[i] / counts[i])
@@ -358,7 +394,8 @@ def select(
         scores = norm_scores(rows)
     elif by == "similarity":
         assert model is not None
-        means = hidden_means(model, examples, pad_id, batch_size=batch_size)
+        paths = direction_paths(con, rows)
+        means = module_input_means(model, examples, pad_id, paths, batch_size=batch_size)
         scores, more = similarity_scores(con, rows, means, progress=progress)
         skipped += more
     else:
