@@ -43,9 +43,10 @@ dev set and test set, for every seed (``--seeds``):
   faithful family the whole answer, the final answer alone recorded beside it) and the mean
   response-token loss on the dev split.
 
-**Output**: every run (composite, seed, rule, k, method, scores, LoRAs chosen) in JSON; a
-Markdown table of mean ± std over seeds per rule × k × method plus the controls' rows
-(:func:`format_recycle_study`); a plot of score against k per rule (:func:`plot_recycle`).
+**Output**: every run (composite, seed, rule, k, method, scores, LoRAs chosen) in JSON; Markdown
+tables of mean ± std over seeds per rule × k × method plus the controls' rows, one per recorded
+score (:func:`format_recycle_study`); a plot of each score against k per rule
+(:func:`plot_recycle`).
 ``quick`` shrinks everything (one composite, 8 training / 2 dev / 2 test examples, a few steps)
 so that a test runs in seconds on the tiny world; its numbers mean nothing.
 """
