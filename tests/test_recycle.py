@@ -21,6 +21,7 @@ from lorafuse.studies.recycle import (
     StudyError,
     build_pool,
     cells,
+    format_by_k,
     format_recycle_study,
     metrics_of,
     numbers,
@@ -117,11 +118,28 @@ def test_the_table_has_every_cell_and_the_controls(cli_result: tuple[dict[str, A
         assert all(cells(result, metric)[(FRESH, "—", FRESH)].values())
     assert FRESH in text and RANDOM_WEIGHTS in text
     assert text in stdout
-    assert (out / "r.md").read_text().strip() == text
+    md = (out / "r.md").read_text()
+    assert md.strip().endswith(text) and md.startswith(format_by_k(result, "exact_match"))
     assert (out / "r.png").stat().st_size > 0
     for run in result["runs"]:
         assert 0 <= run["exact_match"] <= 100 and run["dev_loss"] > 0
     assert plot_recycle(result, out / "again.png").is_file()
+
+
+def test_the_table_by_k_holds_the_mean_of_each_cell(cli_result: tuple[dict[str, Any], Path, str]) -> None:
+    import statistics
+
+    result = cli_result[0]
+    text = format_by_k(result, "dev_loss")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == (len(BY) + 1) * len(METHODS) + 1
+    table = cells(result, "dev_loss")
+    norm_cat = next(r for r in rows if r.startswith("| norm | learned CAT |"))
+    want = [
+        statistics.mean(v for vs in table[("norm", k, "cat-weights")].values() for v in vs)
+        for k in result["ks"]
+    ]
+    assert norm_cat.strip(" |").split(" | ")[2:] == [f"{v:.3f}" for v in want]
 
 
 def test_the_same_seed_gives_the_same_numbers(

@@ -368,7 +368,14 @@ def world_recycle_study(
     from lorafuse._io import check_output_path, write_text_atomic
     from lorafuse.skillworld import build_world
     from lorafuse.skillworld.build import default_world_dir
-    from lorafuse.studies.recycle import WORLD_LORAS, RecycleSettings, plot_recycle, quick_settings
+    from lorafuse.studies.recycle import (
+        WORLD_LORAS,
+        RecycleSettings,
+        format_by_k,
+        metrics_of,
+        plot_recycle,
+        quick_settings,
+    )
     from lorafuse.studies.registry import get_study
 
     study = get_study("recycle")
@@ -406,8 +413,9 @@ def world_recycle_study(
         write_text_atomic(
             json_out, json.dumps(result, indent=2) + "\n", inputs={"--dir": root}, what="--json"
         )
-    if md_out:
-        write_text_atomic(md_out, table + "\n", inputs={"--dir": root}, what="--md")
+    if md_out:  # the compact tables by k first, then every composite's cells
+        summary = "\n\n".join(format_by_k(result, metric) for metric in metrics_of(result))
+        write_text_atomic(md_out, f"{summary}\n\n{table}\n", inputs={"--dir": root}, what="--md")
     if png:
         plot_recycle(result, png)
 

@@ -822,6 +822,33 @@ def format_recycle_study(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_by_k(result: dict[str, Any], metric: str = "exact_match") -> str:
+    """A compact Markdown table of one score: a row per selection rule × method, a column per k,
+    each cell the mean over composites and seeds (the number of runs beside it while the study
+    is under way); the fresh LoRA last."""
+    label, fmt = METRICS[metric]
+    table = cells(result, metric)
+    complete = result.get("complete", True)
+    lines = [
+        f"| selection | method | {' | '.join(f'k = {k}' for k in result['ks'])} |",
+        "| --- | --- | " + " | ".join("---:" for _ in result["ks"]) + " |",
+    ]
+
+    def mean(values: list[float]) -> str:
+        if not values:
+            return "—"
+        text = f"{statistics.mean(values):{fmt}}"
+        return text if complete else f"{text} ({len(values)})"
+
+    for rule in [*result["rules"], RANDOM_WEIGHTS]:
+        for method in result["methods"]:
+            row = [mean([v for vs in table[(rule, k, method)].values() for v in vs]) for k in result["ks"]]
+            lines.append(f"| {rule} | {METHOD_LABELS.get(method, method)} | " + " | ".join(row) + " |")
+    fresh = [v for vs in table[(FRESH, "—", FRESH)].values() for v in vs]
+    lines.append(f"| {FRESH} | — | " + " | ".join(mean(fresh) for _ in result["ks"]) + " |")
+    return f"{label[0].upper()}{label[1:]}, mean over composites and seeds:\n\n" + "\n".join(lines)
+
+
 def plot_recycle(result: dict[str, Any], path: Path) -> Path:
     """Score against k, one panel per method and recorded metric (rows), one line per selection
     rule; the random-weights control dotted, the fresh LoRA dashed."""
@@ -874,6 +901,7 @@ __all__ = [
     "RecycleSettings",
     "build_pool",
     "cells",
+    "format_by_k",
     "format_recycle_study",
     "metrics_of",
     "numbers",
