@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import run_cli
 from lorafuse.cli import app
 from lorafuse.eval import generate as run_generate
 from lorafuse.fusion import load_fusion
@@ -89,6 +90,24 @@ def test_fuse_rejects_bad_input(tiny_world: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     args[4] = "m"
     assert "takes NAME=DIR" in runner.invoke(app, args).output
+
+
+def test_fuse_lorahub_budget_sets_the_number_of_evaluations(
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_world / "data" / "math_zorb"
+    args = ["fuse", "--base", str(tiny_world / "base"), "--method", "lorahub", "--budget", "3"]
+    for name in ("lang_zorb", "math", "copy"):
+        args += ["--lora", f"{name}={tiny_world / 'loras' / name}"]
+    args += ["--train", str(data / "train.jsonl"), "--out", str(tmp_path / "hub")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "lorahub searches 3 weights with 3 evaluations; --budget 5 or more" in result.output
+    info = json.loads((tmp_path / "hub" / "fusion.json").read_text())["info"]
+    assert info["config"]["budget"] == 3 and len(info["objective"]) == 3
+    args[args.index("--budget") + 1] = "0"
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "--budget" in err
 
 
 def _chromium() -> str | None:

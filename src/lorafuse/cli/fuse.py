@@ -97,6 +97,14 @@ def fuse(
     ] = "layer",
     bias_in_softmax: Annotated[bool, typer.Option(help="Ablation: w = softmax(Wx/T + b).")] = False,
     temperature: Annotated[float, typer.Option(help="Gate softmax temperature T.", callback=POSITIVE)] = 1.0,
+    budget: Annotated[
+        int,
+        typer.Option(
+            help="lorahub: loss evaluations of the search (the paper's 40 fits about 20 LoRAs; "
+            "give at least the number of LoRAs + 2 for more).",
+            callback=COUNT,
+        ),
+    ] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and the search.", callback=SEED)] = 0,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint folder: resume from it after an interruption.")
@@ -124,6 +132,7 @@ def fuse(
     from lorafuse.fusion import FUSION_METHODS, FuseSettings, save_fusion
     from lorafuse.fusion import fuse as run_fuse
     from lorafuse.fusion.api import FLOW_TRAIN
+    from lorafuse.fusion.lorahub import LoraHubConfig
 
     sources: dict[str, str | Path | None] = {
         "--base": base,
@@ -154,8 +163,15 @@ def fuse(
         granularity=granularity,  # type: ignore[arg-type]
         temperature=temperature,
         bias_in_softmax=bias_in_softmax,
+        lorahub=LoraHubConfig(budget=budget, seed=seed),
         seed=seed,
     )
+    if settings.entry.name == "lorahub" and budget < len(loras) + 2:
+        typer.echo(
+            f"note: lorahub searches {len(loras)} weights with {budget} evaluations; "
+            f"--budget {len(loras) + 2} or more lets it try each weight",
+            err=True,
+        )
     fusion = run_fuse(model, tok, loras, train_rows, dev_rows, settings, checkpoint_dir=checkpoint)
     fusion.info["tokenizer"] = str((tokenizer or base).resolve())
     from lorafuse.train.loop import process_state

@@ -45,7 +45,9 @@ def lorahub_search(
 
     ng = require("nevergrad", "study", "LoraHub fusion (--method lorahub)")
 
-    warnings.filterwarnings("ignore", message=".*RHOEND.*")  # nevergrad's Cobyla chatter
+    # nevergrad's Cobyla chatter (its step size, and a budget below k + 2 evaluations)
+    warnings.filterwarnings("ignore", message=".*RHOEND.*")
+    warnings.filterwarnings("ignore", message=".*Invalid MAXFUN.*")
 
     def make(name: str):  # type: ignore[no-untyped-def]
         parametrization = ng.p.Array(init=np.zeros(k), lower=-config.bound, upper=config.bound)
