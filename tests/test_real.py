@@ -269,3 +269,97 @@ def test_compressed_fine_tune_decompresses_to_a_model_that_keeps_the_gain(
     print(f"perplexity {ppl}; compressed: {out.strip()}; modules {len(report['modules'])}")
     assert ppl["ft"] < ppl["base"]
     assert ppl["decompressed"] < ppl["base"] - 0.5 * (ppl["base"] - ppl["ft"])  # keeps most of the gain
+
+
+@torch.no_grad()
+def test_library_selects_real_adapters_and_feeds_fuse_and_merge(
+    smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`library index/select` on SmolLM2 and PEFT-made adapters, then `fuse` and `merge` from the
+    selection: broken adapters are listed with their reasons; `--by loss` gives PEFT's own loss
+    on the chat examples (assistant tokens only) for every adapter; `--by similarity` puts first
+    the adapter whose q_proj directions are the examples' mean q_proj inputs."""
+    from lorafuse._data import collate, encode_rows
+    from lorafuse.library.select import module_input_means
+
+    rows = [{"messages": m} for m in CONVERSATIONS]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    examples = encode_rows(tok, rows)
+    model = load(smollm2_dir)
+    lib = tmp_path / "lib"
+    random_peft_adapter(model, lib / "qv", seed=1, r=8, lora_alpha=16, target_modules=QV)
+    random_peft_adapter(model, lib / "all", seed=2, r=4, lora_alpha=4, target_modules=ALL)
+    random_peft_adapter(model, lib / "dora", seed=3, r=4, target_modules=QV, use_dora=True)
+    cut = random_peft_adapter(model, lib / "cut", seed=4, r=4, target_modules=QV)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    # "aligned": A's first row is, per layer, the examples' mean input of q_proj (B random), so
+    # ΔW's top right singular vector is that mean input.
+    aligned = random_peft_adapter(
+        model, lib / "aligned", seed=5, r=4, lora_alpha=4, target_modules=["q_proj"]
+    )
+    paths = [f"model.layers.{i}.self_attn.q_proj" for i in range(model.config.num_hidden_layers)]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    means = module_input_means(model, examples, pad_id, paths)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(aligned / "adapter_model.safetensors"))
+    for path in paths:
+        a = tensors[f"base_model.model.{path}.lora_A.weight"]  # (r, in)
+        a.zero_()
+        a[0] = means[path].mean(0)
+    save_file(tensors, str(aligned / "adapter_model.safetensors"))
+    db = tmp_path / "lib.sqlite"
+
+    code, out, err = run_cli(["library", "index", lib, "--base", smollm2_dir, "--db", db, "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["library", "ls", "--broken", "--json", "--db", db], capsys)
+    assert code == 0, err
+    broken = {row["name"]: row for row in json.loads(out)}
+    assert set(broken) == {"dora", "cut"}
+    assert broken["dora"]["problem"] == "unsupported" and "DoRA" in broken["dora"]["reason"]
+    assert broken["cut"]["problem"] == "format" and "adapter_model.safetensors" in broken["cut"]["reason"]
+
+    selection = tmp_path / "loss.json"
+    code, out, err = run_cli(
+        ["library", "select", "--base", smollm2_dir, "--db", db, "--train", train, "--by", "loss",
+         "--k", "2", "--out", selection, "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    scores = json.loads(out)["scores"]
+    assert set(scores) == {"qv", "all", "aligned"}
+    batch = collate(examples, pad_id)
+    for name, score in scores.items():
+        peft = PeftModel.from_pretrained(load(smollm2_dir), str(lib / name)).eval()
+        expected = float(peft(**batch).loss)
+        assert abs(score - expected) <= 1e-4 * expected, name
+
+    code, out, err = run_cli(
+        ["library", "select", "--base", smollm2_dir, "--db", db, "--train", train, "--by", "similarity",
+         "--k", "3", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    ranked = json.loads(out)["scores"]
+    assert max(ranked, key=ranked.get) == "aligned"
+    assert ranked["aligned"] > 0.5 > max(ranked["qv"], ranked["all"])
+
+    code, out, err = run_cli(
+        ["fuse", "--base", smollm2_dir, "--lora", f"@{selection}", "--train", train, "--method", "lorahub",
+         "--budget", "4", "--out", tmp_path / "hub"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    fusion = json.loads((tmp_path / "hub" / "fusion.json").read_text())
+    best = sorted(scores, key=scores.get)[:2]
+    assert sorted(x["name"] for x in fusion["loras"]) == sorted(best)
+    assert len(fusion["info"]["objective"]) == 4
+    code, out, err = run_cli(
+        ["merge", f"@{selection}", "--method", "linear", "--union", "--out", tmp_path / "merged"], capsys
+    )
+    assert code == 0, err
+    merged = PeftModel.from_pretrained(load(smollm2_dir), str(tmp_path / "merged")).eval()
+    assert torch.isfinite(merged(**chat_ids(smollm2_dir)).logits).all()
