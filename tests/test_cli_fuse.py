@@ -100,9 +100,9 @@ def test_fuse_lorahub_budget_sets_the_number_of_evaluations(
     for name in ("lang_zorb", "math", "copy"):
         args += ["--lora", f"{name}={tiny_world / 'loras' / name}"]
     args += ["--train", str(data / "train.jsonl"), "--out", str(tmp_path / "hub")]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "lorahub searches 3 weights with 3 evaluations; --budget 5 or more" in result.output
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "lorahub: 3 weights searched with 3 evaluations; a budget of 5 or more" in err
     info = json.loads((tmp_path / "hub" / "fusion.json").read_text())["info"]
     assert info["config"]["budget"] == 3 and len(info["objective"]) == 3
     args[args.index("--budget") + 1] = "0"

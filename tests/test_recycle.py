@@ -142,6 +142,34 @@ def test_the_table_by_k_holds_the_mean_of_each_cell(cli_result: tuple[dict[str, 
     assert norm_cat.strip(" |").split(" | ")[2:] == [f"{v:.3f}" for v in want]
 
 
+def test_the_table_by_k_gives_the_spread_over_seeds_of_the_composites_mean() -> None:
+    def run(seed: int, composite: str, rule: str, k: Any, method: str, score: float) -> dict[str, Any]:
+        return {
+            "seed": seed,
+            "composite": composite,
+            "rule": rule,
+            "k": k,
+            "method": method,
+            "exact_match": score,
+        }
+
+    runs = [run(0, "a", "loss", 2, "lora-flow", 10), run(0, "b", "loss", 2, "lora-flow", 20)]
+    runs += [run(1, "a", "loss", 2, "lora-flow", 30), run(1, "b", "loss", 2, "lora-flow", 40)]
+    runs += [
+        run(s, c, FRESH, None, FRESH, v) for s, c, v in [(0, "a", 1), (0, "b", 3), (1, "a", 5), (1, "b", 7)]
+    ]
+    result = {"runs": runs, "rules": ["loss"], "ks": ["2"], "methods": ["lora-flow"], "seeds": [0, 1]}
+    result |= {"composites": ["a", "b"], "complete": True}
+    text = format_by_k(result)
+    assert "| loss | LoRA-Flow | 25.0 ± 14.1 |" in text  # seed means 15 and 35
+    assert f"| {FRESH} | — | 4.0 ± 2.8 |" in text  # seed means 2 and 6
+    assert f"| {RANDOM_WEIGHTS} | LoRA-Flow | — |" in text
+    assert "± std over seeds" in text.splitlines()[0]
+    assert "| loss | LoRA-Flow | 25.0 (4) |" in format_by_k(result | {"complete": False})
+    one_seed = result | {"runs": [r for r in runs if r["seed"] == 0], "seeds": [0]}
+    assert "| loss | LoRA-Flow | 15.0 |" in format_by_k(one_seed)
+
+
 def test_the_same_seed_gives_the_same_numbers(
     tiny_world: Path, cli_result: tuple[dict[str, Any], Path, str], tmp_path: Path
 ) -> None:

@@ -166,12 +166,6 @@ def fuse(
         lorahub=LoraHubConfig(budget=budget, seed=seed),
         seed=seed,
     )
-    if settings.entry.name == "lorahub" and budget < len(loras) + 2:
-        typer.echo(
-            f"note: lorahub searches {len(loras)} weights with {budget} evaluations; "
-            f"--budget {len(loras) + 2} or more lets it try each weight",
-            err=True,
-        )
     fusion = run_fuse(model, tok, loras, train_rows, dev_rows, settings, checkpoint_dir=checkpoint)
     fusion.info["tokenizer"] = str((tokenizer or base).resolve())
     from lorafuse.train.loop import process_state

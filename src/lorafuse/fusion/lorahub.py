@@ -12,12 +12,15 @@ point evaluated so far.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger("lorafuse.notices")  # shown to CLI users on stderr (lorafuse.cli.main)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ def lorahub_search(
     from lorafuse._extras import require
 
     ng = require("nevergrad", "study", "LoraHub fusion (--method lorahub)")
+    if config.budget < k + 2:
+        log.warning(
+            "lorahub: %d weights searched with %d evaluations; a budget of %d or more "
+            "(fuse --budget) lets the search try each weight",
+            k,
+            config.budget,
+            k + 2,
+        )
 
     # nevergrad's Cobyla chatter (its step size, and a budget below k + 2 evaluations)
     warnings.filterwarnings("ignore", message=".*RHOEND.*")

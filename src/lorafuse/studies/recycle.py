@@ -45,8 +45,7 @@ dev set and test set, for every seed (``--seeds``):
 
 **Output**: every run (composite, seed, rule, k, method, scores, LoRAs chosen) in JSON; Markdown
 tables of mean ± std over seeds per rule × k × method plus the controls' rows, one per recorded
-score (:func:`format_recycle_study`); a plot of each score against k per rule
-(:func:`plot_recycle`).
+score, and a plot of each score against k per rule (:mod:`lorafuse.studies.recycle_report`).
 ``quick`` shrinks everything (one composite, 8 training / 2 dev / 2 test examples, a few steps)
 so that a test runs in seconds on the tiny world; its numbers mean nothing.
 """
@@ -56,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -69,50 +67,45 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafuse._data import encode_examples
-from lorafuse._io import atomic_output_dir, versions
+from lorafuse._io import versions
 from lorafuse.adapters import LoRA, load_lora
-from lorafuse.errors import LorafuseError
 from lorafuse.eval import evaluate, response_loss
 from lorafuse.fusion import FuseSettings, fit_on_bank, random_like, train_fresh_lora
 from lorafuse.fusion.api import CAT_TRAIN, FLOW_TRAIN, FRESH_TRAIN
 from lorafuse.fusion.lorahub import LoraHubConfig
-from lorafuse.library import BY, connect, index, query, select
+from lorafuse.library import BY, connect, query, select
 from lorafuse.runtime import attach, detach
-from lorafuse.skillworld.build import PROFILES, read_manifest, train_lora, world_threads
+from lorafuse.skillworld.build import read_manifest
 from lorafuse.skillworld.data import (
     ALL_COMPOSITES,
-    COMPOSITES,
     FAITHFUL_COMPOSITES,
-    FAITHFUL_SKILLS,
-    POOL,
-    SKILLS,
     composite_loras,
     read_jsonl,
 )
 from lorafuse.skillworld.evaluate import load_world
+from lorafuse.studies.recycle_pool import (
+    KINDS,
+    WORLD_LORAS,
+    StudyError,
+    build_pool,
+    pool_dir,
+    pool_plan,
+)
+from lorafuse.studies.recycle_report import (
+    FRESH,
+    METHOD_LABELS,
+    METRICS,
+    RANDOM_WEIGHTS,
+    cells,
+    format_by_k,
+    format_recycle_study,
+    metrics_of,
+    numbers,
+    plot_recycle,
+)
 from lorafuse.train.loop import TrainConfig
 
 METHODS = ("lorahub", "cat-weights", "lora-flow")
-METHOD_LABELS = {"lorahub": "LoraHub", "cat-weights": "learned CAT", "lora-flow": "LoRA-Flow"}
-KINDS = ("world", "subset", "mixture", "composite", "irrelevant")
-RANDOM_WEIGHTS = "random weights (loss's choice)"
-FRESH = "fresh LoRA"
-POOL_STEPS = 150  # at most, per trained pool LoRA
-WORLD_LORAS = [*SKILLS, *FAITHFUL_SKILLS, *POOL]
-MIXTURES = [
-    ("math", "lang_zorb"),
-    ("math", "lang_vell"),
-    ("list", "lang_zorb"),
-    ("list", "lang_vell"),
-    ("math_worded", "chat_zorb"),
-    ("math_worded", "chat_vell"),
-    ("list_worded", "chat_zorb"),
-    ("list_worded", "chat_vell"),
-    ("math", "list"),
-    ("math_worded", "list_worded"),
-    ("chat_zorb", "chat_vell"),
-    tuple(POOL),
-]
 
 
 @dataclass(frozen=True)
@@ -146,195 +139,6 @@ def quick_settings(seeds: Sequence[int] = (0,)) -> RecycleSettings:
 
 
 # -- the pool --------------------------------------------------------------------------------------
-def pool_plan(quick: bool) -> list[dict[str, Any]]:
-    """The trained part of the pool: ``{"name", "kind", "tasks", "data", "seed"}`` per LoRA.
-
-    ``data`` says how the training rows are drawn: ``half`` (a seeded half of each task's train
-    set), ``all`` (the union), ``oracle`` (a sample of a composite's oracle set), ``shuffled`` /
-    ``random`` / ``mismatched`` (irrelevant text).
-    """
-    plan: list[dict[str, Any]] = []
-    skills = [*SKILLS, *FAITHFUL_SKILLS]
-    subsets = (
-        [(t, i) for t in skills[:4] for i in range(1)]
-        if quick
-        else [
-            *((t, i) for t in skills for i in range(2)),
-            *((t, 0) for t in POOL),
-        ]
-    )
-    for task, i in subsets:
-        plan.append({"name": f"subset-{task}-{i}", "kind": "subset", "tasks": [task], "data": "half"})
-    for mix in MIXTURES[:3] if quick else MIXTURES:
-        name = "mix-pool" if mix == tuple(POOL) else "mix-" + "+".join(mix)
-        plan.append({"name": name, "kind": "mixture", "tasks": list(mix), "data": "all"})
-    composites = ["math_worded_vell", "math_zorb"] if quick else [*FAITHFUL_COMPOSITES, *COMPOSITES]
-    for composite in composites:
-        plan.append(
-            {"name": f"comp-{composite}", "kind": "composite", "tasks": [composite], "data": "oracle"}
-        )
-    irrelevant = (
-        [("shuffled", 0), ("random", 0), ("mismatched", 0)]
-        if quick
-        else [
-            *(("shuffled", i) for i in range(3)),
-            *(("random", i) for i in range(3)),
-            ("mismatched", 0),
-            ("mismatched", 1),
-        ]
-    )
-    for data, i in irrelevant:
-        tasks = (
-            ["math_worded"] if data == "mismatched" and i == 0 else ["list"] if data == "mismatched" else []
-        )
-        plan.append(
-            {"name": f"irr-{data}-{i}", "kind": "irrelevant", "tasks": [], "source": tasks, "data": data}
-        )
-    for n, entry in enumerate(plan):
-        entry["seed"] = 7_000 + n
-    return plan
-
-
-def _pool_rows(root: Path, entry: dict[str, Any], vocab: list[str], size: int) -> list[dict[str, str]]:
-    """The training rows of one planned pool LoRA (deterministic from its seed)."""
-    rng = random.Random(entry["seed"])
-    data = root / "data"
-    kind = entry["data"]
-    if kind == "half":
-        rows = read_jsonl(data / entry["tasks"][0] / "train.jsonl")
-        return rng.sample(rows, len(rows) // 2)
-    if kind == "all":
-        rows = [r for t in entry["tasks"] for r in read_jsonl(data / t / "train.jsonl")]
-        rng.shuffle(rows)
-        return rows
-    if kind == "oracle":
-        rows = read_jsonl(data / entry["tasks"][0] / "oracle_train.jsonl")
-        return rng.sample(rows, min(len(rows), size))
-    if kind == "mismatched":  # a task's prompts, each with another row's answer
-        rows = read_jsonl(data / entry["source"][0] / "train.jsonl")
-        answers = [r["completion"] for r in rows]
-        rng.shuffle(answers)
-        return [{"prompt": r["prompt"], "completion": a} for r, a in zip(rows, answers, strict=True)]
-    if kind == "shuffled":  # the base's corpus, words shuffled within each line
-        lines = [ln.split() for ln in (data / "pretrain.txt").read_text().splitlines() if len(ln.split()) > 3]
-        out = []
-        for words in rng.sample(lines, min(len(lines), size)):
-            rng.shuffle(words)
-            half = len(words) // 2
-            out.append({"prompt": " ".join(words[:half]), "completion": " ".join(words[half:])})
-        return out
-    if kind == "random":  # words drawn uniformly from the vocabulary
-        return [
-            {
-                "prompt": " ".join(rng.choices(vocab, k=rng.randint(4, 12))),
-                "completion": " ".join(rng.choices(vocab, k=rng.randint(4, 12))),
-            }
-            for _ in range(size)
-        ]
-    raise ValueError(f"unknown pool data {kind!r}")
-
-
-def pool_dir(root: Path, quick: bool) -> Path:
-    return Path(root) / "recycle" / ("quick" if quick else "full")
-
-
-def _profile(root: Path) -> Any:
-    return PROFILES[str((read_manifest(root) or {}).get("profile", "default"))]
-
-
-def _pool_recipe(root: Path, quick: bool) -> dict[str, Any]:
-    manifest = read_manifest(root) or {}
-    spec = _profile(root)
-    config = replace(spec.pool_lora, steps=min(spec.pool_lora.steps, POOL_STEPS))
-    return {
-        "format": 1,
-        "quick": quick,
-        "world_seed": manifest.get("seed"),
-        "train": asdict(config),
-        "rank": spec.faithful_lora_rank,
-        "alpha": spec.faithful_lora_alpha,
-        "sample": 1000,
-        "plan": pool_plan(quick),
-    }
-
-
-def build_pool(
-    root: Path, *, quick: bool = False, progress: bool = True, train: bool = True
-) -> dict[str, Any]:
-    """Train (or reuse) the pool's LoRAs and index them with the world's into the catalogue
-    (without ``train``, a pool that is not complete is a :class:`StudyError`).
-
-    Returns ``{"dir", "catalogue", "loras": [{"name", "kind", "tasks", "path"}], "seconds",
-    "train_seconds": {name: s}, "index": {...}}``.
-    """
-    started = time.perf_counter()
-    out = pool_dir(root, quick)
-    recipe = json.loads(json.dumps(_pool_recipe(root, quick)))  # as pool.json holds it (lists, not tuples)
-    record = out / "pool.json"
-    old = json.loads(record.read_text()) if record.is_file() else {}
-    seconds: dict[str, float] = dict(old.get("train_seconds", {})) if old.get("recipe") == recipe else {}
-    (out / "loras").mkdir(parents=True, exist_ok=True)
-    tokenizer, base = None, None
-    todo = [
-        e
-        for e in recipe["plan"]
-        if e["name"] not in seconds or not (out / "loras" / e["name"] / "adapter_model.safetensors").is_file()
-    ]
-    if todo and not train:
-        raise StudyError(f"{out}: the pool is not built yet ({len(todo)} LoRAs missing); run the study first")
-    if todo:
-        tokenizer, base = load_world(root)
-        base.train()
-        vocab = [w for w in tokenizer.get_vocab() if not (w.startswith("<") and w.endswith(">"))]
-        vocab.sort()
-        config = TrainConfig(**recipe["train"])
-        bar = tqdm(todo, desc="recycle pool", unit="lora", disable=not progress)
-        # the pool belongs to the world: its bits follow the world's thread count, not the study's
-        with world_threads(_profile(root)):
-            for entry in bar:
-                t0 = time.perf_counter()
-                rows = _pool_rows(root, entry, vocab, recipe["sample"])
-                with atomic_output_dir(out / "loras" / entry["name"]) as tmp:
-                    train_lora(
-                        base,
-                        tokenizer,
-                        rows,
-                        replace(config, seed=entry["seed"]),
-                        _profile(root),
-                        tmp,
-                        desc=f"pool {entry['name']}",
-                        rank=recipe["rank"],
-                        alpha=recipe["alpha"],
-                    )
-                seconds[entry["name"]] = round(time.perf_counter() - t0, 2)
-                record.write_text(json.dumps({"recipe": recipe, "train_seconds": seconds}, indent=2) + "\n")
-        bar.close()
-    record.write_text(json.dumps({"recipe": recipe, "train_seconds": seconds}, indent=2) + "\n")
-    if base is None:
-        _, base = load_world(root)
-    t0 = time.perf_counter()
-    catalogue = out / "catalogue.sqlite"
-    world_folders = [root / "loras" / name for name in WORLD_LORAS]
-    report = index(catalogue, [out / "loras", *world_folders], base=base, progress=False)
-    loras = [
-        {"name": name, "kind": "world", "tasks": [name], "path": str(root / "loras" / name)}
-        for name in WORLD_LORAS
-    ] + [
-        {"name": e["name"], "kind": e["kind"], "tasks": e["tasks"], "path": str(out / "loras" / e["name"])}
-        for e in recipe["plan"]
-    ]
-    return {
-        "dir": str(out),
-        "catalogue": str(catalogue),
-        "loras": loras,
-        "kinds": {kind: sum(1 for lo in loras if lo["kind"] == kind) for kind in KINDS},
-        "train_seconds": seconds,
-        "index": {**asdict(report), "seconds": round(time.perf_counter() - t0, 2)},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-# -- the study -------------------------------------------------------------------------------------
 def _train_config(settings: RecycleSettings, method: str, seed: int) -> TrainConfig:
     base = CAT_TRAIN if method == "cat-weights" else FRESH_TRAIN if method == FRESH else FLOW_TRAIN
     if settings.steps > 0:
@@ -465,10 +269,6 @@ class RunsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-class StudyError(LorafuseError, ValueError):
-    """A runs log that cannot be resumed."""
 
 
 @dataclass
@@ -743,162 +543,17 @@ def _order(settings: RecycleSettings) -> Callable[[tuple[str, int, str, str, str
     return key
 
 
-# -- report ----------------------------------------------------------------------------------------
-def numbers(result: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """The study's numbers without timings: what a rerun with the same seeds must reproduce."""
-    keys = ("composite", "seed", "rule", "k", "method", "exact_match", "final_answer_match", "dev_loss")
-    return [tuple(json.dumps(r.get(key)) for key in keys) + tuple(r["loras"]) for r in result["runs"]]
-
-
-#: The scores every run records: key → (label, format of a cell).
-METRICS = {
-    "exact_match": ("exact match of the whole answer (%)", ".1f"),
-    "final_answer_match": ("exact match of the final answer alone (%)", ".1f"),
-    "dev_loss": ("dev loss (mean response-token cross-entropy; lower is better)", ".3f"),
-}
-
-
-def metrics_of(result: dict[str, Any]) -> list[str]:
-    """The :data:`METRICS` that the result's runs record (the final answer: the faithful family)."""
-    return [m for m in METRICS if result["runs"] and all(m in run for run in result["runs"])] or [
-        "exact_match"
-    ]
-
-
-def cells(
-    result: dict[str, Any], metric: str = "exact_match"
-) -> dict[tuple[str, str, str], dict[str, list[float]]]:
-    """``(rule, k, method)`` → composite → the ``metric``'s scores over seeds (table rows, in order)."""
-    out: dict[tuple[str, str, str], dict[str, list[float]]] = {}
-    rows = [*result["rules"], RANDOM_WEIGHTS]
-    for rule in rows:
-        for k in result["ks"]:
-            for method in result["methods"]:
-                out[(rule, k, method)] = {c: [] for c in result["composites"]}
-    out[(FRESH, "—", FRESH)] = {c: [] for c in result["composites"]}
-    for run in result["runs"]:
-        key = (run["rule"], "—" if run["k"] is None else str(run["k"]), run["method"])
-        out.setdefault(key, {c: [] for c in result["composites"]})[run["composite"]].append(run[metric])
-    return out
-
-
-def _cell(values: list[float], fmt: str = ".1f") -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
-def format_recycle_study(result: dict[str, Any]) -> str:
-    """Markdown tables, one per recorded metric (:func:`metrics_of`): mean ± std over seeds per
-    rule × k × method, and the two controls."""
-    composites = result["composites"]
-    kinds = ", ".join(f"{n} {kind}" for kind, n in result["pool"]["kinds"].items())
-    lines = [
-        f"Recycling study: pool of {len(result['pool']['loras'])} LoRAs ({kinds}); "
-        f"mean ± std over seeds {result['seeds']}.",
-        *(
-            []
-            if result.get("complete", True)
-            else ["", f"**Under way**: {len(result['runs'])} runs so far; a cell without runs shows —."]
-        ),
-    ]
-    for metric in metrics_of(result):
-        label, fmt = METRICS[metric]
-        lines += [
-            "",
-            f"{label[0].upper()}{label[1:]}:",
-            "",
-            "| selection | k | method | " + " | ".join(composites) + " | mean |",
-            "| --- | --- | --- | " + " | ".join("---:" for _ in composites) + " | ---: |",
-        ]
-        for (rule, k, method), scores in cells(result, metric).items():
-            every = [v for c in composites for v in scores[c]]
-            mean = f"{statistics.mean(every):{fmt}}" if every else "—"
-            name = METHOD_LABELS.get(method, method)
-            row = " | ".join(_cell(scores[c], fmt) for c in composites)
-            lines.append(f"| {rule} | {k} | {name} | {row} | {mean} |")
-    return "\n".join(lines)
-
-
-def format_by_k(result: dict[str, Any], metric: str = "exact_match") -> str:
-    """A compact Markdown table of one score: a row per selection rule × method, a column per k,
-    each cell the mean over composites and seeds (the number of runs beside it while the study
-    is under way); the fresh LoRA last."""
-    label, fmt = METRICS[metric]
-    table = cells(result, metric)
-    complete = result.get("complete", True)
-    lines = [
-        f"| selection | method | {' | '.join(f'k = {k}' for k in result['ks'])} |",
-        "| --- | --- | " + " | ".join("---:" for _ in result["ks"]) + " |",
-    ]
-
-    def mean(values: list[float]) -> str:
-        if not values:
-            return "—"
-        text = f"{statistics.mean(values):{fmt}}"
-        return text if complete else f"{text} ({len(values)})"
-
-    for rule in [*result["rules"], RANDOM_WEIGHTS]:
-        for method in result["methods"]:
-            row = [mean([v for vs in table[(rule, k, method)].values() for v in vs]) for k in result["ks"]]
-            lines.append(f"| {rule} | {METHOD_LABELS.get(method, method)} | " + " | ".join(row) + " |")
-    fresh = [v for vs in table[(FRESH, "—", FRESH)].values() for v in vs]
-    lines.append(f"| {FRESH} | — | " + " | ".join(mean(fresh) for _ in result["ks"]) + " |")
-    return f"{label[0].upper()}{label[1:]}, mean over composites and seeds:\n\n" + "\n".join(lines)
-
-
-def plot_recycle(result: dict[str, Any], path: Path) -> Path:
-    """Score against k, one panel per method and recorded metric (rows), one line per selection
-    rule; the random-weights control dotted, the fresh LoRA dashed."""
-    from lorafuse._extras import require
-
-    matplotlib = require("matplotlib", "study", "the recycling study's plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = result["ks"]
-    metrics = metrics_of(result)
-    fig, axes = plt.subplots(
-        len(metrics),
-        len(result["methods"]),
-        figsize=(4.2 * len(result["methods"]), 3.4 * len(metrics)),
-        squeeze=False,
-        sharey="row",  # one scale per score: the methods side by side
-    )
-    for row, metric in enumerate(metrics):
-        table = cells(result, metric)
-        fresh = [v for vs in table[(FRESH, "—", FRESH)].values() for v in vs]
-        for ax, method in zip(axes[row], result["methods"], strict=True):
-            for rule in [*result["rules"], RANDOM_WEIGHTS]:
-                means = []
-                for k in ks:
-                    values = [v for vs in table[(rule, k, method)].values() for v in vs]
-                    means.append(statistics.mean(values) if values else float("nan"))
-                style = ":" if rule == RANDOM_WEIGHTS else "-"
-                ax.plot(range(len(ks)), means, style, marker="o", label=rule)
-            if fresh:
-                ax.axhline(statistics.mean(fresh), color="k", linestyle="--", label=FRESH)
-            ax.set_xticks(range(len(ks)), ks)
-            ax.set_xlabel("k (LoRAs chosen)")
-            ax.set_title(METHOD_LABELS.get(method, method), fontsize=10)
-        axes[row][0].set_ylabel(METRICS[metric][0].split(" (mean")[0], fontsize=8)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 __all__ = [
     "ALL_COMPOSITES",
+    "FRESH",
     "KINDS",
     "METHODS",
+    "METHOD_LABELS",
     "METRICS",
+    "RANDOM_WEIGHTS",
+    "WORLD_LORAS",
     "RecycleSettings",
+    "StudyError",
     "build_pool",
     "cells",
     "format_by_k",
